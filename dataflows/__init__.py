@@ -1,0 +1,1 @@
+"""Hamilton modules that define the turn DAG, one module per stage family."""

@@ -1,0 +1,1 @@
+"""Example recipes, personas and backends: the embedded defaults."""

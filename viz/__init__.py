@@ -1,0 +1,1 @@
+"""Rendering the turn DAG for review (DOT, SVG, PNG, HTML)."""
