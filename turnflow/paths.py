@@ -1,0 +1,36 @@
+"""Where turnflow keeps its state on disk: conversation store, composition cache, models, servers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The state directory: `$TURNFLOW_HOME`, else `~/.local/share/turnflow`."""
+    root = os.environ.get("TURNFLOW_HOME") or os.path.join(
+        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "turnflow"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def models_dir() -> Path:
+    """Generated models (text model, audio projector, adapters): `$TURNFLOW_MODELS`, else `~/.cache/turnflow/models`.
+
+    Kept apart from `home()` so tests with a throw-away home still share one set of generated models.
+    """
+    root = os.environ.get("TURNFLOW_MODELS") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "turnflow", "models"
+    )
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def servers_dir() -> Path:
+    """Pid and port files of the embedded model servers."""
+    path = home() / "servers"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
