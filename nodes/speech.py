@@ -1,0 +1,388 @@
+"""Speech bridges for models that lack a modality: speech to text in, text to speech out.
+
+A turn uses these only where its model cannot hear or speak by itself. Engines are local
+(pocketsphinx, espeak-ng) or any OpenAI-compatible HTTP server (``/v1/audio/transcriptions`` as served
+by whisper.cpp's server or speaches; ``/v1/audio/speech`` as served by Kokoro-FastAPI).
+:class:`SentenceSplitter` cuts a streamed reply into sentences so speech can start before the reply ends.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, Self, runtime_checkable
+from urllib.parse import urlsplit
+
+import httpx
+
+from .media import Audio, AudioError, load_audio
+
+__all__ = [
+    "EspeakTts",
+    "HttpStt",
+    "HttpTts",
+    "PocketsphinxStt",
+    "SentenceSplitter",
+    "SpeechError",
+    "Stt",
+    "Tts",
+    "TtsVoice",
+    "make_stt",
+    "make_tts",
+]
+
+_ESPEAK_DEFAULT_WPM = 175
+_ESPEAK_WPM_RANGE = (80, 450)
+
+
+class SpeechError(RuntimeError):
+    """A speech engine is missing, failed, or answered something unusable."""
+
+
+@dataclass(frozen=True)
+class TtsVoice:
+    """How a persona sounds; each engine uses the fields it understands."""
+
+    voice: str = "en-us"
+    """Engine voice name: an espeak-ng voice (``en-us``, ``en-us+f3``) or an HTTP engine's (``af_heart``)."""
+    pitch: int | None = None
+    """espeak-ng pitch, 0-99 (its default is 50)."""
+    rate_wpm: int | None = None
+    """espeak-ng speaking rate in words per minute, 80-450 (its default is 175)."""
+    model: str | None = None
+    """HTTP engines: the model to ask for; overrides the engine's default model."""
+    speed: float | None = None
+    """Speed, 1.0 normal: sent to HTTP engines; espeak-ng scales its rate by it if rate_wpm is unset."""
+
+    def __post_init__(self) -> None:
+        if not self.voice or not isinstance(self.voice, str):
+            raise ValueError(f"TtsVoice.voice must be a non-empty string, got {self.voice!r}")
+        if self.pitch is not None and not 0 <= self.pitch <= 99:
+            raise ValueError(f"TtsVoice.pitch must be 0-99, got {self.pitch!r}")
+        if self.rate_wpm is not None and self.rate_wpm <= 0:
+            raise ValueError(f"TtsVoice.rate_wpm must be positive, got {self.rate_wpm!r}")
+        if self.speed is not None and not 0 < self.speed <= 4.0:
+            raise ValueError(f"TtsVoice.speed must be in (0, 4], got {self.speed!r}")
+
+
+@runtime_checkable
+class Stt(Protocol):
+    """Speech to text."""
+
+    def transcribe(self, audio: Audio) -> str:
+        """The words spoken in ``audio``; empty when none were recognised."""
+        ...
+
+
+@runtime_checkable
+class Tts(Protocol):
+    """Text to speech."""
+
+    def synthesize(self, text: str, voice: TtsVoice) -> Audio:
+        """``text`` spoken in ``voice``."""
+        ...
+
+
+class PocketsphinxStt:
+    """Offline English recognition with the model bundled in the ``pocketsphinx`` wheel.
+
+    Loading the decoder takes a few hundred milliseconds, so it is loaded once, here; one decoder
+    serves one utterance at a time (calls from several threads queue on a lock).
+    """
+
+    sample_rate = 16000
+
+    def __init__(self) -> None:
+        from pocketsphinx import Decoder
+
+        started = time.perf_counter()
+        self._decoder = Decoder(samprate=self.sample_rate)
+        self.load_time_s = time.perf_counter() - started
+        self._lock = threading.Lock()
+
+    def transcribe(self, audio: Audio) -> str:
+        """The words pocketsphinx recognises in ``audio``, lower case; empty when none."""
+        pcm = audio.resampled(self.sample_rate).to_pcm16()
+        with self._lock:
+            self._decoder.start_utt()
+            self._decoder.process_raw(pcm, full_utt=True)
+            self._decoder.end_utt()
+            hypothesis = self._decoder.hyp()
+        return hypothesis.hypstr.strip() if hypothesis is not None else ""
+
+
+class _OpenAiHttpEngine:
+    """Shared manners of the OpenAI-compatible HTTP engines: endpoint, auth, errors."""
+
+    endpoint_path = ""
+
+    def __init__(self, url: str, model: str, api_key: str | None, timeout: float) -> None:
+        self.url = _endpoint_url(url, self.endpoint_path)
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _post(self, **request: Any) -> httpx.Response:
+        try:
+            response = self._client.post(self.url, **request)
+        except httpx.HTTPError as error:
+            raise SpeechError(f"request to {self.url} failed: {type(error).__name__}: {error}") from error
+        if response.status_code >= 400:
+            raise SpeechError(
+                f"{self.url} answered HTTP {response.status_code}: {response.text[:300]!r}"
+            )
+        return response
+
+
+class HttpStt(_OpenAiHttpEngine):
+    """Recognition by an OpenAI-compatible ``/v1/audio/transcriptions`` server (whisper.cpp, speaches)."""
+
+    endpoint_path = "/v1/audio/transcriptions"
+
+    def __init__(
+        self,
+        url: str,
+        model: str = "whisper-1",
+        api_key: str | None = None,
+        timeout: float = 30.0,
+        language: str | None = None,
+    ) -> None:
+        super().__init__(url, model, api_key, timeout)
+        self.language = language
+
+    def transcribe(self, audio: Audio) -> str:
+        """The server's transcript of ``audio`` (uploaded as a 16 kHz 16-bit WAV)."""
+        wav = audio.resampled(16000).to_wav_bytes()
+        fields = {"model": self.model, "response_format": "json"}
+        if self.language:
+            fields["language"] = self.language
+        response = self._post(files={"file": ("audio.wav", wav, "audio/wav")}, data=fields)
+        try:
+            text = response.json()["text"]
+        except (ValueError, KeyError, TypeError) as error:
+            raise SpeechError(
+                f"{self.url} answered without a JSON 'text' field: {response.text[:300]!r}"
+            ) from error
+        if not isinstance(text, str):
+            raise SpeechError(f"{self.url} answered a non-string 'text': {text!r}")
+        return text.strip()
+
+
+class EspeakTts:
+    """Speech from the ``espeak-ng`` program (Debian package ``espeak-ng``): robotic, instant, offline."""
+
+    def __init__(self, binary: str = "espeak-ng", timeout: float = 30.0) -> None:
+        self.binary = binary
+        self.timeout = timeout
+
+    def synthesize(self, text: str, voice: TtsVoice) -> Audio:
+        """``text`` spoken by espeak-ng in ``voice`` at espeak-ng's native rate (22050 Hz)."""
+        if not text.strip():
+            raise ValueError("cannot synthesize empty text")
+        options = self._rate_and_pitch(voice)
+        executable = shutil.which(self.binary)
+        if executable is None:
+            raise SpeechError(f"{self.binary!r} is not installed or not on PATH (apt-get install espeak-ng)")
+        command = [executable, "-v", voice.voice, *options]
+        with tempfile.TemporaryDirectory(prefix="turnflow-espeak-") as folder:
+            wav_path = Path(folder) / "speech.wav"
+            # The text goes on stdin so that text starting with "-" is never taken for an option.
+            try:
+                finished = subprocess.run(
+                    [*command, "-w", str(wav_path), "--stdin"],
+                    input=text.encode("utf-8"),
+                    capture_output=True,
+                    timeout=self.timeout,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired as error:
+                raise SpeechError(f"espeak-ng took longer than {self.timeout} s for {text[:60]!r}") from error
+            if finished.returncode != 0 or not wav_path.exists():
+                message = finished.stderr.decode("utf-8", "replace").strip()
+                raise SpeechError(
+                    f"espeak-ng failed (exit {finished.returncode}) for voice {voice.voice!r}: {message}"
+                )
+            try:
+                return load_audio(wav_path, max_duration_s=float("inf"))
+            except AudioError as error:
+                raise SpeechError(f"espeak-ng produced no usable audio for {text[:60]!r}: {error}") from error
+
+    @staticmethod
+    def _rate_and_pitch(voice: TtsVoice) -> list[str]:
+        options: list[str] = []
+        rate = voice.rate_wpm
+        if rate is None and voice.speed is not None:
+            rate = round(_ESPEAK_DEFAULT_WPM * voice.speed)
+        if rate is not None:
+            low, high = _ESPEAK_WPM_RANGE
+            if not low <= rate <= high:
+                raise ValueError(f"espeak-ng speaks {low}-{high} words per minute, asked for {rate}")
+            options += ["-s", str(rate)]
+        if voice.pitch is not None:
+            options += ["-p", str(voice.pitch)]
+        return options
+
+
+class HttpTts(_OpenAiHttpEngine):
+    """Speech from an OpenAI-compatible ``/v1/audio/speech`` server (Kokoro-FastAPI and others)."""
+
+    endpoint_path = "/v1/audio/speech"
+
+    def __init__(
+        self, url: str, model: str = "kokoro", api_key: str | None = None, timeout: float = 60.0
+    ) -> None:
+        super().__init__(url, model, api_key, timeout)
+
+    def synthesize(self, text: str, voice: TtsVoice) -> Audio:
+        """``text`` spoken by the server in ``voice.voice``, decoded from its WAV answer."""
+        if not text.strip():
+            raise ValueError("cannot synthesize empty text")
+        body = {
+            "model": voice.model or self.model,
+            "input": text,
+            "voice": voice.voice,
+            "response_format": "wav",
+            "speed": voice.speed if voice.speed is not None else 1.0,
+        }
+        response = self._post(json=body)
+        try:
+            return load_audio(response.content, max_duration_s=float("inf"))
+        except AudioError as error:
+            content_type = response.headers.get("content-type", "no content-type")
+            raise SpeechError(f"{self.url} answered {content_type} that is not WAV audio: {error}") from error
+
+
+def make_stt(spec: str | dict[str, Any]) -> Stt:
+    """An STT engine from a recipe value: ``"pocketsphinx"`` or ``{"url": ..., "model": ..., ...}``."""
+    if spec == "pocketsphinx":
+        return PocketsphinxStt()
+    if isinstance(spec, dict):
+        return HttpStt(**_http_options(spec, HttpStt, {"url", "model", "api_key", "timeout", "language"}))
+    raise ValueError(
+        f"unknown speech-to-text engine {spec!r}; use 'pocketsphinx' or {{'url': ..., 'model': ...}}"
+    )
+
+
+def make_tts(spec: str | dict[str, Any]) -> Tts:
+    """A TTS engine from a recipe value: ``"espeak-ng"`` or ``{"url": ..., "model": ..., ...}``."""
+    if spec in ("espeak-ng", "espeak"):
+        return EspeakTts()
+    if isinstance(spec, dict):
+        return HttpTts(**_http_options(spec, HttpTts, {"url", "model", "api_key", "timeout"}))
+    raise ValueError(
+        f"unknown text-to-speech engine {spec!r}; use 'espeak-ng' or {{'url': ..., 'model': ...}}"
+    )
+
+
+def _http_options(spec: dict[str, Any], engine: type, allowed: set[str]) -> dict[str, Any]:
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ValueError(f"{engine.__name__} does not take {unknown}; allowed keys: {sorted(allowed)}")
+    if not isinstance(spec.get("url"), str) or not spec["url"]:
+        raise ValueError(f"{engine.__name__} needs a 'url' string, got {spec.get('url')!r}")
+    return dict(spec)
+
+
+def _endpoint_url(url: str, endpoint_path: str) -> str:
+    """``url`` itself when it names an endpoint; the OpenAI path appended to a bare server or /v1 URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"speech server URL must be http(s)://host[:port][/path], got {url!r}")
+    path = parts.path.rstrip("/")
+    if path in ("", "/v1"):
+        return url.rstrip("/").removesuffix("/v1") + endpoint_path
+    return url
+
+
+class SentenceSplitter:
+    """Cuts a streamed reply into sentences for TTS, giving the same sentences however the text is chunked.
+
+    A sentence ends at ``.``, ``!``, ``?`` or ``…`` (with any closing quotes or brackets) followed by
+    whitespace, or at a newline. Abbreviations (Dr., Mr., e.g., i.e., U.S.), initials (J. Smith) and
+    decimals (3.14) do not end a sentence. A sentence of fewer than ``min_words`` words is held and
+    spoken together with the next one, so TTS never says a lone "Sure."
+    """
+
+    ABBREVIATIONS = frozenset(
+        {"mr.", "mrs.", "ms.", "dr.", "prof.", "sr.", "jr.", "st.", "vs.", "cf.", "approx.", "fig."}
+    )
+    _TERMINATORS = ".!?…"
+    _CLOSERS = "\"')]}”’»"
+
+    def __init__(self, min_words: int = 2) -> None:
+        if min_words < 1:
+            raise ValueError(f"min_words must be >= 1, got {min_words!r}")
+        self.min_words = min_words
+        self._buffer = ""
+        self._checked = 0  # buffer[:_checked] holds no sentence end
+        self._held = ""
+
+    def feed(self, delta: str) -> list[str]:
+        """Add streamed text; returns the sentences it completed, in order."""
+        self._buffer += delta
+        sentences: list[str] = []
+        while (end := self._next_sentence_end()) is not None:
+            sentence, self._buffer, self._checked = self._buffer[:end], self._buffer[end:], 0
+            sentences += self._emit(sentence)
+        return sentences
+
+    def flush(self) -> list[str]:
+        """The text not yet returned, as a last sentence (empty list when there is none)."""
+        rest = " ".join(part for part in (self._held, self._buffer.strip()) if part)
+        self._buffer, self._checked, self._held = "", 0, ""
+        return [rest] if rest else []
+
+    def _emit(self, sentence: str) -> list[str]:
+        sentence = " ".join(part for part in (self._held, sentence.strip()) if part)
+        if len(sentence.split()) < self.min_words:
+            self._held = sentence
+            return []
+        self._held = ""
+        return [sentence]
+
+    def _next_sentence_end(self) -> int | None:
+        """Index just past the first complete sentence in the buffer, or None if more text is needed."""
+        text, index = self._buffer, self._checked
+        while index < len(text):
+            char = text[index]
+            if char in "\r\n":
+                return index + 1
+            if char not in self._TERMINATORS:
+                index += 1
+                continue
+            after = index + 1
+            while after < len(text) and (text[after] in self._TERMINATORS or text[after] in self._CLOSERS):
+                after += 1
+            if after == len(text):
+                self._checked = index  # whether this ends a sentence depends on the next character
+                return None
+            if text[after].isspace() and not self._is_abbreviation(text[: index + 1]):
+                return after
+            index = after
+        self._checked = len(text)
+        return None
+
+    def _is_abbreviation(self, text_through_period: str) -> bool:
+        if not text_through_period.endswith("."):
+            return False
+        word = text_through_period.rsplit(None, 1)[-1].lstrip("\"'([{“‘«").lower()
+        if word in self.ABBREVIATIONS:
+            return True
+        letters = word.split(".")[:-1]
+        # Initials and dotted abbreviations: "J.", "e.g.", "i.e.", "U.S.", "a.m."
+        return bool(letters) and all(len(letter) == 1 and letter.isalpha() for letter in letters)

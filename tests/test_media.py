@@ -1,0 +1,223 @@
+"""Audio in: real files, bytes and arrays decoded, normalised and trimmed; bad input refused in words."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from turnflow.nodes.media import (
+    Audio,
+    AudioError,
+    NoSpeechError,
+    decode_input_audio,
+    load_audio,
+    normalise,
+    trim_silence,
+)
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Audio:
+    """espeak-ng saying SENTENCE, as decoded from its own WAV file (22050 Hz mono)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng); speech audio cannot be made")
+    path = tmp_path_factory.mktemp("speech") / "fox.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-w", str(path), SENTENCE], check=True)
+    return load_audio(path)
+
+
+def test_espeak_speech_loads_as_mono_float32(speech: Audio) -> None:
+    assert speech.sample_rate == 22050
+    assert speech.samples.dtype == np.float32 and speech.samples.ndim == 1
+    assert 2.0 < speech.duration_s < 4.5
+
+
+def test_stereo_44k_wav_normalises_to_16k_mono(speech: Audio, tmp_path: Path) -> None:
+    at_44k = speech.resampled(44100).samples
+    stereo = np.stack([at_44k, 0.5 * at_44k], axis=1)
+    path = tmp_path / "stereo.wav"
+    sf.write(path, stereo, 44100, subtype="PCM_16")
+
+    loaded = load_audio(path)
+    assert loaded.sample_rate == 44100
+    assert loaded.samples.ndim == 1
+    assert loaded.duration_s == pytest.approx(speech.duration_s, abs=0.001)
+    # Channels are averaged: (x + x/2) / 2
+    assert np.max(np.abs(loaded.samples)) == pytest.approx(0.75 * np.max(np.abs(at_44k)), rel=0.01)
+
+    normalised = normalise(loaded)
+    assert normalised.sample_rate == 16000
+    assert normalised.samples.dtype == np.float32 and normalised.samples.ndim == 1
+    assert normalised.duration_s == pytest.approx(speech.duration_s, abs=0.3)
+    assert len(normalised.samples) == pytest.approx(normalised.duration_s * 16000, abs=1)
+
+
+def test_one_second_of_silence_each_side_is_trimmed(speech: Audio, tmp_path: Path) -> None:
+    second = np.zeros(speech.sample_rate, np.float32)
+    path = tmp_path / "padded.wav"
+    sf.write(path, np.concatenate([second, speech.samples, second]), speech.sample_rate)
+    padded = load_audio(path)
+    assert padded.duration_s == pytest.approx(speech.duration_s + 2.0, abs=0.001)
+
+    trimmed = trim_silence(padded)
+    assert trimmed.sample_rate == padded.sample_rate
+    assert trimmed.duration_s == pytest.approx(speech.duration_s, abs=0.35)
+
+    unpadded = trim_silence(padded, pad_ms=0)
+    assert unpadded.duration_s < trimmed.duration_s
+
+
+def test_trimming_silence_alone_says_there_is_no_speech() -> None:
+    with pytest.raises(NoSpeechError, match="no speech") as raised:
+        trim_silence(Audio(np.zeros(32000, np.float32), 16000))
+    assert isinstance(raised.value, AudioError)
+    assert "2.00 s" in str(raised.value)
+
+
+def test_raw_pcm16_bytes_with_sample_rate(speech: Audio) -> None:
+    pcm = speech.to_pcm16()
+    assert len(pcm) == 2 * len(speech.samples)
+    loaded = load_audio(pcm, sample_rate=speech.sample_rate)
+    assert loaded.sample_rate == speech.sample_rate
+    np.testing.assert_allclose(loaded.samples, speech.samples, atol=1 / 32768 + 1e-6)
+
+    with pytest.raises(AudioError, match="sample_rate="):
+        load_audio(pcm)
+    with pytest.raises(AudioError, match="even number of bytes"):
+        load_audio(pcm[:-1], sample_rate=16000)
+
+
+def test_wav_bytes_decode_and_ignore_sample_rate(speech: Audio) -> None:
+    loaded = load_audio(speech.to_wav_bytes(), sample_rate=8000)  # the container's rate wins
+    assert loaded.sample_rate == speech.sample_rate
+    assert loaded.sha256() == speech.sha256()
+
+
+def test_numpy_int16_stereo_and_float_mono() -> None:
+    left = np.full(1600, 16384, np.int16)
+    right = np.zeros(1600, np.int16)
+    stereo = load_audio(np.stack([left, right], axis=1), sample_rate=16000)
+    assert stereo.duration_s == pytest.approx(0.1)
+    np.testing.assert_allclose(stereo.samples, 0.25)
+
+    mono = load_audio(np.linspace(-1, 1, 800), sample_rate=8000)
+    assert mono.samples.dtype == np.float32 and mono.duration_s == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize(
+    ("array", "sample_rate", "words"),
+    [
+        (np.zeros(100, np.float32), None, ["sample_rate="]),
+        (np.zeros((2, 16000), np.float32), 16000, ["(channels, frames)", "transpose"]),
+        (np.full(100, 2.5, np.float32), 16000, ["[-1, 1]", "2.5"]),
+        (np.zeros(100, np.int32), 16000, ["unsupported encoding", "int32"]),
+        (np.zeros(0, np.float32), 16000, ["empty", "0 samples"]),
+    ],
+)
+def test_numpy_input_refused_with_reason(
+    array: np.ndarray, sample_rate: int | None, words: list[str]
+) -> None:
+    with pytest.raises(AudioError) as raised:
+        load_audio(array, sample_rate=sample_rate)
+    for word in words:
+        assert word in str(raised.value)
+
+
+def test_text_file_is_not_audio(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("remember to buy milk\n")
+    with pytest.raises(AudioError, match=r"'notes.txt' is not audio"):
+        load_audio(notes)
+    with pytest.raises(AudioError, match="does not exist"):
+        load_audio(tmp_path / "missing.wav")
+
+
+def test_empty_wav_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "empty.wav"
+    sf.write(path, np.zeros(0, np.float32), 16000)
+    with pytest.raises(AudioError, match=r"audio is empty \(0 samples after decoding 'empty.wav'\)"):
+        load_audio(path)
+    with pytest.raises(AudioError, match="empty"):
+        load_audio(b"")
+
+
+def test_ten_minute_wav_is_refused_before_decoding(tmp_path: Path) -> None:
+    path = tmp_path / "long.wav"
+    with sf.SoundFile(path, "w", samplerate=8000, channels=1, subtype="PCM_U8") as long_file:
+        long_file.write(np.zeros(600 * 8000, np.float32))
+    with pytest.raises(AudioError) as raised:
+        load_audio(path)
+    message = str(raised.value)
+    assert "600.0 s long" in message and "limit is 60.0 s" in message and "max_duration_s" in message
+    assert load_audio(path, max_duration_s=601).duration_s == pytest.approx(600.0)
+
+
+def test_damaged_wav_is_an_unsupported_encoding(speech: Audio) -> None:
+    wav = bytearray(speech.to_wav_bytes())
+    wav[20:22] = (0x1234).to_bytes(2, "little")  # a codec id libsndfile does not know
+    with pytest.raises(AudioError, match="unsupported encoding or damaged file"):
+        load_audio(bytes(wav))
+
+
+def test_audio_value_checks_and_digest(speech: Audio) -> None:
+    with pytest.raises(AudioError, match="1-D float32"):
+        Audio(np.zeros(10, np.int16), 16000)
+    with pytest.raises(AudioError, match="sample_rate"):
+        Audio(np.zeros(10, np.float32), 0)
+    with pytest.raises(ValueError):
+        speech.samples[0] = 0.5  # read-only
+    assert speech.sha256() == load_audio(speech.to_wav_bytes()).sha256()
+    assert speech.resampled(16000).duration_s == pytest.approx(speech.duration_s, abs=1e-3)
+
+
+def test_input_audio_part_decodes(speech: Audio) -> None:
+    data = base64.b64encode(speech.to_wav_bytes()).decode()
+    decoded = decode_input_audio(data, "wav")
+    assert decoded.sha256() == speech.sha256()
+
+    mp3 = _encoded(speech, "MP3")
+    assert decode_input_audio(mp3, "mp3").duration_s == pytest.approx(speech.duration_s, abs=0.1)
+
+
+@pytest.mark.parametrize(
+    ("data", "fmt", "words"),
+    [
+        ("this is %%% not base64!", "wav", ["not valid base64"]),
+        ("UklGRg", "wav", ["not valid base64"]),
+        ("aGVsbG8gd29ybGQ=", "wav", ["'wav'", "not audio"]),
+        ("UklGRg==", "m4a", ["unsupported input_audio format 'm4a'", "mp3", "wav"]),
+        ("data:audio/wav;base64,UklGRg==", "wav", ["bare base64", "data:audio/wav;base64"]),
+        ("", "wav", ["empty"]),
+    ],
+)
+def test_bad_input_audio_parts_are_refused(data: str, fmt: str, words: list[str]) -> None:
+    with pytest.raises(AudioError) as raised:
+        decode_input_audio(data, fmt)
+    for word in words:
+        assert word in str(raised.value)
+
+
+def test_input_audio_format_must_match_the_bytes(speech: Audio) -> None:
+    with pytest.raises(AudioError, match="declared as 'mp3' but the data is WAV"):
+        decode_input_audio(base64.b64encode(speech.to_wav_bytes()).decode(), "mp3")
+
+
+def test_input_audio_too_long_names_the_limit(speech: Audio) -> None:
+    data = base64.b64encode(speech.to_wav_bytes()).decode()
+    with pytest.raises(AudioError, match=r"limit is 1\.0 s"):
+        decode_input_audio(data, "wav", max_duration_s=1.0)
+
+
+def _encoded(audio: Audio, container: str) -> str:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio.samples, audio.sample_rate, format=container)
+    return base64.b64encode(buffer.getvalue()).decode()
