@@ -1,0 +1,168 @@
+"""The turn DAG's fixed nodes: room state in, stable-first prompt, pinned slot, streamed reply, report out.
+
+The recipe adds one node per source between `user_content` and `prompt` (see `turnflow.driver`);
+`sections` collects them. Parameter names are the edges.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from turnflow.backend import Backend
+from turnflow.nodes.llm import ChatReply, ReplyStream
+from turnflow.nodes.prompt import Prompt, SourceOutput, assemble
+from turnflow.nodes.text import neutralise_control_tokens
+from turnflow.recipe import Persona, Recipe
+from turnflow.store import ConversationStore, Participant, RoomState, StoredMessage, UserContent
+
+
+class TierViolationError(RuntimeError):
+    """Raised in strict mode when a source broke its tier's promise."""
+
+
+def persona_version(persona: Persona) -> str:
+    """The persona's declared version plus a digest of its content, so edits are never served stale."""
+    return f"{persona.version}+{persona.digest[:12]}"
+
+
+def recipe_id(recipe: Recipe) -> str:
+    """The recipe's id."""
+    return recipe.recipe
+
+
+def room_messages(room_state: RoomState) -> list[StoredMessage]:
+    """The room's visible history."""
+    return room_state.messages
+
+
+def room_participants(room_state: RoomState) -> list[Participant]:
+    """People and personas in the room, in order of arrival."""
+    return room_state.participants
+
+
+def participants_version(room_state: RoomState) -> str:
+    """Changes whenever someone joins or leaves the room."""
+    return str(room_state.participants_version)
+
+
+def history_tail_msg_ids(room_state: RoomState) -> str:
+    """Ids of the newest messages: changes whenever the history grows."""
+    return room_state.history_tail_msg_ids
+
+
+def user_content(text_in: str) -> UserContent:
+    """What the speaker said, with chat-template control tokens defused."""
+    return UserContent(text=neutralise_control_tokens(text_in))
+
+
+def prompt(sections: dict[str, SourceOutput], strict: bool) -> Prompt:
+    """The sources assembled stable-first; in strict mode a tier violation stops the turn here."""
+    if strict:
+        found = [v["message"] for output in sections.values() for v in output.violations]
+        if found:
+            raise TierViolationError("; ".join(found))
+    return assemble(sections)
+
+
+def tier_violations(sections: dict[str, SourceOutput]) -> list[dict[str, str]]:
+    """Sources that broke their tier's promise this turn."""
+    return [v for name in sorted(sections) for v in sections[name].violations]
+
+
+def composition_cache_stats(sections: dict[str, SourceOutput]) -> dict[str, Any]:
+    """Composition cache hits and misses over the cached sources, and each source's outcome."""
+    return {
+        "hits": sum(o.cache == "hit" for o in sections.values()),
+        "misses": sum(o.cache == "miss" for o in sections.values()),
+        "by_source": {name: sections[name].cache for name in sorted(sections)},
+    }
+
+
+def slot(persona_id: str, backend: Backend, store: ConversationStore) -> int | None:
+    """The persona's pinned slot on the backend (None when the server has no slots to pin)."""
+    slots = backend.capabilities.total_slots
+    if not slots:
+        return None
+    return store.slot_for(backend.key, persona_id, slots)
+
+
+def reply_stream(
+    prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, on_text: Callable[[str], None] | None
+) -> ReplyStream:
+    """The streamed chat completion on the persona's slot, with prompt caching on."""
+    generation = recipe.generation
+    stream = backend.client.stream(
+        prompt.messages,
+        max_tokens=generation.max_tokens,
+        temperature=generation.temperature,
+        seed=generation.seed,
+        id_slot=slot,
+    )
+    stream.on_delta = on_text
+    return stream
+
+
+def reply(reply_stream: ReplyStream) -> ChatReply:
+    """The finished reply, read as it streams."""
+    return reply_stream.drain()
+
+
+def turn_report(
+    persona_id: str,
+    room_id: str,
+    turn: int,
+    now: datetime,
+    prompt: Prompt,
+    reply: ChatReply,
+    slot: int | None,
+    backend: Backend,
+    composition_cache_stats: dict[str, Any],
+    tier_violations: list[dict[str, str]],
+) -> dict[str, Any]:
+    """Everything measured about this turn (the session adds total timings)."""
+    return {
+        "persona": persona_id,
+        "room": room_id,
+        "turn": turn,
+        "at": now.isoformat(),
+        "prefix": {
+            "invariant_sha256": prompt.invariant_sha256,
+            "invariant_bytes": prompt.invariant_bytes,
+            "semi_stable_sha256": prompt.semi_stable_sha256,
+            "semi_stable_bytes": prompt.semi_stable_bytes,
+            "volatile_bytes": prompt.volatile_bytes,
+            "order": prompt.order,
+        },
+        "llm": {
+            "backend": backend.name,
+            "slot": slot,
+            "prompt_tokens": reply.prompt_tokens,
+            "prompt_tokens_processed": reply.prompt_tokens_processed,
+            "prompt_tokens_cached": reply.prompt_tokens_cached,
+            "completion_tokens": reply.completion_tokens,
+            "finish_reason": reply.finish_reason,
+            "ttft_ms": _round(reply.ttft_ms),
+        },
+        "route": {"audio_in": "none", "audio_out": "none"},
+        "invocations": {"stt": 0, "tts": 0, "llm": 1},
+        "composition_cache": composition_cache_stats,
+        "tier_violations": tier_violations,
+        "reply": reply.text,
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+#: Names of the fixed nodes and inputs: recipe sources may not take them.
+RESERVED_NODE_NAMES = frozenset(
+    {
+        "persona_version", "recipe_id", "room_messages", "room_participants", "participants_version",
+        "history_tail_msg_ids", "user_content", "prompt", "tier_violations", "composition_cache_stats", "slot",
+        "reply_stream", "reply", "turn_report", "sections", "persona_id", "persona", "recipe", "room_id",
+        "room_state", "turn", "now", "speaker", "text_in", "strict", "backend", "store", "composition_cache", "on_text",
+    }
+)

@@ -1,0 +1,213 @@
+"""The model call: an httpx client for OpenAI-compatible chat completions that streams and reads `timings`.
+
+llama-server extensions are sent when the backend is a llama-server: `id_slot` pins the persona's slot,
+`cache_prompt` keeps the prefix in KV, `lora` selects adapters. Its `timings` say how many prompt
+tokens were processed (`prompt_n`) and how many came from the cache (`cache_n`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+
+class BackendError(RuntimeError):
+    """The model server could not produce the reply; the message says what happened and where."""
+
+
+@dataclass
+class ChatReply:
+    """The finished reply and what the server measured about it."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    prompt_tokens_processed: int | None = None
+    prompt_tokens_cached: int | None = None
+    completion_tokens: int | None = None
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+    server_timings: dict[str, Any] = field(default_factory=dict)
+    audio_b64: list[str] = field(default_factory=list)
+    audio_transcript: str = ""
+
+
+def api_base(url: str) -> str:
+    """The OpenAI API base (`.../v1`) of a server URL given with or without `/v1`."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def server_root(url: str) -> str:
+    """The server's root URL (where llama-server serves `/props` and `/health`)."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+class ChatClient:
+    """One OpenAI-compatible model server."""
+
+    def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None, timeout_s: float = 120.0):
+        self.url = server_root(url)
+        self.base = api_base(url)
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), headers=headers)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._http.close()
+
+    def get_json(self, path: str, *, root: bool = False) -> dict[str, Any] | None:
+        """GET a JSON document from the server, or None when it does not serve that path."""
+        try:
+            response = self._http.get((self.url if root else self.base) + path, timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"cannot reach the model server at {self.url}: {_why(exc)}") from None
+        if response.status_code >= 400:
+            return None
+        try:
+            value = response.json()
+        except ValueError:
+            return None
+        return value if isinstance(value, dict) else None
+
+    def stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int,
+        temperature: float,
+        seed: int | None = None,
+        id_slot: int | None = None,
+        lora: list[dict[str, Any]] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> ReplyStream:
+        """A reply stream; the request starts when iteration does."""
+        body: dict[str, Any] = {
+            "messages": messages,
+            "stream": True,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "stream_options": {"include_usage": True},
+        }
+        if self.model:
+            body["model"] = self.model
+        if seed is not None:
+            body["seed"] = seed
+        if id_slot is not None:
+            body["id_slot"] = id_slot
+            body["cache_prompt"] = True
+        if lora is not None:
+            body["lora"] = lora
+        body.update(extra or {})
+        return ReplyStream(self, body)
+
+
+class ReplyStream:
+    """Text deltas as the model produces them; `.reply` holds the finished reply once iteration ends."""
+
+    def __init__(self, client: ChatClient, body: dict[str, Any]):
+        self._client = client
+        self.body = body
+        self.reply = ChatReply()
+        self.started_at: float | None = None
+        self._done = False
+        self.on_delta: Callable[[str], None] | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        if self._done:
+            raise RuntimeError("a reply stream can be read once")
+        self._done = True
+        return self._run()
+
+    def drain(self) -> ChatReply:
+        """Read the whole stream and return the finished reply."""
+        for _ in self:
+            pass
+        return self.reply
+
+    def _run(self) -> Iterator[str]:
+        client, reply = self._client, self.reply
+        self.started_at = start = time.perf_counter()
+        parts: list[str] = []
+        try:
+            with client._http.stream("POST", client.base + "/chat/completions", json=self.body) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise BackendError(
+                        f"the model server at {client.url} refused the request "
+                        f"(HTTP {response.status_code}): {response.text[:500]}"
+                    )
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        raise BackendError(f"the model server at {client.url} failed mid-reply: {chunk['error']}")
+                    delta = self._absorb(chunk)
+                    if delta:
+                        if reply.ttft_ms is None:
+                            reply.ttft_ms = (time.perf_counter() - start) * 1000
+                        parts.append(delta)
+                        if self.on_delta:
+                            self.on_delta(delta)
+                        yield delta
+        except httpx.HTTPError as exc:
+            raise BackendError(
+                f"the model server at {client.url} failed during the reply: {_why(exc)}; "
+                f"the turn was not committed (`turnflow server status` shows the embedded server)"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise BackendError(f"the model server at {client.url} sent a malformed event: {exc}") from None
+        reply.text = "".join(parts)
+        reply.total_ms = (time.perf_counter() - start) * 1000
+        if reply.finish_reason is None:
+            raise BackendError(f"the model server at {client.url} ended the reply without finishing it")
+
+    def _absorb(self, chunk: dict[str, Any]) -> str:
+        reply = self.reply
+        delta_text = ""
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            delta_text += delta.get("content") or ""
+            audio = delta.get("audio") or {}
+            if audio.get("data"):
+                reply.audio_b64.append(audio["data"])
+            reply.audio_transcript += audio.get("transcript") or ""
+            if choice.get("finish_reason"):
+                reply.finish_reason = choice["finish_reason"]
+        timings = chunk.get("timings")
+        if timings:
+            reply.server_timings = timings
+            reply.prompt_tokens_processed = timings.get("prompt_n")
+            reply.prompt_tokens_cached = timings.get("cache_n")
+            if reply.prompt_tokens_processed is not None and reply.prompt_tokens_cached is not None:
+                reply.prompt_tokens = reply.prompt_tokens_processed + reply.prompt_tokens_cached
+        usage = chunk.get("usage")
+        if usage:
+            reply.prompt_tokens = reply.prompt_tokens or usage.get("prompt_tokens")
+            reply.completion_tokens = usage.get("completion_tokens")
+            cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+            if reply.prompt_tokens_cached is None and cached is not None:
+                reply.prompt_tokens_cached = cached
+                reply.prompt_tokens_processed = usage.get("prompt_tokens", 0) - cached
+        return delta_text
+
+
+def _why(exc: httpx.HTTPError) -> str:
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused (is it running?)"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "it closed the connection mid-reply (did it crash or get stopped?)"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}"

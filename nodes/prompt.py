@@ -1,0 +1,123 @@
+"""Stable-first prompt assembly: invariant, then semi-stable, then volatile, deterministic inside each tier.
+
+The layout, for chat models:
+
+- one system message: the invariant text sections, then the semi-stable text sections (each tier sorted
+  by source name, so declaration and completion order never matter);
+- the message-list sources (e.g. conversation history), invariant ones first, then semi-stable;
+- one final user message: the volatile text sections (e.g. the time) followed by what the speaker said.
+
+Only the final user message is new each turn, so the model server reuses the KV cache of everything
+before it. The prefix hashes in the report prove it turn by turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from turnflow.nodes.text import canonical_json
+
+TIER_ORDER = ("invariant", "semi_stable", "volatile")
+
+
+@dataclass(frozen=True)
+class SourceOutput:
+    """What one source contributed to this turn's prompt."""
+
+    name: str
+    tier: str
+    value: str | list[dict[str, Any]]
+    cache: str  # "hit" | "miss" | "off"
+    user_defined: bool = False
+    violations: tuple[dict[str, str], ...] = ()
+
+    @property
+    def canonical(self) -> str:
+        """The output's canonical text: the bytes that decide prefix reuse."""
+        return canonical_text(self.value)
+
+
+def canonical_text(value: str | list[dict[str, Any]]) -> str:
+    """Text as is; a message list as one canonical JSON line per message (so appending keeps a byte prefix)."""
+    if isinstance(value, str):
+        return value
+    return "".join(canonical_json(message) + "\n" for message in value)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """The assembled chat messages, with the hashes that show the prefix stayed stable."""
+
+    messages: list[dict[str, Any]]
+    user_message: dict[str, Any]
+    invariant_sha256: str
+    invariant_bytes: int
+    semi_stable_sha256: str
+    semi_stable_bytes: int
+    volatile_bytes: int
+    order: list[str] = field(default_factory=list)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def assemble(outputs: dict[str, SourceOutput]) -> Prompt:
+    """Assemble the sources' outputs stable-first into chat messages."""
+    by_tier: dict[str, list[SourceOutput]] = {tier: [] for tier in TIER_ORDER}
+    for output in outputs.values():
+        by_tier[output.tier].append(output)
+    for tier in TIER_ORDER:
+        by_tier[tier].sort(key=lambda o: o.name)
+
+    system_sections: list[str] = []
+    middle: list[dict[str, Any]] = []
+    tier_text: dict[str, list[str]] = {tier: [] for tier in TIER_ORDER}
+    for tier in ("invariant", "semi_stable"):
+        for output in by_tier[tier]:
+            tier_text[tier].append(output.canonical)
+            if isinstance(output.value, str):
+                if output.value:
+                    system_sections.append(output.value)
+            else:
+                middle.extend(output.value)
+
+    volatile_text = [o.value for o in by_tier["volatile"] if isinstance(o.value, str) and o.value]
+    volatile_messages = [m for o in by_tier["volatile"] if not isinstance(o.value, str) for m in o.value]
+    user_message = _final_user_message(volatile_text, volatile_messages)
+    tier_text["volatile"] = [canonical_text([user_message])]
+
+    messages: list[dict[str, Any]] = []
+    if system_sections:
+        messages.append({"role": "system", "content": "\n\n".join(system_sections)})
+    messages.extend(middle)
+    messages.extend(volatile_messages[:-1] if volatile_messages else [])
+    messages.append(user_message)
+
+    invariant = "\x1e".join(tier_text["invariant"])
+    semi_stable = "\x1e".join(tier_text["semi_stable"])
+    order = [o.name for tier in TIER_ORDER for o in by_tier[tier]]
+    return Prompt(
+        messages=messages,
+        user_message=user_message,
+        invariant_sha256=_sha(invariant),
+        invariant_bytes=len(invariant.encode()),
+        semi_stable_sha256=_sha(semi_stable),
+        semi_stable_bytes=len(semi_stable.encode()),
+        volatile_bytes=len(tier_text["volatile"][0].encode()),
+        order=order,
+    )
+
+
+def _final_user_message(context: list[str], messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last user message, with the volatile text sections in front of what the speaker said."""
+    last = messages[-1] if messages else {"role": "user", "content": ""}
+    if not context:
+        return last
+    preface = "\n".join(context)
+    content = last.get("content", "")
+    if isinstance(content, str):
+        return {**last, "content": f"{preface}\n\n{content}" if content else preface}
+    return {**last, "content": [{"type": "text", "text": preface + "\n\n"}, *content]}

@@ -1,0 +1,77 @@
+"""The built-in sources: each renders one section of the prompt from DAG values named by its parameters.
+
+A source returns text or a list of chat messages. Its tier and cache keys come from the recipe, not
+from here, so the same function can serve recipes with different caching needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from turnflow.nodes.text import canonical_json, neutralise_control_tokens
+from turnflow.recipe import Persona, Recipe
+from turnflow.store import Participant, StoredMessage, UserContent
+
+
+def persona_identity(persona: Persona) -> str:
+    """Who the persona is: name and system prompt."""
+    return f"You are {persona.name}.\n\n{persona.system_prompt.strip()}"
+
+
+def recipe_rules(recipe: Recipe) -> str:
+    """The recipe's house rules, shared by every persona."""
+    return recipe.rules.strip()
+
+
+def tool_definitions(persona: Persona) -> str:
+    """The persona's tools, one canonical JSON line each, sorted by name."""
+    if not persona.tools:
+        return "Tools: none."
+    tools = sorted(persona.tools, key=lambda t: t.function.name)
+    lines = [canonical_json(tool.model_dump(mode="json", exclude_none=True)) for tool in tools]
+    return "Tools you can call (OpenAI function definitions, one per line):\n" + "\n".join(lines)
+
+
+def participants(room_participants: list[Participant]) -> str:
+    """Who is in the room, one line each in order of arrival (so a newcomer only appends a line)."""
+    lines = [f"- {p.display_name} ({p.kind})" for p in room_participants]
+    return "\n".join(["In the room, in order of arrival:", *lines])
+
+
+def active_adapters(persona: Persona) -> str:
+    """The voice and skill adapters resident for this persona."""
+    voice = persona.voice.adapter or f"tts:{persona.voice.tts.engine}/{persona.voice.tts.voice}"
+    skills = ", ".join(f"{s.adapter} at {s.scale:.2f}" for s in persona.skills) or "none"
+    return f"Active adapters: voice {voice}; skills {skills}."
+
+
+def conversation_history(room_messages: list[StoredMessage], persona_id: str) -> list[dict[str, Any]]:
+    """The room's history as this persona sees it: its own words as assistant, everyone else's as user."""
+    return [message.as_seen_by(persona_id) for message in room_messages]
+
+
+def current_time(now: datetime) -> str:
+    """The turn's wall-clock time, to the minute."""
+    return "Current time: " + now.strftime("%A %d %B %Y, %H:%M %Z").strip() + "."
+
+
+def user_turn(user_content: UserContent, speaker: str) -> list[dict[str, Any]]:
+    """What the speaker said this turn, as one user message; control tokens in their words are defused."""
+    return [user_content.as_message(neutralise_control_tokens(speaker))]
+
+
+BUILTIN_SOURCES: dict[str, Callable[..., Any]] = {
+    fn.__name__: fn
+    for fn in (
+        persona_identity,
+        recipe_rules,
+        tool_definitions,
+        participants,
+        active_adapters,
+        conversation_history,
+        current_time,
+        user_turn,
+    )
+}

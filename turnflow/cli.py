@@ -1,0 +1,196 @@
+"""The `turnflow` command: validate, render, run, server.
+
+Errors are for people: a bad recipe prints `FILE:LINE: message` lines and exits 1, a failed turn prints
+one line saying what happened and that the history is unchanged, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from turnflow.recipe import RecipeError, backends_for, load_recipe, validate_paths
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    problems = validate_paths(args.paths)
+    for problem in problems:
+        print(problem)
+    errors = [p for p in problems if p.severity == "error"]
+    if not errors and not args.quiet:
+        print(f"ok: {len(args.paths)} path(s) valid" + (f", {len(problems)} warning(s)" if problems else ""))
+    return 1 if errors else 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from turnflow.viz.render import render
+
+    recipe = load_recipe(args.recipe)
+    report = json.loads(Path(args.report).read_text()) if args.report else None
+    out = render(recipe, Path(args.output), profile=_profile(args), report=report)
+    print(f"wrote {out}")
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> dict[str, str]:
+    from turnflow.backend import Capabilities
+
+    caps = Capabilities(audio_in=getattr(args, "hears", False), audio_out=getattr(args, "speaks", False))
+    return caps.profile
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from turnflow.session import Session, TurnError
+
+    if args.audio:
+        print("turnflow: --audio needs the voice path (not available in this build); use --text", file=sys.stderr)
+        return 2
+    with Session(args.recipe, backend=args.backend, strict=args.strict) as session:
+        streamed = not args.json and sys.stdout.isatty()
+
+        def show(delta: str) -> None:
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+
+        try:
+            result = session.turn(
+                persona=args.persona,
+                room=args.room,
+                text=args.text,
+                speaker=args.speaker,
+                on_text=show if streamed else None,
+            )
+        except TurnError as exc:
+            print(f"turnflow: {exc}", file=sys.stderr)
+            return 3
+    if args.json:
+        print(json.dumps(result.report, indent=2, ensure_ascii=False))
+        return 0
+    if not streamed:
+        print(f"{args.persona}: {result.reply}")
+    else:
+        print()
+    print(summary_line(result.report))
+    return 0
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line per turn: tokens processed vs cached, prefix hash, slot, cache hits, timings."""
+    llm = report["llm"]
+    cache = report["composition_cache"]
+    timings = report.get("timings_ms", {})
+    violations = len(report.get("tier_violations") or [])
+    return (
+        f"[turn {report['turn']} {report['persona']}@{report['room']}] "
+        f"prompt {llm['prompt_tokens']} tok: processed {llm['prompt_tokens_processed']}, "
+        f"cached {llm['prompt_tokens_cached']} | slot {llm['slot']} | "
+        f"invariant {report['prefix']['invariant_sha256'][:12]} | "
+        f"cache {cache['hits']}/{cache['hits'] + cache['misses']} hits | "
+        f"{timings.get('total', 0):.0f} ms (turnflow {timings.get('turnflow', 0):.1f} ms)"
+        + (f" | {violations} tier violation(s)" if violations else "")
+    )
+
+
+def _server_targets(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from turnflow.recipe import default_backends_path, load_backends
+
+    if args.recipe:
+        backends = backends_for(load_recipe(args.recipe, check=False))
+    else:
+        backends = load_backends(default_backends_path(), Path("backends.yaml"))
+    embedded = {name: spec for name, spec in backends.items() if spec.kind == "embedded"}
+    if args.backend:
+        if args.backend not in embedded:
+            raise SystemExit(f"turnflow: no embedded backend {args.backend!r} (have: {', '.join(embedded)})")
+        return [(args.backend, embedded[args.backend])]
+    if args.action == "up":
+        return [(name, spec) for name, spec in embedded.items() if name == "local"] or list(embedded.items())[:1]
+    return list(embedded.items())
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from turnflow.server import EmbeddedServer, ServerError
+
+    code = 0
+    for name, spec in _server_targets(args):
+        server = EmbeddedServer(name, spec)
+        try:
+            if args.action == "up":
+                print(f"{name}: up at {server.up()}")
+            elif args.action == "down":
+                print(f"{name}: {'stopped' if server.down() else 'was not running'}")
+            else:
+                status = server.status()
+                if status["running"]:
+                    health = "healthy" if status.get("healthy") else "NOT answering"
+                    print(f"{name}: running at {status['url']} (pid {status['pid']}, {health})")
+                else:
+                    print(f"{name}: not running")
+        except ServerError as exc:
+            print(f"turnflow: {exc}", file=sys.stderr)
+            code = 1
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="turnflow", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    validate = sub.add_parser("validate", help="check recipes, personas and backends files")
+    validate.add_argument("paths", nargs="+", help="files or folders")
+    validate.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    validate.set_defaults(fn=_cmd_validate)
+
+    render = sub.add_parser("render", help="draw the turn DAG (tiers and cache keys visible)")
+    render.add_argument("recipe")
+    render.add_argument("-o", "--output", required=True, help="OUT.dot, .svg, .png or .html")
+    render.add_argument("--persona", help="(accepted for symmetry with run; the DAG is the same for every persona)")
+    render.add_argument("--hears", action="store_true", help="draw the branch for a model that hears")
+    render.add_argument("--speaks", action="store_true", help="draw the branch for a model that speaks")
+    render.add_argument("--report", help="a turn report (run --json) to overlay: node timings and cache hits")
+    render.set_defaults(fn=_cmd_render)
+
+    run = sub.add_parser("run", help="run one turn")
+    run.add_argument("recipe")
+    run.add_argument("--persona", required=True)
+    run.add_argument("--room", default="default", help="consecutive runs with the same room continue it")
+    run.add_argument("--speaker", default="user", help="who is speaking (a person's name)")
+    what = run.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text")
+    what.add_argument("--audio", help="a WAV file")
+    run.add_argument("--out", help="write the spoken reply to this WAV file")
+    run.add_argument("--backend", help="override the recipe's backend")
+    run.add_argument("--json", action="store_true", help="print the turn report as JSON")
+    run.add_argument("--strict", action="store_true", help="a tier violation fails the turn")
+    run.set_defaults(fn=_cmd_run)
+
+    server = sub.add_parser("server", help="the embedded llama-server")
+    server.add_argument("action", choices=["up", "down", "status"])
+    server.add_argument("--backend", help="which embedded backend (default: local for up, all for down/status)")
+    server.add_argument("--recipe", help="use the backends beside this recipe")
+    server.set_defaults(fn=_cmd_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except RecipeError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError) as exc:
+        print(f"turnflow: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""Building the turn DAG: one Hamilton node per recipe source around the fixed nodes, one driver per profile.
+
+Each source becomes a fresh function whose parameters are the DAG values its implementation names
+(Hamilton style) plus what caching needs; it is tagged with its tier and cache keys, memoised in the
+composition cache under those keys, and checked against its tier's promise whenever it renders anew.
+Drivers are built once per (recipe content, capability profile) and cached in-process.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+from hamilton import ad_hoc_utils, driver
+from hamilton.function_modifiers import group, inject, source, tag
+from hamilton.lifecycle import api as lifecycle
+
+from turnflow.cache import CompositionCache, Violation
+from turnflow.dataflows import turn as turn_dataflow
+from turnflow.nodes.prompt import SourceOutput, canonical_text
+from turnflow.recipe import Recipe, SourceSpec, resolve_source_fn, source_parameters
+
+#: Node timings of the turn running in this context (the driver is shared, the turn is not).
+_node_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("node_timings", default=None)
+
+
+class NodeTimer(lifecycle.NodeExecutionHook):
+    """Times every node of the running turn, in milliseconds."""
+
+    def __init__(self) -> None:
+        self._started: contextvars.ContextVar[dict[str, float]] = contextvars.ContextVar("node_started")
+
+    def run_before_node_execution(self, *, node_name: str, **_: Any) -> None:
+        started = self._started.get(None)
+        if started is None:
+            started = {}
+            self._started.set(started)
+        started[node_name] = time.perf_counter()
+
+    def run_after_node_execution(self, *, node_name: str, **_: Any) -> None:
+        timings = _node_timings.get()
+        started = self._started.get({})
+        if timings is not None and node_name in started:
+            timings[node_name] = (time.perf_counter() - started.pop(node_name)) * 1000
+
+
+def collect_node_timings() -> tuple[dict[str, float], contextvars.Token[dict[str, float] | None]]:
+    """Start collecting node timings for one turn; returns the dict that fills and the token to reset."""
+    timings: dict[str, float] = {}
+    return timings, _node_timings.set(timings)
+
+
+def stop_collecting(token: contextvars.Token[dict[str, float] | None]) -> None:
+    """Stop collecting node timings."""
+    _node_timings.reset(token)
+
+
+def _validate_output(name: str, value: Any) -> str | list[dict[str, Any]]:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple) and all(isinstance(m, dict) and "role" in m for m in value):
+        return [dict(m) for m in value]
+    raise TypeError(
+        f"source {name!r} returned {type(value).__name__}; a source returns text (str) "
+        f"or a list of chat messages (dicts with 'role' and 'content')"
+    )
+
+
+def make_source_node(recipe: Recipe, spec: SourceSpec) -> Callable[..., SourceOutput]:
+    """A fresh Hamilton node function for one recipe source."""
+    impl = resolve_source_fn(recipe, spec)
+    impl_params = source_parameters(impl, spec)
+    needs = [*spec.cache_key, "persona_id", "room_id", "composition_cache"]
+    params = impl_params + [p for p in dict.fromkeys(needs) if p not in impl_params]
+    namespace = f"{recipe.recipe}@{recipe.digest[:16]}"
+    ttl_s = recipe.cache.ttl_s
+    user_defined = spec.fn is not None
+
+    def render(**kwargs: Any) -> SourceOutput:
+        cache: CompositionCache = kwargs["composition_cache"]
+        key_values = {k: kwargs[k] for k in spec.cache_key}
+        key = cache.key(namespace, spec.name, key_values) if spec.cached else None
+        if key is not None:
+            hit, value = cache.get(key)
+            if hit:
+                return SourceOutput(spec.name, spec.tier, value, "hit", user_defined)
+        value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
+        violations = _check_tier(cache, spec, key, kwargs, value)
+        if key is not None:
+            cache.set(key, value, ttl_s)
+        return SourceOutput(
+            spec.name, spec.tier, value, "miss" if key else "off", user_defined, tuple(v.as_dict() for v in violations)
+        )
+
+    render.__name__ = render.__qualname__ = spec.name
+    render.__module__ = __name__
+    summary = (inspect.getdoc(impl) or "").split("\n")[0]
+    render.__doc__ = summary or f"Section {spec.name!r} of the prompt."
+    render.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(p, inspect.Parameter.KEYWORD_ONLY, annotation=Any) for p in params],
+        return_annotation=SourceOutput,
+    )
+    render.__annotations__ = {**{p: Any for p in params}, "return": SourceOutput}
+    tags = {
+        "tier": spec.tier,
+        "cache_key": ",".join(spec.cache_key) or "none",
+        "source": "user" if user_defined else "builtin",
+        "source_fn": spec.fn or f"turnflow.nodes.sources:{spec.name}",
+    }
+    return tag(**tags)(render)
+
+
+def _check_tier(
+    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], value: Any
+) -> list[Violation]:
+    """Record a fresh rendering in the ledger and report a broken tier promise."""
+    if spec.tier == "volatile":
+        return []
+    scope = key or f"{values['persona_id']}|{values['room_id']}"
+    text = canonical_text(value)
+    found: list[Violation | None] = []
+    if spec.tier == "invariant":
+        found.append(cache.check_invariant(spec.name, scope, text))
+    else:
+        found.append(cache.check_invariant(spec.name, scope, text) if key else None)
+        stream_scope = f"{values['persona_id']}|{values['room_id']}|{values.get('compaction_epoch', 0)}"
+        found.append(cache.check_semi_stable(spec.name, stream_scope, text))
+    return [v for v in found if v is not None]
+
+
+def _sections_node(names: list[str]) -> Callable[..., dict[str, SourceOutput]]:
+    @inject(parts=group(**{name: source(name) for name in names}))
+    def sections(parts: dict[str, SourceOutput]) -> dict[str, SourceOutput]:
+        """Every source's output this turn, by source name."""
+        return dict(parts)
+
+    return sections
+
+
+_DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...]], driver.Driver] = {}
+
+
+def build_driver(recipe: Recipe, profile: dict[str, str]) -> driver.Driver:
+    """The turn DAG for `recipe` and a capability profile (cached)."""
+    cache_key = (recipe.digest, str(recipe.folder), tuple(sorted(profile.items())))
+    built = _DRIVERS.get(cache_key)
+    if built is not None:
+        return built
+    nodes = [make_source_node(recipe, spec) for spec in recipe.sources]
+    module = ad_hoc_utils.create_temporary_module(
+        *nodes, _sections_node([s.name for s in recipe.sources]), module_name=_module_name(recipe, profile)
+    )
+    built = (
+        driver.Builder()
+        .with_modules(turn_dataflow, module)
+        .with_config(dict(profile))
+        .with_adapters(NodeTimer())
+        .build()
+    )
+    _DRIVERS[cache_key] = built
+    return built
+
+
+def _module_name(recipe: Recipe, profile: dict[str, str]) -> str:
+    import re
+    import uuid
+
+    return "recipe_" + re.sub(r"\W", "_", recipe.recipe) + "_" + uuid.uuid4().hex[:8]

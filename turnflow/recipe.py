@@ -1,0 +1,807 @@
+"""The recipe, persona and backend schema: YAML in, typed models out, every problem as `FILE:LINE: message`.
+
+A recipe declares one kind of turn (its sources with tier and cache keys, its backend, its speech
+bridges); a persona declares one identity. Loading keeps line numbers so that every problem points at
+the line to fix, and validation collects all problems of a file instead of stopping at the first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import inspect
+import sys
+import typing
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+TIERS: tuple[str, ...] = ("invariant", "semi_stable", "volatile")
+Tier = Literal["invariant", "semi_stable", "volatile"]
+
+#: The cache keys a source may declare, and what each one stands for.
+CACHE_KEYS: dict[str, str] = {
+    "persona_id": "the persona taking the turn",
+    "persona_version": "the persona file's declared version and content",
+    "recipe_id": "the recipe and its content",
+    "room_id": "the room",
+    "participants_version": "who is in the room",
+    "history_tail_msg_ids": "the newest messages of the room's history",
+}
+
+#: The DAG values a source function may take as parameters (Hamilton style: the name is the edge).
+SOURCE_INPUTS: dict[str, str] = {
+    "persona_id": "id of the persona taking the turn",
+    "persona": "the Persona model",
+    "persona_version": "the persona's version key",
+    "recipe": "the Recipe model",
+    "recipe_id": "the recipe's id",
+    "room_id": "id of the room",
+    "room_participants": "list of Participant (people and personas in the room)",
+    "participants_version": "changes whenever someone joins or leaves",
+    "room_messages": "the room's history, list of StoredMessage",
+    "history_tail_msg_ids": "ids of the newest messages of the room",
+    "turn": "the turn's number in the room (1, 2, ...)",
+    "now": "the turn's timestamp (timezone-aware datetime)",
+    "speaker": "who is speaking this turn",
+    "user_content": "what the speaker said this turn (UserContent)",
+}
+
+#: For each source input, the cache keys that must be declared for a cached result to follow it.
+INPUT_COVERAGE: dict[str, tuple[str, ...]] = {
+    "persona_id": ("persona_id",),
+    "persona": ("persona_id", "persona_version"),
+    "persona_version": ("persona_version",),
+    "recipe": ("recipe_id",),
+    "recipe_id": ("recipe_id",),
+    "room_id": ("room_id",),
+    "room_participants": ("room_id", "participants_version"),
+    "participants_version": ("participants_version",),
+    "room_messages": ("room_id", "history_tail_msg_ids"),
+    "history_tail_msg_ids": ("history_tail_msg_ids",),
+    "turn": ("<per-turn>",),
+    "now": ("<per-turn>",),
+    "speaker": ("<per-turn>",),
+    "user_content": ("<per-turn>",),
+}
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(_Strict):
+    """One section of the prompt: which function renders it, its tier, and the keys its result is cached under."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    tier: Tier
+    cache_key: tuple[str, ...] = ()
+    fn: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the source's result is memoised in the composition cache."""
+        return bool(self.cache_key)
+
+
+class SpeechSpec(_Strict):
+    """Speech bridges, used only where the model lacks the modality."""
+
+    stt: str | dict[str, Any] = "pocketsphinx"
+    tts: str | dict[str, Any] = "espeak-ng"
+
+
+class CacheSpec(_Strict):
+    """Composition cache settings."""
+
+    ttl_s: float = Field(default=300.0, gt=0)
+
+
+class BudgetSpec(_Strict):
+    """Prompt budget: history is compacted in large blocks when the prompt would exceed it."""
+
+    max_prompt_tokens: int = Field(default=32000, gt=0)
+
+
+class GenerationSpec(_Strict):
+    """Sampling settings for the reply."""
+
+    max_tokens: int = Field(default=128, gt=0)
+    temperature: float = Field(default=0.7, ge=0)
+    seed: int | None = None
+
+
+class Recipe(_Strict):
+    """One kind of turn."""
+
+    recipe: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    version: int | str = 1
+    description: str = ""
+    backend: str = "local"
+    personas: tuple[str, ...] | None = None
+    rules: str = ""
+    sources: tuple[SourceSpec, ...]
+    speech: SpeechSpec = SpeechSpec()
+    cache: CacheSpec = CacheSpec()
+    budget: BudgetSpec = BudgetSpec()
+    generation: GenerationSpec = GenerationSpec()
+
+    _path: Path | None = PrivateAttr(default=None)
+    _digest: str = PrivateAttr(default="")
+
+    @property
+    def path(self) -> Path | None:
+        """The file the recipe was loaded from."""
+        return self._path
+
+    @property
+    def folder(self) -> Path:
+        """The recipe's folder: personas and the user's own source modules are found beside it."""
+        return self._path.parent if self._path else Path.cwd()
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the recipe's canonical content: changes whenever the recipe does."""
+        return self._digest
+
+
+class Tool(_Strict):
+    """An OpenAI function tool definition."""
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+Tool.model_rebuild()
+
+
+class TtsProfile(_Strict):
+    """How the TTS bridge speaks this persona."""
+
+    engine: str = "espeak-ng"
+    voice: str = "en-us"
+    pitch: int | None = None
+    rate_wpm: int | None = None
+    speed: float | None = None
+    model: str | None = None
+    url: str | None = None
+
+
+class VoiceSpec(_Strict):
+    """The persona's voice: a LoRA for models that speak, a TTS profile for the bridge."""
+
+    adapter: str | None = None
+    tts: TtsProfile = TtsProfile()
+
+
+class SkillSpec(_Strict):
+    """A skill adapter (LoRA) and the scale it is applied at."""
+
+    adapter: str
+    scale: float = Field(default=1.0, ge=0)
+
+
+class Persona(_Strict):
+    """One identity."""
+
+    persona: str = Field(pattern=r"^[A-Za-z0-9][\w-]*$")
+    name: str
+    version: int | str
+    description: str = ""
+    system_prompt: str
+    tools: tuple[Tool, ...] = ()
+    voice: VoiceSpec = VoiceSpec()
+    skills: tuple[SkillSpec, ...] = ()
+
+    _path: Path | None = PrivateAttr(default=None)
+    _digest: str = PrivateAttr(default="")
+
+    @property
+    def path(self) -> Path | None:
+        """The file the persona was loaded from."""
+        return self._path
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the persona's canonical content."""
+        return self._digest
+
+
+class BackendSpec(_Strict):
+    """A model server a recipe can name: started by turnflow (`embedded`) or reached by URL (`openai`)."""
+
+    kind: Literal["embedded", "openai"] = "openai"
+    url: str | None = None
+    model: str | None = None
+    mmproj: str | None = None
+    api_key_env: str | None = None
+    slots: int = Field(default=4, gt=0)
+    ctx_per_slot: int = Field(default=32768, gt=0)
+    lora: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+    capabilities: dict[str, bool] = Field(default_factory=dict)
+
+
+class BackendsFile(_Strict):
+    backends: dict[str, BackendSpec]
+
+
+# --------------------------------------------------------------------------------------------- problems
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in a file, with the line to fix."""
+
+    file: str
+    line: int
+    message: str
+    severity: Literal["error", "warning"] = "error"
+
+    def __str__(self) -> str:
+        prefix = "warning: " if self.severity == "warning" else ""
+        return f"{self.file}:{self.line}: {prefix}{self.message}"
+
+
+class RecipeError(ValueError):
+    """A recipe, persona or backends file that cannot be used; `problems` lists every reason."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+# --------------------------------------------------------------------------------------------- YAML with lines
+
+
+@dataclass
+class _Document:
+    path: Path
+    data: Any
+    lines: dict[tuple[Any, ...], int]
+
+    def line(self, loc: Iterable[Any]) -> int:
+        """The line of the deepest part of `loc` that exists in the file (1-based)."""
+        key = tuple(loc)
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return self.lines.get((), 1)
+
+
+def _index_lines(node: yaml.Node | None, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
+    if node is None:
+        return
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            child = path + (key_node.value,)
+            out[child] = key_node.start_mark.line + 1
+            _index_lines(value_node, child, out)
+            # a value's own line, for errors about the value rather than the key
+            out.setdefault(child + ("<value>",), value_node.start_mark.line + 1)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            out[path + (i,)] = item.start_mark.line + 1
+            _index_lines(item, path + (i,), out)
+
+
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 10x faster on big prompts
+
+
+def _read_yaml(path: Path) -> _Document:
+    label = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Problem(label, 1, "file not found")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([Problem(label, 1, f"cannot read the file: {exc}")]) from None
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+        data = yaml.load(text, Loader=_LOADER)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        what = " ".join(x for x in (exc.context, exc.problem) if x)
+        raise RecipeError([Problem(label, line, f"YAML syntax error: {what}; check indentation and quoting")]) from None
+    except yaml.YAMLError as exc:
+        raise RecipeError([Problem(label, 1, f"YAML error: {exc}")]) from None
+    lines: dict[tuple[Any, ...], int] = {}
+    _index_lines(node, (), lines)
+    return _Document(path, data, lines)
+
+
+def _pydantic_problems(doc: _Document, exc: ValidationError, what: str) -> list[Problem]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        kind = err["type"]
+        value = err.get("input")
+        field = loc[-1] if loc else what
+        if kind == "extra_forbidden":
+            model_fields = _fields_at(what, loc[:-1])
+            msg = f"unknown key {field!r}{_did_you_mean(str(field), model_fields)}"
+            if model_fields:
+                msg += f" (allowed: {', '.join(model_fields)})"
+        elif kind == "missing":
+            msg = f"missing required key {field!r} in {_where(what, loc[:-1])}"
+        elif kind == "literal_error" and field == "tier":
+            msg = f"unknown tier {value!r}{_did_you_mean(str(value), TIERS)}; a tier is one of {', '.join(TIERS)}"
+        elif kind == "literal_error":
+            msg = f"{field}: {value!r} is not allowed; {err['msg'].lower()}"
+        elif kind == "string_pattern_mismatch" and field == "fn":
+            msg = f"fn {value!r} must be 'module:function' (a module beside the recipe or importable)"
+        elif kind == "string_pattern_mismatch":
+            msg = f"{field}: {value!r} is not a valid name (letters, digits, '_' or '-', not starting with a symbol)"
+        elif kind in ("model_type", "dict_type"):
+            msg = f"{_where(what, loc)} must be a mapping of keys, got {type(value).__name__}"
+        elif kind in ("tuple_type", "list_type"):
+            msg = f"{field} must be a list, got {type(value).__name__} {value!r}"
+        else:
+            msg = f"{field}: {err['msg']} (got {value!r})"
+        line = doc.line(loc + ("<value>",)) if kind not in ("extra_forbidden", "missing") else doc.line(loc)
+        problems.append(Problem(str(doc.path), line, msg))
+    return problems
+
+
+_SCHEMAS: dict[str, type[BaseModel]] = {"recipe": Recipe, "persona": Persona, "backends": BackendsFile}
+
+
+def _model_at(what: str, loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = _SCHEMAS[what]
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            if model is BackendsFile or what == "backends":
+                model = BackendSpec
+                continue
+            return None
+        model = _inner_model(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _fields_at(what: str, loc: tuple[Any, ...]) -> list[str]:
+    model = _model_at(what, loc)
+    return list(model.model_fields) if model else []
+
+
+def _where(what: str, loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return f"the {what}"
+    return " ".join(f"item {p}" if isinstance(p, int) else repr(p) for p in loc)
+
+
+def _canonical_digest(data: Any) -> str:
+    import hashlib
+    import json
+
+    blob = json.dumps(data, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _parse(doc: _Document, what: str) -> BaseModel:
+    model = _SCHEMAS[what]
+    if not isinstance(doc.data, dict):
+        got = "an empty file" if doc.data is None else f"a {type(doc.data).__name__}"
+        raise RecipeError([Problem(str(doc.path), 1, f"a {what} file must be a mapping of keys, got {got}")])
+    try:
+        parsed = model.model_validate(doc.data)
+    except ValidationError as exc:
+        raise RecipeError(_pydantic_problems(doc, exc, what)) from None
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_persona(path: str | Path) -> Persona:
+    """Load and check one persona file."""
+    doc = _read_yaml(Path(path))
+    persona = typing.cast(Persona, _parse(doc, "persona"))
+    if persona.persona != doc.path.stem:
+        raise RecipeError(
+            [
+                Problem(
+                    str(doc.path),
+                    doc.line(("persona", "<value>")),
+                    f"persona id {persona.persona!r} differs from the file name {doc.path.name!r}; "
+                    f"personas are found by file name, so name the file {persona.persona}.yaml or set "
+                    f"persona: {doc.path.stem}",
+                )
+            ]
+        )
+    persona._path = doc.path
+    persona._digest = _canonical_digest(doc.data)
+    return persona
+
+
+def persona_dir(recipe: Recipe) -> Path:
+    """Where a recipe's personas live: `personas/` beside it."""
+    return recipe.folder / "personas"
+
+
+def available_personas(recipe: Recipe) -> list[str]:
+    """Ids of the personas beside the recipe."""
+    folder = persona_dir(recipe)
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def find_persona(recipe: Recipe, persona_id: str) -> Persona:
+    """Load the persona `persona_id` from the recipe's `personas/` folder."""
+    path = persona_dir(recipe) / f"{persona_id}.yaml"
+    if not path.exists():
+        have = available_personas(recipe)
+        hint = _did_you_mean(persona_id, have)
+        raise RecipeError(
+            [
+                Problem(
+                    str(recipe.path or "<recipe>"),
+                    1,
+                    f"persona {persona_id!r} not found in {persona_dir(recipe)}{hint} "
+                    f"(have: {', '.join(have) or 'none'})",
+                )
+            ]
+        )
+    return load_persona(path)
+
+
+def load_backends(*paths: Path) -> dict[str, BackendSpec]:
+    """Backends from the given files, later files overriding earlier ones by name."""
+    merged: dict[str, BackendSpec] = {}
+    for path in paths:
+        if path.exists():
+            doc = _read_yaml(path)
+            merged.update(typing.cast(BackendsFile, _parse(doc, "backends")).backends)
+    return merged
+
+
+def default_backends_path() -> Path:
+    """The embedded defaults' backends.yaml (shipped inside the package)."""
+    from turnflow import recipes as _recipes
+
+    return Path(_recipes.__file__).parent / "backends.yaml"
+
+
+def backends_for(recipe: Recipe) -> dict[str, BackendSpec]:
+    """The backends a recipe can name: the embedded defaults, then `backends.yaml` beside the recipe."""
+    return load_backends(default_backends_path(), recipe.folder / "backends.yaml")
+
+
+def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
+    """Load a recipe; with `check`, also resolve its sources, personas and backend, raising every problem at once."""
+    doc = _read_yaml(Path(path))
+    recipe = typing.cast(Recipe, _parse(doc, "recipe"))
+    recipe._path = doc.path.resolve()
+    recipe._digest = _canonical_digest(doc.data)
+    if check:
+        problems = [p for p in _check_recipe(recipe, doc) if p.severity == "error"]
+        if problems:
+            raise RecipeError(problems)
+    return recipe
+
+
+# --------------------------------------------------------------------------------------------- source functions
+
+
+def _import_from(folder: Path, module_name: str) -> ModuleType:
+    """Import `module_name`, looking in the recipe's folder first."""
+    local = folder / (module_name.replace(".", "/") + ".py")
+    if local.exists():
+        unique = f"turnflow_user_{abs(hash(str(local)))}_{module_name.replace('.', '_')}"
+        if unique in sys.modules:
+            return sys.modules[unique]
+        spec = importlib.util.spec_from_file_location(unique, local)
+        assert spec and spec.loader
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[unique] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[unique]
+            raise
+        return module
+    return importlib.import_module(module_name)
+
+
+def resolve_source_fn(recipe: Recipe, spec: SourceSpec) -> Callable[..., Any]:
+    """The function that renders `spec`: the user's `fn`, else the built-in of that name."""
+    if spec.fn:
+        module_name, _, attr = spec.fn.partition(":")
+        try:
+            module = _import_from(recipe.folder, module_name)
+        except Exception as exc:  # any import-time failure of user code is reported, not raised
+            raise LookupError(
+                f"cannot import {spec.fn!r}: {type(exc).__name__}: {exc} "
+                f"(looked for {module_name}.py in {recipe.folder}, then on the Python path)"
+            ) from None
+        fn = getattr(module, attr, None)
+        if fn is None:
+            have = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
+            raise LookupError(f"{module_name!r} has no function {attr!r}{_did_you_mean(attr, have)}")
+        return typing.cast(Callable[..., Any], fn)
+    from turnflow.nodes.sources import BUILTIN_SOURCES
+
+    if spec.name not in BUILTIN_SOURCES:
+        raise LookupError(
+            f"unknown built-in source {spec.name!r}{_did_you_mean(spec.name, BUILTIN_SOURCES)}; "
+            f"built-ins are {', '.join(sorted(BUILTIN_SOURCES))}, or give fn: module:function for your own"
+        )
+    return BUILTIN_SOURCES[spec.name]
+
+
+def source_parameters(fn: Callable[..., Any], spec: SourceSpec) -> list[str]:
+    """The DAG values `fn` depends on (its parameters not bound by the recipe's `params`), checked for shape."""
+    if not callable(fn):
+        raise TypeError(f"{spec.fn or spec.name} is a {type(fn).__name__}, not a function")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"cannot read the parameters of {spec.fn or spec.name}: {exc}") from None
+    names = []
+    for param in signature.parameters.values():
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            raise TypeError(
+                f"{spec.fn or spec.name} takes *{param.name}; a source names each DAG value it needs "
+                f"as a parameter ({', '.join(SOURCE_INPUTS)})"
+            )
+        if param.name in spec.params:
+            continue
+        if param.name not in SOURCE_INPUTS:
+            if param.default is not inspect.Parameter.empty:
+                continue
+            raise TypeError(
+                f"parameter {param.name!r} of {spec.fn or spec.name} is not a DAG value"
+                f"{_did_you_mean(param.name, SOURCE_INPUTS)}; a source may take {', '.join(SOURCE_INPUTS)}, "
+                f"or set it under params:"
+            )
+        names.append(param.name)
+    unknown_params = [p for p in spec.params if p not in signature.parameters]
+    if unknown_params:
+        raise TypeError(f"params {unknown_params} are not parameters of {spec.fn or spec.name}")
+    returns = signature.return_annotation
+    if isinstance(returns, str):
+        try:
+            returns = typing.get_type_hints(fn).get("return", returns)
+        except Exception:
+            returns = inspect.Signature.empty
+    if returns is not inspect.Signature.empty and not _returns_text_or_messages(returns):
+        raise TypeError(
+            f"{spec.fn or spec.name} is annotated to return {returns!r}; a source returns text (str) "
+            f"or a list of chat messages (list[dict])"
+        )
+    return names
+
+
+def _returns_text_or_messages(annotation: Any) -> bool:
+    if annotation in (str, list, Any):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return True
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return all(_returns_text_or_messages(a) for a in typing.get_args(annotation))
+    return False
+
+
+# --------------------------------------------------------------------------------------------- checks
+
+
+def _check_recipe(recipe: Recipe, doc: _Document) -> list[Problem]:
+    file = str(doc.path)
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, spec in enumerate(recipe.sources):
+        at = ("sources", i)
+        if spec.name in seen:
+            problems.append(
+                Problem(
+                    file,
+                    doc.line(at + ("name", "<value>")),
+                    f"duplicate source name {spec.name!r} (first declared as item {seen[spec.name]}); "
+                    f"each source needs its own name",
+                )
+            )
+            continue
+        seen[spec.name] = i
+        from turnflow.dataflows.turn import RESERVED_NODE_NAMES
+
+        if spec.name in RESERVED_NODE_NAMES and not (spec.fn is None and spec.name == "user_turn"):
+            problems.append(
+                Problem(
+                    file,
+                    doc.line(at + ("name", "<value>")),
+                    f"source name {spec.name!r} is taken by a node of the turn DAG; pick another name",
+                )
+            )
+            continue
+        for j, key in enumerate(spec.cache_key):
+            if key not in CACHE_KEYS:
+                problems.append(
+                    Problem(
+                        file,
+                        doc.line(at + ("cache_key", j)),
+                        f"unknown cache key {key!r}{_did_you_mean(key, CACHE_KEYS)}; "
+                        f"cache keys are {', '.join(CACHE_KEYS)}",
+                    )
+                )
+        if spec.tier == "volatile" and spec.cache_key:
+            problems.append(
+                Problem(
+                    file,
+                    doc.line(at + ("cache_key",)),
+                    f"source {spec.name!r} is volatile (new every turn) and cannot be cached; remove its cache_key",
+                    "warning",
+                )
+            )
+        line = doc.line(at + ("fn", "<value>")) if spec.fn else doc.line(at + ("name", "<value>"))
+        try:
+            fn = resolve_source_fn(recipe, spec)
+            params = source_parameters(fn, spec)
+        except (LookupError, TypeError) as exc:
+            problems.append(Problem(file, line, str(exc)))
+            continue
+        problems.extend(_lint_source(file, line, spec, params))
+    if "user_turn" not in seen:
+        problems.append(
+            Problem(
+                file,
+                doc.line(("sources",)),
+                "no user_turn source: add {name: user_turn, tier: volatile} so the speaker's words reach the model",
+            )
+        )
+    if recipe.personas is not None:
+        have = available_personas(recipe)
+        for i, persona_id in enumerate(recipe.personas):
+            if persona_id not in have:
+                problems.append(
+                    Problem(
+                        file,
+                        doc.line(("personas", i)),
+                        f"persona {persona_id!r} not found in {persona_dir(recipe)}"
+                        f"{_did_you_mean(persona_id, have)} (have: {', '.join(have) or 'none'})",
+                    )
+                )
+                continue
+            try:
+                load_persona(persona_dir(recipe) / f"{persona_id}.yaml")
+            except RecipeError as exc:
+                problems.extend(exc.problems)
+    try:
+        backends = backends_for(recipe)
+    except RecipeError as exc:
+        problems.extend(exc.problems)
+    else:
+        if recipe.backend not in backends:
+            problems.append(
+                Problem(
+                    file,
+                    doc.line(("backend", "<value>")),
+                    f"unknown backend {recipe.backend!r}{_did_you_mean(recipe.backend, backends)}; "
+                    f"name one of {', '.join(backends)} or add it to backends.yaml beside the recipe",
+                )
+            )
+    return problems
+
+
+def _lint_source(file: str, line: int, spec: SourceSpec, params: list[str]) -> list[Problem]:
+    """Warnings about tiers and cache keys that would make a prompt go stale or break the prefix."""
+    problems = []
+    per_turn = [p for p in params if INPUT_COVERAGE.get(p) == ("<per-turn>",)]
+    if spec.tier != "volatile" and per_turn:
+        problems.append(
+            Problem(
+                file,
+                line,
+                f"source {spec.name!r} is {spec.tier} but depends on {', '.join(per_turn)}, which change every "
+                f"turn; declare it volatile",
+                "warning",
+            )
+        )
+    if spec.cached:
+        uncovered = sorted(
+            {
+                p
+                for p in params
+                if INPUT_COVERAGE.get(p) != ("<per-turn>",)
+                and not set(INPUT_COVERAGE.get(p, ())) <= set(spec.cache_key)
+            }
+        )
+        if uncovered:
+            problems.append(
+                Problem(
+                    file,
+                    line,
+                    f"source {spec.name!r} depends on {', '.join(uncovered)} but its cache_key "
+                    f"{list(spec.cache_key)} does not cover it; its cached result may be stale or shared wrongly",
+                    "warning",
+                )
+            )
+    return problems
+
+
+def validate_paths(paths: Iterable[str | Path]) -> list[Problem]:
+    """Every problem (and warning) in the given recipe, persona and backends files, or folders of them."""
+    files: list[Path] = []
+    problems: list[Problem] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml")))
+            files.extend(sorted((path / "personas").glob("*.yaml")))
+        elif path.exists():
+            files.append(path)
+        else:
+            problems.append(Problem(str(path), 1, "file not found"))
+    for path in files:
+        problems.extend(_validate_file(path))
+    return problems
+
+
+def _validate_file(path: Path) -> list[Problem]:
+    try:
+        doc = _read_yaml(path)
+    except RecipeError as exc:
+        return exc.problems
+    data = doc.data if isinstance(doc.data, dict) else {}
+    kind = next((k for k in ("recipe", "persona", "backends") if k in data), None)
+    if kind is None:
+        return [
+            Problem(
+                str(path),
+                1,
+                "not a turnflow file: a recipe starts with `recipe: <id>`, a persona with `persona: <id>`, "
+                "a backends file with `backends:`",
+            )
+        ]
+    try:
+        if kind == "persona":
+            load_persona(path)
+            return []
+        if kind == "backends":
+            _parse(doc, "backends")
+            return []
+        recipe = typing.cast(Recipe, _parse(doc, "recipe"))
+    except RecipeError as exc:
+        return exc.problems
+    recipe._path = path.resolve()
+    found = _check_recipe(recipe, doc)
+    for problem in found:  # problems of personas keep their own file; the recipe's own use the given path
+        if problem.file == str(path.resolve()):
+            object.__setattr__(problem, "file", str(path))
+    return found

@@ -1,0 +1,200 @@
+"""The Python entry point: open a recipe and a backend, run turns, publish events.
+
+    with turnflow.Session("recipes/voice-chat.yaml") as session:
+        result = session.turn(persona="maya", room="standup", text="What's on the board?")
+        print(result.reply, result.report["llm"]["prompt_tokens_processed"])
+
+A turn is one execution of the recipe's DAG; its history is committed only when the whole turn
+succeeded, so a failed turn (a dead model server, a tier violation in strict mode) leaves the room as
+it was.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from turnflow.backend import Backend, open_backend
+from turnflow.cache import CompositionCache, Event
+from turnflow.driver import build_driver, collect_node_timings, stop_collecting
+from turnflow.nodes.llm import BackendError, ChatReply
+from turnflow.nodes.prompt import Prompt
+from turnflow.nodes.text import neutralise_control_tokens
+from turnflow.paths import home
+from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
+from turnflow.store import ConversationStore, Participant
+
+
+class TurnError(RuntimeError):
+    """A turn failed; the room's history is unchanged."""
+
+
+@dataclass
+class TurnResult:
+    """One finished turn."""
+
+    reply: str
+    report: dict[str, Any]
+    prompt: Prompt
+    llm: ChatReply
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Session:
+    """A recipe bound to a backend, a conversation store and a composition cache."""
+
+    def __init__(
+        self,
+        recipe: str | Path | Recipe,
+        *,
+        backend: str | None = None,
+        state_dir: str | Path | None = None,
+        strict: bool = False,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        self.strict = strict
+        self._warn = warn or (lambda message: print(message, file=sys.stderr))
+        root = Path(state_dir) if state_dir else home()
+        self.store = ConversationStore(root / "rooms.sqlite3")
+        self.cache = CompositionCache(root / "composition-cache")
+        backends = backends_for(self.recipe)
+        self.backend_name = backend or self.recipe.backend
+        if self.backend_name not in backends:
+            raise ValueError(f"unknown backend {self.backend_name!r}; known: {', '.join(sorted(backends))}")
+        self._backend_spec = backends[self.backend_name]
+        self._backend: Backend | None = None
+        self._personas: dict[str, Persona] = {}
+        recipe_id = self.recipe.recipe
+        self._publish_if_changed(f"recipe:{recipe_id}", self.recipe.digest, Event.recipe_changed(recipe_id))
+
+    # -- lifecycle
+
+    @property
+    def backend(self) -> Backend:
+        """The backend, connected (and for embedded backends, started) on first use."""
+        if self._backend is None:
+            self._backend = open_backend(self.backend_name, self._backend_spec)
+        return self._backend
+
+    def close(self) -> None:
+        """Close the store, the cache and the backend client (an embedded server keeps running)."""
+        if self._backend is not None:
+            self._backend.close()
+        self.store.close()
+        self.cache.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- events
+
+    def publish(self, event: Event) -> None:
+        """Invalidate the cached sections that depend on what the event says changed."""
+        self.cache.publish(event)
+
+    def _publish_if_changed(self, what: str, digest: str, event: Event) -> None:
+        """Publish `event` when a file's content differs from what this state directory saw last."""
+        marker = f"digest:{what}"
+        seen = self.cache._store.get(marker)
+        if seen != digest:
+            if seen is not None:
+                self.publish(event)
+            self.cache._store.set(marker, digest)
+
+    def persona(self, persona_id: str) -> Persona:
+        """Load a persona beside the recipe (once per session)."""
+        if persona_id not in self._personas:
+            if self.recipe.personas is not None and persona_id not in self.recipe.personas:
+                raise ValueError(
+                    f"persona {persona_id!r} is not served by recipe {self.recipe.recipe!r} "
+                    f"(personas: {', '.join(self.recipe.personas)})"
+                )
+            persona = find_persona(self.recipe, persona_id)
+            self._publish_if_changed(f"persona:{persona_id}", persona.digest, Event.persona_changed(persona_id))
+            self._personas[persona_id] = persona
+        return self._personas[persona_id]
+
+    def join(self, room: str, participant: str, *, kind: str = "person", display_name: str | None = None) -> None:
+        """Add a person (or persona) to a room."""
+        who = Participant(participant, "persona" if kind == "persona" else "person", display_name or participant)
+        if self.store.join(room, who):
+            self.publish(Event.participants_changed(room))
+
+    # -- turns
+
+    def driver(self) -> Any:
+        """The built Hamilton driver for this recipe and the backend's capability profile."""
+        return build_driver(self.recipe, self.backend.capabilities.profile)
+
+    def turn(
+        self,
+        *,
+        persona: str,
+        room: str = "default",
+        text: str | None = None,
+        speaker: str = "user",
+        on_text: Callable[[str], None] | None = None,
+    ) -> TurnResult:
+        """Run one turn: `speaker` says `text` to `persona` in `room`; returns the reply and the report."""
+        if text is None:
+            raise ValueError("a turn needs text= (what the speaker said)")
+        setup_started = time.perf_counter()
+        persona_model = self.persona(persona)
+        backend = self.backend
+        dr = self.driver()
+        started = time.perf_counter()
+        setup_ms = (started - setup_started) * 1000
+        self.cache.begin_turn()
+        room_state = self.store.room(room)
+        turn_no = room_state.last_turn + 1
+        inputs = {
+            "persona_id": persona,
+            "persona": persona_model,
+            "recipe": self.recipe,
+            "room_id": room,
+            "room_state": room_state,
+            "turn": turn_no,
+            "now": datetime.now(UTC),
+            "speaker": speaker,
+            "text_in": text,
+            "strict": self.strict,
+            "backend": backend,
+            "store": self.store,
+            "composition_cache": self.cache,
+            "on_text": on_text,
+        }
+        timings, token = collect_node_timings()
+        try:
+            outputs = dr.execute(["turn_report", "prompt", "reply"], inputs=inputs)
+        except BackendError as exc:
+            raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
+        finally:
+            stop_collecting(token)
+        report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]
+        speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
+        persona_who = Participant(persona, "persona", persona_model.name)
+        user_message = prompt.user_message
+        self.store.commit_turn(
+            room, turn_no, speaker_who, user_message["content"], text, persona_who, reply.text
+        )
+        for violation in report["tier_violations"]:
+            self._warn(f"turnflow: tier violation in {persona}/{room} turn {turn_no}: {violation['message']}")
+        model_ms = timings.get("reply", 0.0)
+        total_ms = (time.perf_counter() - started) * 1000
+        report["timings_ms"] = {
+            "total": round(total_ms, 2),
+            "model": round(model_ms, 2),
+            "turnflow": round(total_ms - model_ms, 2),
+            "setup": round(setup_ms, 2),
+            "nodes": {name: round(ms, 3) for name, ms in timings.items()},
+        }
+        return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply)

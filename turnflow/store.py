@@ -1,0 +1,303 @@
+"""The conversation store: one history per room in SQLite, shared by the personas in it.
+
+A turn is atomic: the speaker's message and the persona's reply are committed in one transaction, so
+a failed turn leaves the room exactly as it was. Messages keep the bytes the model saw, so a persona's
+history only ever grows by appending, and the model server's KV cache of it stays valid.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Content = str | list[dict[str, Any]]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rooms (
+    room_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    participants_version INTEGER NOT NULL DEFAULT 0,
+    history_floor_id INTEGER NOT NULL DEFAULT 0,
+    compaction_epoch INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS participants (
+    room_id TEXT NOT NULL REFERENCES rooms(room_id),
+    participant TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('person', 'persona')),
+    display_name TEXT NOT NULL,
+    joined_at REAL NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (room_id, participant)
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    room_id TEXT NOT NULL REFERENCES rooms(room_id),
+    turn INTEGER NOT NULL,
+    speaker TEXT NOT NULL,
+    speaker_kind TEXT NOT NULL CHECK (speaker_kind IN ('person', 'persona')),
+    display_name TEXT NOT NULL,
+    content TEXT NOT NULL,
+    text TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
+CREATE TABLE IF NOT EXISTS slot_assignments (
+    backend TEXT NOT NULL,
+    total_slots INTEGER NOT NULL,
+    persona_id TEXT NOT NULL,
+    slot INTEGER NOT NULL,
+    PRIMARY KEY (backend, total_slots, persona_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class Participant:
+    """Someone in a room: a person or a persona."""
+
+    participant: str
+    kind: Literal["person", "persona"]
+    display_name: str
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """One message of a room's history, with the exact content the model saw when it was new."""
+
+    id: int
+    turn: int
+    speaker: str
+    speaker_kind: Literal["person", "persona"]
+    display_name: str
+    content: Content
+    text: str
+
+    def as_seen_by(self, persona_id: str) -> dict[str, Any]:
+        """This message as a chat message for `persona_id`: its own words as assistant, others' as user."""
+        if self.speaker_kind == "persona" and self.speaker == persona_id:
+            return {"role": "assistant", "content": self.content}
+        if self.speaker_kind == "persona":
+            return {"role": "user", "content": f"{self.display_name}: {self.text}"}
+        return {"role": "user", "content": self.content}
+
+
+@dataclass(frozen=True)
+class UserContent:
+    """What the speaker said this turn: text, and media parts when the model hears or sees directly."""
+
+    text: str
+    parts: tuple[dict[str, Any], ...] = ()
+    transcript: str | None = None
+
+    def as_message(self, speaker: str) -> dict[str, Any]:
+        """The user message for this turn; the speaker is named unless it is the anonymous `user`."""
+        label = "" if speaker == "user" else f"{speaker}: "
+        if not self.parts:
+            return {"role": "user", "content": label + self.text}
+        text_parts = [{"type": "text", "text": label + self.text}] if (label or self.text) else []
+        return {"role": "user", "content": text_parts + list(self.parts)}
+
+
+@dataclass(frozen=True)
+class RoomState:
+    """A room as a turn sees it when it starts."""
+
+    room_id: str
+    messages: list[StoredMessage]
+    participants: list[Participant]
+    participants_version: int
+    last_turn: int
+    compaction_epoch: int
+    history_tail_msg_ids: str = field(default="")
+
+
+class ConversationStore:
+    """Rooms, their participants and histories, and persona slot assignments, in one SQLite file."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _ensure_room(self, db: sqlite3.Connection, room_id: str) -> None:
+        db.execute("INSERT OR IGNORE INTO rooms (room_id, created_at) VALUES (?, ?)", (room_id, time.time()))
+
+    def room(self, room_id: str, *, tail: int = 2) -> RoomState:
+        """The room's visible history (since the last compaction), participants and counters."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT participants_version, history_floor_id, compaction_epoch FROM rooms WHERE room_id = ?",
+                (room_id,),
+            ).fetchone()
+            version, floor, epoch = row if row else (0, 0, 0)
+            rows = self._db.execute(
+                "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
+                "WHERE room_id = ? AND id >= ? ORDER BY id",
+                (room_id, floor),
+            ).fetchall()
+            people = self._db.execute(
+                "SELECT participant, kind, display_name FROM participants WHERE room_id = ? ORDER BY seq",
+                (room_id,),
+            ).fetchall()
+            last_turn = self._db.execute(
+                "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
+            ).fetchone()[0]
+        messages = [
+            StoredMessage(id, turn, speaker, kind, name, _load_content(content), text)
+            for id, turn, speaker, kind, name, content, text in rows
+        ]
+        return RoomState(
+            room_id=room_id,
+            messages=messages,
+            participants=[Participant(p, k, n) for p, k, n in people],
+            participants_version=version,
+            last_turn=last_turn,
+            compaction_epoch=epoch,
+            history_tail_msg_ids=",".join(str(m.id) for m in messages[-tail:]) or "empty",
+        )
+
+    def history(self, room_id: str) -> list[StoredMessage]:
+        """Every message of the room, compacted or not, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
+                "WHERE room_id = ? ORDER BY id",
+                (room_id,),
+            ).fetchall()
+        return [StoredMessage(i, t, s, k, n, _load_content(c), x) for i, t, s, k, n, c, x in rows]
+
+    def _join(self, db: sqlite3.Connection, room_id: str, who: Participant) -> bool:
+        self._ensure_room(db, room_id)
+        seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM participants WHERE room_id = ?", (room_id,)).fetchone()
+        inserted = db.execute(
+            "INSERT OR IGNORE INTO participants (room_id, participant, kind, display_name, joined_at, seq) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (room_id, who.participant, who.kind, who.display_name, time.time(), seq[0]),
+        ).rowcount
+        if inserted:
+            db.execute(
+                "UPDATE rooms SET participants_version = participants_version + 1 WHERE room_id = ?", (room_id,)
+            )
+        return bool(inserted)
+
+    def join(self, room_id: str, who: Participant) -> bool:
+        """Add `who` to the room; True when they were not in it yet."""
+        with self._transaction() as db:
+            return self._join(db, room_id, who)
+
+    def add_message(self, room_id: str, turn: int, speaker: Participant, content: Content, text: str) -> int:
+        """Append one message outside a turn (e.g. a person speaking to the room); returns its id."""
+        with self._transaction() as db:
+            self._join(db, room_id, speaker)
+            return self._insert(db, room_id, turn, speaker, content, text)
+
+    def _insert(
+        self, db: sqlite3.Connection, room_id: str, turn: int, who: Participant, content: Content, text: str
+    ) -> int:
+        cursor = db.execute(
+            "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (room_id, turn, who.participant, who.kind, who.display_name, json.dumps(content), text, time.time()),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def commit_turn(
+        self,
+        room_id: str,
+        turn: int,
+        speaker: Participant,
+        user_content: Content,
+        user_text: str,
+        persona: Participant,
+        reply_text: str,
+    ) -> tuple[int, int]:
+        """Commit the speaker's message and the persona's reply together; returns their ids."""
+        with self._transaction() as db:
+            self._join(db, room_id, speaker)
+            self._join(db, room_id, persona)
+            user_id = self._insert(db, room_id, turn, speaker, user_content, user_text)
+            reply_id = self._insert(db, room_id, turn, persona, reply_text, reply_text)
+        return user_id, reply_id
+
+    def compact(self, room_id: str, keep: int) -> int:
+        """Hide all but the newest `keep` messages from prompts (one large block); returns how many were hidden."""
+        with self._transaction() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT id FROM messages WHERE room_id = ? AND id >= "
+                "(SELECT history_floor_id FROM rooms WHERE room_id = ?) ORDER BY id",
+                (room_id, room_id),
+            )]
+            if len(ids) <= keep:
+                return 0
+            floor = ids[len(ids) - keep] if keep else ids[-1] + 1
+            db.execute(
+                "UPDATE rooms SET history_floor_id = ?, compaction_epoch = compaction_epoch + 1 WHERE room_id = ?",
+                (floor, room_id),
+            )
+            return len(ids) - keep
+
+    def slot_for(self, backend: str, persona_id: str, total_slots: int) -> int:
+        """The persona's slot on `backend`: assigned once, the same ever after.
+
+        A new persona takes a free slot (trying its hash-preferred one first) so personas share a slot
+        only when they outnumber the slots.
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ? AND persona_id = ?",
+                (backend, total_slots, persona_id),
+            ).fetchone()
+            if row:
+                return int(row[0])
+            taken = {
+                r[0]
+                for r in db.execute(
+                    "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ?", (backend, total_slots)
+                )
+            }
+            preferred = _stable_hash(persona_id) % total_slots
+            free = [s for s in range(total_slots) if s not in taken]
+            slot = preferred if preferred not in taken else (free[0] if free else preferred)
+            db.execute(
+                "INSERT INTO slot_assignments (backend, total_slots, persona_id, slot) VALUES (?, ?, ?, ?)",
+                (backend, total_slots, persona_id, slot),
+            )
+            return slot
+
+
+def _stable_hash(text: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _load_content(raw: str) -> Content:
+    value = json.loads(raw)
+    return value if isinstance(value, str | list) else str(value)
