@@ -7,12 +7,15 @@ The recipe adds one node per source between `user_content` and `prompt` (see `tu
 from __future__ import annotations
 
 from collections.abc import Callable
+import zlib
 from datetime import datetime
 from typing import Any
 
+from hamilton.function_modifiers import config
+
 from turnflow.backend import Backend
 from turnflow.nodes.llm import ChatReply, ReplyStream
-from turnflow.nodes.prompt import Prompt, SourceOutput, assemble
+from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
 from turnflow.nodes.text import neutralise_control_tokens
 from turnflow.recipe import Persona, Recipe
 from turnflow.store import ConversationStore, Participant, RoomState, StoredMessage, UserContent
@@ -57,13 +60,20 @@ def user_content(text_in: str) -> UserContent:
     return UserContent(text=neutralise_control_tokens(text_in))
 
 
-def prompt(sections: dict[str, SourceOutput], strict: bool) -> Prompt:
+@config.when_not(assembly="naive")
+def prompt__stable_first(sections: dict[str, SourceOutput], strict: bool) -> Prompt:
     """The sources assembled stable-first; in strict mode a tier violation stops the turn here."""
     if strict:
         found = [v["message"] for output in sections.values() for v in output.violations]
         if found:
             raise TierViolationError("; ".join(found))
     return assemble(sections)
+
+
+@config.when(assembly="naive")
+def prompt__naive(sections: dict[str, SourceOutput], now: datetime, persona_id: str, turn: int) -> Prompt:
+    """Baseline for benchmarks: sections in completion order under a timestamped system prompt."""
+    return assemble_naive(sections, now.isoformat(timespec="seconds"), zlib.crc32(f"{persona_id}:{turn}".encode()))
 
 
 def tier_violations(sections: dict[str, SourceOutput]) -> list[dict[str, str]]:
@@ -80,7 +90,14 @@ def composition_cache_stats(sections: dict[str, SourceOutput]) -> dict[str, Any]
     }
 
 
-def slot(persona_id: str, backend: Backend, store: ConversationStore) -> int | None:
+@config.when(assembly="naive")
+def slot__unpinned() -> int | None:
+    """Baseline for benchmarks: no slot pinning, the server picks a slot."""
+    return None
+
+
+@config.when_not(assembly="naive")
+def slot__pinned(persona_id: str, backend: Backend, store: ConversationStore) -> int | None:
     """The persona's pinned slot on the backend (None when the server has no slots to pin)."""
     slots = backend.capabilities.total_slots
     if not slots:

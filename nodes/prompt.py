@@ -111,6 +111,42 @@ def assemble(outputs: dict[str, SourceOutput]) -> Prompt:
     )
 
 
+def assemble_naive(outputs: dict[str, SourceOutput], now_iso: str, shuffle_seed: int) -> Prompt:
+    """The baseline most voice pipelines use: sections in completion order, a timestamp on top of the system prompt.
+
+    Completion order is simulated by a seeded shuffle per turn (sources that run concurrently finish in
+    varying order). Used only to measure what stable-first saves.
+    """
+    import random
+
+    shuffled = list(outputs.values())
+    random.Random(shuffle_seed).shuffle(shuffled)
+    system_sections = [f"Timestamp: {now_iso}"]
+    middle: list[dict[str, Any]] = []
+    volatile_text: list[str] = []
+    volatile_messages: list[dict[str, Any]] = []
+    for output in shuffled:
+        if isinstance(output.value, str):
+            (volatile_text if output.tier == "volatile" else system_sections).append(output.value)
+        elif output.tier == "volatile":
+            volatile_messages.extend(output.value)
+        else:
+            middle.extend(output.value)
+    user_message = _final_user_message(volatile_text, volatile_messages)
+    system = "\n\n".join(s for s in system_sections if s)
+    messages = [{"role": "system", "content": system}, *middle, *volatile_messages[:-1], user_message]
+    return Prompt(
+        messages=messages,
+        user_message=user_message,
+        invariant_sha256=_sha(system),
+        invariant_bytes=len(system.encode()),
+        semi_stable_sha256=_sha(canonical_text(middle)),
+        semi_stable_bytes=len(canonical_text(middle).encode()),
+        volatile_bytes=len(canonical_text([user_message]).encode()),
+        order=[o.name for o in shuffled],
+    )
+
+
 def _final_user_message(context: list[str], messages: list[dict[str, Any]]) -> dict[str, Any]:
     """The last user message, with the volatile text sections in front of what the speaker said."""
     last = messages[-1] if messages else {"role": "user", "content": ""}

@@ -80,7 +80,10 @@ def make_source_node(recipe: Recipe, spec: SourceSpec) -> Callable[..., SourceOu
     user_defined = spec.fn is not None
 
     def render(**kwargs: Any) -> SourceOutput:
-        cache: CompositionCache = kwargs["composition_cache"]
+        cache: CompositionCache | None = kwargs["composition_cache"]
+        if cache is None:  # caching off (the naive baseline)
+            value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
+            return SourceOutput(spec.name, spec.tier, value, "off", user_defined)
         key_values = {k: kwargs[k] for k in spec.cache_key}
         key = cache.key(namespace, spec.name, key_values) if spec.cached else None
         if key is not None:

@@ -270,7 +270,7 @@ class RecipeError(ValueError):
 
 def _did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(str(word), list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --------------------------------------------------------------------------------------------- YAML with lines
@@ -622,11 +622,17 @@ def _returns_text_or_messages(annotation: Any) -> bool:
 # --------------------------------------------------------------------------------------------- checks
 
 
-def _check_recipe(recipe: Recipe, doc: _Document) -> list[Problem]:
+def _check_recipe(
+    recipe: Recipe, doc: _Document, indexed: list[tuple[int, SourceSpec]] | None = None
+) -> list[Problem]:
+    """Problems beyond the schema: sources resolve, keys exist, personas and backend are found.
+
+    `indexed` pairs each source with its position in the file (when some sources were dropped as invalid).
+    """
     file = str(doc.path)
     problems: list[Problem] = []
     seen: dict[str, int] = {}
-    for i, spec in enumerate(recipe.sources):
+    for i, spec in indexed if indexed is not None else enumerate(recipe.sources):
         at = ("sources", i)
         if spec.name in seen:
             problems.append(
@@ -641,7 +647,7 @@ def _check_recipe(recipe: Recipe, doc: _Document) -> list[Problem]:
         seen[spec.name] = i
         from turnflow.dataflows.turn import RESERVED_NODE_NAMES
 
-        if spec.name in RESERVED_NODE_NAMES and not (spec.fn is None and spec.name == "user_turn"):
+        if spec.name in RESERVED_NODE_NAMES:
             problems.append(
                 Problem(
                     file,
@@ -769,7 +775,7 @@ def validate_paths(paths: Iterable[str | Path]) -> list[Problem]:
         else:
             problems.append(Problem(str(path), 1, "file not found"))
     for path in files:
-        problems.extend(_validate_file(path))
+        problems.extend(sorted(_validate_file(path), key=lambda p: (p.file != str(path), p.file, p.line)))
     return problems
 
 
@@ -798,10 +804,37 @@ def _validate_file(path: Path) -> list[Problem]:
             return []
         recipe = typing.cast(Recipe, _parse(doc, "recipe"))
     except RecipeError as exc:
-        return exc.problems
+        return exc.problems + (_salvaged_problems(doc, exc.problems) if kind == "recipe" else [])
     recipe._path = path.resolve()
-    found = _check_recipe(recipe, doc)
-    for problem in found:  # problems of personas keep their own file; the recipe's own use the given path
-        if problem.file == str(path.resolve()):
-            object.__setattr__(problem, "file", str(path))
-    return found
+    return _check_recipe(recipe, doc)
+
+
+def _salvaged_problems(doc: _Document, schema_problems: list[Problem]) -> list[Problem]:
+    """Semantic problems of the parts of a recipe that did parse, so one run reports everything."""
+    data = dict(doc.data)
+    indexed: list[tuple[int, SourceSpec]] = []
+    for i, item in enumerate(data.get("sources") or []):
+        try:
+            indexed.append((i, SourceSpec.model_validate(item)))
+        except ValidationError:
+            continue
+    fields = set(Recipe.model_fields)
+    kept = {}
+    for key, value in data.items():
+        if key not in fields or key == "sources":
+            continue
+        try:
+            Recipe.model_validate({"recipe": "x", "sources": [], **kept, key: value})
+        except ValidationError:
+            continue
+        kept[key] = value
+    try:
+        recipe = Recipe.model_validate({"recipe": "salvaged", **kept, "sources": [s for _, s in indexed]})
+    except ValidationError:
+        return []
+    recipe._path = doc.path.resolve()
+    already = {(p.line, p.message) for p in schema_problems}
+    found = _check_recipe(recipe, doc, indexed)
+    if len(indexed) < len(data.get("sources") or []):  # a dropped source may be the missing user_turn
+        found = [p for p in found if not p.message.startswith("no user_turn source")]
+    return [p for p in found if (p.line, p.message) not in already]

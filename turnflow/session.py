@@ -19,8 +19,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from turnflow.backend import Backend, open_backend
+from turnflow.backend import Backend, Capabilities, open_backend
 from turnflow.cache import CompositionCache, Event
+from turnflow.dataflows.turn import TierViolationError
 from turnflow.driver import build_driver, collect_node_timings, stop_collecting
 from turnflow.nodes.llm import BackendError, ChatReply
 from turnflow.nodes.prompt import Prompt
@@ -55,10 +56,14 @@ class Session:
         backend: str | None = None,
         state_dir: str | Path | None = None,
         strict: bool = False,
+        assembly: str = "stable_first",
         warn: Callable[[str], None] | None = None,
     ):
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         self.strict = strict
+        if assembly not in ("stable_first", "naive"):
+            raise ValueError(f"assembly {assembly!r}: use 'stable_first' or 'naive' (the benchmark baseline)")
+        self.assembly = assembly
         self._warn = warn or (lambda message: print(message, file=sys.stderr))
         root = Path(state_dir) if state_dir else home()
         self.store = ConversationStore(root / "rooms.sqlite3")
@@ -131,9 +136,38 @@ class Session:
 
     # -- turns
 
-    def driver(self) -> Any:
-        """The built Hamilton driver for this recipe and the backend's capability profile."""
-        return build_driver(self.recipe, self.backend.capabilities.profile)
+    def driver(self, *, connect: bool = True) -> Any:
+        """The built Hamilton driver for this recipe and the backend's capability profile.
+
+        Without `connect`, a backend not yet connected is assumed text-only (enough to assemble prompts).
+        """
+        caps = self.backend.capabilities if connect or self._backend else Capabilities()
+        return build_driver(self.recipe, {**caps.profile, "assembly": self.assembly})
+
+    def _inputs(self, persona: str, room: str, text: str, speaker: str) -> dict[str, Any]:
+        """The DAG inputs of one turn (the room as it is now)."""
+        self.cache.begin_turn()
+        room_state = self.store.room(room)
+        return {
+            "persona_id": persona,
+            "persona": self.persona(persona),
+            "recipe": self.recipe,
+            "room_id": room,
+            "room_state": room_state,
+            "turn": room_state.last_turn + 1,
+            "now": datetime.now(UTC),
+            "speaker": speaker,
+            "text_in": text,
+            "strict": self.strict,
+            "store": self.store,
+            "composition_cache": self.cache if self.assembly == "stable_first" else None,
+        }
+
+    def preview(self, *, persona: str, room: str = "default", text: str, speaker: str = "user") -> Prompt:
+        """The prompt this turn would send, assembled without calling (or starting) the model server."""
+        return self.driver(connect=False).execute(["prompt"], inputs=self._inputs(persona, room, text, speaker))[
+            "prompt"
+        ]
 
     def turn(
         self,
@@ -153,30 +187,17 @@ class Session:
         dr = self.driver()
         started = time.perf_counter()
         setup_ms = (started - setup_started) * 1000
-        self.cache.begin_turn()
-        room_state = self.store.room(room)
-        turn_no = room_state.last_turn + 1
-        inputs = {
-            "persona_id": persona,
-            "persona": persona_model,
-            "recipe": self.recipe,
-            "room_id": room,
-            "room_state": room_state,
-            "turn": turn_no,
-            "now": datetime.now(UTC),
-            "speaker": speaker,
-            "text_in": text,
-            "strict": self.strict,
-            "backend": backend,
-            "store": self.store,
-            "composition_cache": self.cache,
-            "on_text": on_text,
-        }
+        inputs = {**self._inputs(persona, room, text, speaker), "backend": backend, "on_text": on_text}
+        turn_no = inputs["turn"]
         timings, token = collect_node_timings()
         try:
             outputs = dr.execute(["turn_report", "prompt", "reply"], inputs=inputs)
-        except BackendError as exc:
+        except (BackendError, TierViolationError) as exc:
             raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
+        except Exception as exc:  # a user's source raised, or a node failed: the turn fails, the room stays intact
+            raise TurnError(
+                f"turn {turn_no} in room {room!r} failed; history unchanged: {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             stop_collecting(token)
         report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]

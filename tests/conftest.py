@@ -1,0 +1,57 @@
+"""Shared fixtures: a throw-away turnflow home per test module, and a real embedded llama-server in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from turnflow.recipe import default_backends_path, load_backends
+from turnflow.server import EmbeddedServer, ServerError, llama_server_binary
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPE = REPO / "recipes" / "voice-chat.yaml"
+
+
+def llama_server_or_skip() -> str:
+    """The llama-server binary, or a visible skip when the `server` extra is not installed."""
+    try:
+        return llama_server_binary()
+    except ServerError as exc:
+        pytest.skip(f"needs the embedded llama-server: {exc}")
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A fresh TURNFLOW_HOME for the module; every embedded server started in it is stopped afterwards."""
+    path = tmp_path_factory.mktemp("turnflow-home")
+    previous = os.environ.get("TURNFLOW_HOME")
+    os.environ["TURNFLOW_HOME"] = str(path)
+    try:
+        yield path
+    finally:
+        for name, spec in load_backends(default_backends_path()).items():
+            if spec.kind == "embedded":
+                EmbeddedServer(name, spec).down()
+        if previous is None:
+            os.environ.pop("TURNFLOW_HOME", None)
+        else:
+            os.environ["TURNFLOW_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def local_url(home: Path) -> str:
+    """URL of the embedded `local` backend (text-only tiny model), started for this module."""
+    llama_server_or_skip()
+    spec = load_backends(default_backends_path())["local"]
+    return EmbeddedServer("local", spec).up()
+
+
+def copy_recipe_folder(tmp_path: Path) -> Path:
+    """A private copy of the example recipes, to edit in a test; returns the recipe's path."""
+    target = tmp_path / "recipes"
+    shutil.copytree(REPO / "recipes", target, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    return target / "voice-chat.yaml"
