@@ -129,15 +129,16 @@ class CompositionCache:
 
     # -- entries
 
-    def key(self, recipe_id: str, source: str, key_values: dict[str, Any]) -> str:
+    def key(self, recipe_id: str, recipe_digest: str, source: str, key_values: dict[str, Any]) -> str:
         """The entry key for a source under its declared key values and the epochs of their scopes."""
         scopes = {f"recipe:{recipe_id}"}
         for field in key_values:
             for scope in _SCOPES_OF_KEY.get(field, ()):
-                scopes.add(f"{scope}:{key_values[_SCOPE_VALUE_FIELD[scope]]}" if _SCOPE_VALUE_FIELD[scope] in
-                           key_values else f"{scope}:*")
+                scopes.add(f"{scope}:{key_values.get(_SCOPE_VALUE_FIELD[scope], '*')}")
         epochs = {scope: self._epoch(scope) for scope in sorted(scopes)}
-        blob = canonical_json({"recipe": recipe_id, "source": source, "key": key_values, "epochs": epochs})
+        blob = canonical_json(
+            {"recipe": [recipe_id, recipe_digest], "source": source, "key": key_values, "epochs": epochs}
+        )
         return "entry:" + fingerprint(blob)
 
     def get(self, key: str) -> tuple[bool, Any]:

@@ -75,7 +75,6 @@ def make_source_node(recipe: Recipe, spec: SourceSpec) -> Callable[..., SourceOu
     impl_params = source_parameters(impl, spec)
     needs = [*spec.cache_key, "persona_id", "room_id", "composition_cache"]
     params = impl_params + [p for p in dict.fromkeys(needs) if p not in impl_params]
-    namespace = f"{recipe.recipe}@{recipe.digest[:16]}"
     ttl_s = recipe.cache.ttl_s
     user_defined = spec.fn is not None
 
@@ -85,7 +84,7 @@ def make_source_node(recipe: Recipe, spec: SourceSpec) -> Callable[..., SourceOu
             value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
             return SourceOutput(spec.name, spec.tier, value, "off", user_defined)
         key_values = {k: kwargs[k] for k in spec.cache_key}
-        key = cache.key(namespace, spec.name, key_values) if spec.cached else None
+        key = cache.key(recipe.recipe, recipe.digest, spec.name, key_values) if spec.cached else None
         if key is not None:
             hit, value = cache.get(key)
             if hit:

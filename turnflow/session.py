@@ -144,7 +144,7 @@ class Session:
         caps = self.backend.capabilities if connect or self._backend else Capabilities()
         return build_driver(self.recipe, {**caps.profile, "assembly": self.assembly})
 
-    def _inputs(self, persona: str, room: str, text: str, speaker: str) -> dict[str, Any]:
+    def _inputs(self, persona: str, room: str, text: str, speaker: str, now: datetime | None) -> dict[str, Any]:
         """The DAG inputs of one turn (the room as it is now)."""
         self.cache.begin_turn()
         room_state = self.store.room(room)
@@ -155,7 +155,7 @@ class Session:
             "room_id": room,
             "room_state": room_state,
             "turn": room_state.last_turn + 1,
-            "now": datetime.now(UTC),
+            "now": now or datetime.now(UTC),
             "speaker": speaker,
             "text_in": text,
             "strict": self.strict,
@@ -163,11 +163,12 @@ class Session:
             "composition_cache": self.cache if self.assembly == "stable_first" else None,
         }
 
-    def preview(self, *, persona: str, room: str = "default", text: str, speaker: str = "user") -> Prompt:
+    def preview(
+        self, *, persona: str, room: str = "default", text: str, speaker: str = "user", now: datetime | None = None
+    ) -> Prompt:
         """The prompt this turn would send, assembled without calling (or starting) the model server."""
-        return self.driver(connect=False).execute(["prompt"], inputs=self._inputs(persona, room, text, speaker))[
-            "prompt"
-        ]
+        inputs = self._inputs(persona, room, text, speaker, now)
+        return self.driver(connect=False).execute(["prompt"], inputs=inputs)["prompt"]
 
     def turn(
         self,
@@ -177,6 +178,7 @@ class Session:
         text: str | None = None,
         speaker: str = "user",
         on_text: Callable[[str], None] | None = None,
+        now: datetime | None = None,
     ) -> TurnResult:
         """Run one turn: `speaker` says `text` to `persona` in `room`; returns the reply and the report."""
         if text is None:
@@ -187,7 +189,7 @@ class Session:
         dr = self.driver()
         started = time.perf_counter()
         setup_ms = (started - setup_started) * 1000
-        inputs = {**self._inputs(persona, room, text, speaker), "backend": backend, "on_text": on_text}
+        inputs = {**self._inputs(persona, room, text, speaker, now), "backend": backend, "on_text": on_text}
         turn_no = inputs["turn"]
         timings, token = collect_node_timings()
         try:
