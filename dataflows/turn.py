@@ -6,7 +6,6 @@ The recipe adds one node per source between `user_content` and `prompt` (see `tu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import zlib
 from datetime import datetime
 from typing import Any
@@ -106,9 +105,9 @@ def slot__pinned(persona_id: str, backend: Backend, store: ConversationStore) ->
 
 
 def reply_stream(
-    prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, on_text: Callable[[str], None] | None
+    prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, on_text: Any
 ) -> ReplyStream:
-    """The streamed chat completion on the persona's slot, with prompt caching on."""
+    """The streamed chat completion on the persona's slot, with prompt caching on; `on_text` sees each delta."""
     generation = recipe.generation
     stream = backend.client.stream(
         prompt.messages,

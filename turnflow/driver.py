@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,9 @@ from turnflow.cache import CompositionCache, Violation
 from turnflow.dataflows import turn as turn_dataflow
 from turnflow.nodes.prompt import SourceOutput, canonical_text
 from turnflow.recipe import Recipe, SourceSpec, resolve_source_fn, source_parameters
+
+# A failed turn is reported once, as a TurnError; Hamilton's own error banner is for its logs, not stderr.
+logging.getLogger("hamilton").addHandler(logging.NullHandler())
 
 #: Node timings of the turn running in this context (the driver is shared, the turn is not).
 _node_timings: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar("node_timings", default=None)
