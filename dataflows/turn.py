@@ -1,7 +1,7 @@
 """The turn DAG's fixed nodes: room state in, stable-first prompt, pinned slot, streamed reply, report out.
 
 The recipe adds one node per source between `user_content` and `prompt` (see `turnflow.driver`);
-`sections` collects them. Parameter names are the edges.
+`sections` collects them; the voice nodes (`dataflows/voice.py`) hear and speak. Parameter names are the edges.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from hamilton.function_modifiers import config
 from turnflow.backend import Backend
 from turnflow.nodes.llm import ChatReply, ReplyStream
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
-from turnflow.nodes.text import neutralise_control_tokens
+from turnflow.nodes.speech import SpokenReply
 from turnflow.recipe import Persona, Recipe
-from turnflow.store import ConversationStore, Participant, RoomState, StoredMessage, UserContent
+from turnflow.store import ConversationStore, Participant, RoomState, StoredMessage
 
 
 class TierViolationError(RuntimeError):
@@ -52,11 +52,6 @@ def participants_version(room_state: RoomState) -> str:
 def history_tail_msg_ids(room_state: RoomState) -> str:
     """Ids of the newest messages: changes whenever the history grows."""
     return room_state.history_tail_msg_ids
-
-
-def user_content(text_in: str) -> UserContent:
-    """What the speaker said, with chat-template control tokens defused."""
-    return UserContent(text=neutralise_control_tokens(text_in))
 
 
 @config.when_not(assembly="naive")
@@ -105,24 +100,23 @@ def slot__pinned(persona_id: str, backend: Backend, store: ConversationStore) ->
 
 
 def reply_stream(
-    prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, on_text: Any
+    prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
+    audio_sink: Any, on_text: Any,
 ) -> ReplyStream:
     """The streamed chat completion on the persona's slot, with prompt caching on; `on_text` sees each delta."""
     generation = recipe.generation
+    speaks = route_audio_out == "native" and audio_sink is not None
     stream = backend.client.stream(
         prompt.messages,
         max_tokens=generation.max_tokens,
         temperature=generation.temperature,
         seed=generation.seed,
         id_slot=slot,
+        audio_out={"voice": persona.voice.tts.voice, "format": "pcm16"} if speaks else None,
+        extra=backend.spec.request_defaults,
     )
     stream.on_delta = on_text
     return stream
-
-
-def reply(reply_stream: ReplyStream) -> ChatReply:
-    """The finished reply, read as it streams."""
-    return reply_stream.drain()
 
 
 def turn_report(
@@ -132,12 +126,16 @@ def turn_report(
     now: datetime,
     prompt: Prompt,
     reply: ChatReply,
+    speech: SpokenReply,
+    transcript: str | None,
+    audio_route_in: str,
     slot: int | None,
     backend: Backend,
     composition_cache_stats: dict[str, Any],
     tier_violations: list[dict[str, str]],
 ) -> dict[str, Any]:
     """Everything measured about this turn (the session adds total timings)."""
+    spoken = speech.audio
     return {
         "persona": persona_id,
         "room": room_id,
@@ -161,8 +159,19 @@ def turn_report(
             "finish_reason": reply.finish_reason,
             "ttft_ms": _round(reply.ttft_ms),
         },
-        "route": {"audio_in": "none", "audio_out": "none"},
-        "invocations": {"stt": 0, "tts": 0, "llm": 1},
+        "route": {"audio_in": audio_route_in, "audio_out": speech.route},
+        "invocations": {
+            "stt": int(transcript is not None),
+            "tts": len(speech.sentences) if speech.route == "tts" else 0,
+            "llm": 1,
+        },
+        "transcript": transcript,
+        "speech": {
+            "sentences": len(speech.sentences),
+            "audio_s": round(spoken.duration_s, 3) if spoken else 0.0,
+            "first_audio_ms": _round(speech.first_audio_ms),
+            "tts_ttfb_ms": _round(speech.tts_ttfb_ms),
+        },
         "composition_cache": composition_cache_stats,
         "tier_violations": tier_violations,
         "reply": reply.text,

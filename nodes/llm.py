@@ -20,6 +20,14 @@ class BackendError(RuntimeError):
     """The model server could not produce the reply; the message says what happened and where."""
 
 
+@dataclass(frozen=True)
+class Delta:
+    """One streamed piece of the reply: text, and/or base64 PCM16 audio from a model that speaks."""
+
+    text: str = ""
+    audio_b64: str = ""
+
+
 @dataclass
 class ChatReply:
     """The finished reply and what the server measured about it."""
@@ -34,7 +42,6 @@ class ChatReply:
     total_ms: float = 0.0
     server_timings: dict[str, Any] = field(default_factory=dict)
     audio_b64: list[str] = field(default_factory=list)
-    audio_transcript: str = ""
 
 
 def api_base(url: str) -> str:
@@ -86,9 +93,13 @@ class ChatClient:
         seed: int | None = None,
         id_slot: int | None = None,
         lora: list[dict[str, Any]] | None = None,
+        audio_out: dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> ReplyStream:
-        """A reply stream; the request starts when iteration does."""
+        """A reply stream; the request starts when iteration does.
+
+        `audio_out` (e.g. `{"voice": "alloy", "format": "pcm16"}`) asks a model that speaks for audio too.
+        """
         body: dict[str, Any] = {
             "messages": messages,
             "stream": True,
@@ -105,12 +116,15 @@ class ChatClient:
             body["cache_prompt"] = True
         if lora is not None:
             body["lora"] = lora
+        if audio_out is not None:
+            body["modalities"] = ["text", "audio"]
+            body["audio"] = audio_out
         body.update(extra or {})
         return ReplyStream(self, body)
 
 
 class ReplyStream:
-    """Text deltas as the model produces them; `.reply` holds the finished reply once iteration ends."""
+    """Deltas as the model produces them; `.reply` holds the finished reply once iteration ends."""
 
     def __init__(self, client: ChatClient, body: dict[str, Any]):
         self._client = client
@@ -120,7 +134,7 @@ class ReplyStream:
         self._done = False
         self.on_delta: Callable[[str], None] | None = None
 
-    def __iter__(self) -> Iterator[str]:
+    def __iter__(self) -> Iterator[Delta]:
         if self._done:
             raise RuntimeError("a reply stream can be read once")
         self._done = True
@@ -132,7 +146,7 @@ class ReplyStream:
             pass
         return self.reply
 
-    def _run(self) -> Iterator[str]:
+    def _run(self) -> Iterator[Delta]:
         client, reply = self._client, self.reply
         self.started_at = start = time.perf_counter()
         parts: list[str] = []
@@ -154,12 +168,12 @@ class ReplyStream:
                     if "error" in chunk:
                         raise BackendError(f"the model server at {client.url} failed mid-reply: {chunk['error']}")
                     delta = self._absorb(chunk)
-                    if delta:
+                    if delta.text or delta.audio_b64:
                         if reply.ttft_ms is None:
                             reply.ttft_ms = (time.perf_counter() - start) * 1000
-                        parts.append(delta)
-                        if self.on_delta:
-                            self.on_delta(delta)
+                        parts.append(delta.text)
+                        if self.on_delta and delta.text:
+                            self.on_delta(delta.text)
                         yield delta
         except httpx.HTTPError as exc:
             raise BackendError(
@@ -173,16 +187,19 @@ class ReplyStream:
         if reply.finish_reason is None:
             raise BackendError(f"the model server at {client.url} ended the reply without finishing it")
 
-    def _absorb(self, chunk: dict[str, Any]) -> str:
+    def _absorb(self, chunk: dict[str, Any]) -> Delta:
         reply = self.reply
         delta_text = ""
+        delta_audio = ""
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
             delta_text += delta.get("content") or ""
             audio = delta.get("audio") or {}
             if audio.get("data"):
                 reply.audio_b64.append(audio["data"])
-            reply.audio_transcript += audio.get("transcript") or ""
+                delta_audio += audio["data"]
+            # a model that speaks streams its words as the audio's transcript
+            delta_text += audio.get("transcript") or ""
             if choice.get("finish_reason"):
                 reply.finish_reason = choice["finish_reason"]
         timings = chunk.get("timings")
@@ -200,7 +217,7 @@ class ReplyStream:
             if reply.prompt_tokens_cached is None and cached is not None:
                 reply.prompt_tokens_cached = cached
                 reply.prompt_tokens_processed = usage.get("prompt_tokens", 0) - cached
-        return delta_text
+        return Delta(delta_text, delta_audio)
 
 
 def _why(exc: httpx.HTTPError) -> str:

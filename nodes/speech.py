@@ -13,12 +13,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit
 
 import httpx
+import numpy as np
 
 from .media import Audio, AudioError, load_audio
 
@@ -386,3 +387,58 @@ class SentenceSplitter:
         letters = word.split(".")[:-1]
         # Initials and dotted abbreviations: "J.", "e.g.", "i.e.", "U.S.", "a.m."
         return bool(letters) and all(len(letter) == 1 and letter.isalpha() for letter in letters)
+
+
+class SpeechBridges:
+    """The recipe's STT and TTS bridges, made on first use (pocketsphinx takes a moment to load)."""
+
+    def __init__(self, stt: str | dict[str, Any], tts: str | dict[str, Any]) -> None:
+        self._stt_spec, self._tts_spec = stt, tts
+        self._stt: Stt | None = None
+        self._tts: Tts | None = None
+
+    @property
+    def stt(self) -> Stt:
+        """The STT bridge."""
+        if self._stt is None:
+            self._stt = make_stt(self._stt_spec)
+        return self._stt
+
+    @property
+    def tts(self) -> Tts:
+        """The TTS bridge."""
+        if self._tts is None:
+            self._tts = make_tts(self._tts_spec)
+        return self._tts
+
+
+@dataclass
+class SpokenReply:
+    """The reply's audio as it was produced, with when each part became ready."""
+
+    route: str
+    chunks: list[Audio] = field(default_factory=list)
+    sentences: list[str] = field(default_factory=list)
+    first_audio_ms: float | None = None
+    tts_ttfb_ms: float | None = None
+
+    def add(self, audio: Audio, sentence: str, *, asked: float | None, turn_started: float, sink: Any) -> None:
+        """Record one chunk of reply audio and hand it to the sink at once."""
+        now = time.perf_counter()
+        if self.first_audio_ms is None:
+            self.first_audio_ms = (now - turn_started) * 1000
+            if asked is not None:
+                self.tts_ttfb_ms = (now - asked) * 1000
+        self.chunks.append(audio)
+        if sentence:
+            self.sentences.append(sentence)
+        if sink is not None:
+            sink(audio)
+
+    @property
+    def audio(self) -> Audio | None:
+        """The whole reply audio, at the first chunk's rate."""
+        if not self.chunks:
+            return None
+        rate = self.chunks[0].sample_rate
+        return Audio(np.concatenate([c.resampled(rate).samples for c in self.chunks]), rate)

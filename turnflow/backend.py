@@ -31,9 +31,8 @@ class Capabilities:
     def profile(self) -> dict[str, str]:
         """The part that shapes the DAG (Hamilton config): which branches the turn takes."""
         return {
-            "audio_in": "native" if self.audio_in else "stt",
-            "audio_out": "native" if self.audio_out else "tts",
-            "images_in": "native" if self.vision else "describe",
+            "route_audio_in": "native" if self.audio_in else "stt",
+            "route_audio_out": "native" if self.audio_out else "tts",
         }
 
 

@@ -1,4 +1,4 @@
-"""The `turnflow` command: validate, render, run, server.
+"""The `turnflow` command: validate, render, run, server, bench.
 
 Errors are for people: a bad recipe prints `FILE:LINE: message` lines and exits 1, a failed turn prints
 one line saying what happened and that the history is unchanged, never a traceback.
@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from turnflow.nodes.media import AudioError
 from turnflow.recipe import RecipeError, backends_for, load_recipe, validate_paths
 
 
@@ -45,9 +46,6 @@ def _profile(args: argparse.Namespace) -> dict[str, str]:
 def _cmd_run(args: argparse.Namespace) -> int:
     from turnflow.session import Session, TurnError
 
-    if args.audio:
-        print("turnflow: --audio needs the voice path (not available in this build); use --text", file=sys.stderr)
-        return 2
     with Session(args.recipe, backend=args.backend, strict=args.strict) as session:
         streamed = not args.json and sys.stdout.isatty()
 
@@ -60,12 +58,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 persona=args.persona,
                 room=args.room,
                 text=args.text,
+                audio=args.audio,
                 speaker=args.speaker,
+                out=args.out,
                 on_text=show if streamed else None,
             )
         except TurnError as exc:
             print(f"turnflow: {exc}", file=sys.stderr)
             return 3
+        except AudioError as exc:
+            print(f"turnflow: audio refused, history unchanged: {exc}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(result.report, indent=2, ensure_ascii=False))
         return 0
@@ -74,6 +77,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print()
     print(summary_line(result.report))
+    if args.out:
+        print(f"wrote {args.out} ({result.report['speech']['audio_s']:.1f} s of speech)")
     return 0
 
 
@@ -83,6 +88,12 @@ def summary_line(report: dict[str, Any]) -> str:
     cache = report["composition_cache"]
     timings = report.get("timings_ms", {})
     violations = len(report.get("tier_violations") or [])
+    route = report.get("route", {})
+    voice = ""
+    if route.get("audio_in", "none") != "none" or route.get("audio_out", "none") != "none":
+        first = timings.get("first_audio")
+        voice = (f" | audio in {route['audio_in']}, out {route['audio_out']}"
+                 + (f", first audio {first:.0f} ms" if first is not None else ""))
     return (
         f"[turn {report['turn']} {report['persona']}@{report['room']}] "
         f"prompt {llm['prompt_tokens']} tok: processed {llm['prompt_tokens_processed']}, "
@@ -90,6 +101,7 @@ def summary_line(report: dict[str, Any]) -> str:
         f"invariant {report['prefix']['invariant_sha256'][:12]} | "
         f"cache {cache['hits']}/{cache['hits'] + cache['misses']} hits | "
         f"{timings.get('total', 0):.0f} ms (turnflow {timings.get('turnflow', 0):.1f} ms)"
+        + voice
         + (f" | {violations} tier violation(s)" if violations else "")
     )
 
@@ -135,6 +147,25 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from turnflow.bench import BenchOptions, console_report, run_bench
+
+    options = BenchOptions.preset(
+        quick=args.quick,
+        personas=args.personas,
+        turns=args.turns,
+        prompt_tokens=args.prompt_tokens,
+        out=Path(args.out) if args.out else None,
+        backend_url=args.backend,
+        model=args.model,
+        audio=False if args.no_audio else None,
+        room_per_persona=args.room_per_persona or None,
+    )
+    summary = run_bench(options)
+    print(summary.model_dump_json(indent=2) if args.json else console_report(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="turnflow", description=__doc__.split("\n")[0])
@@ -173,6 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--backend", help="which embedded backend (default: local for up, all for down/status)")
     server.add_argument("--recipe", help="use the backends beside this recipe")
     server.set_defaults(fn=_cmd_server)
+
+    bench = sub.add_parser("bench", help="turnflow against a naive pipeline, same conversation, same model server")
+    bench.add_argument("--quick", action="store_true", help="3 personas, ~4k-token prompts, 5 turns each")
+    bench.add_argument("--personas", type=int, help="personas in the room (default 6)")
+    bench.add_argument("--turns", type=int, help="turns per persona (default 20)")
+    bench.add_argument("--prompt-tokens", type=int, help="prompt size at a persona's first turn (default 14000)")
+    bench.add_argument("--out", help="output folder (default bench-runs/<timestamp>/)")
+    bench.add_argument("--json", action="store_true", help="print the summary as JSON")
+    bench.add_argument("--backend", metavar="URL", help="use this OpenAI-compatible server instead of an embedded one")
+    bench.add_argument("--model", help="embedded model: bench (default), tiny, or a GGUF file")
+    bench.add_argument("--no-audio", action="store_true", help="text turns only")
+    bench.add_argument("--room-per-persona", action="store_true", help="each persona in its own room")
+    bench.set_defaults(fn=_cmd_bench)
     return parser
 
 

@@ -21,6 +21,7 @@ from hamilton.lifecycle import api as lifecycle
 
 from turnflow.cache import CompositionCache, Violation
 from turnflow.dataflows import turn as turn_dataflow
+from turnflow.dataflows import voice as voice_dataflow
 from turnflow.nodes.prompt import SourceOutput, canonical_text
 from turnflow.recipe import Recipe, SourceSpec, resolve_source_fn, source_parameters
 
@@ -161,7 +162,7 @@ def build_driver(recipe: Recipe, profile: dict[str, str]) -> driver.Driver:
     )
     built = (
         driver.Builder()
-        .with_modules(turn_dataflow, module)
+        .with_modules(turn_dataflow, voice_dataflow, module)
         .with_config(dict(profile))
         .with_adapters(NodeTimer())
         .build()

@@ -121,6 +121,21 @@ class GenerationSpec(_Strict):
     seed: int | None = None
 
 
+class MediaSpec(_Strict):
+    """Limits and clean-up for incoming audio."""
+
+    max_audio_s: float = Field(default=60.0, gt=0)
+    trim_silence: bool = True
+
+
+class RoutingSpec(_Strict):
+    """Which persona answers in a shared room: the one named in the utterance, else the last one addressed."""
+
+    rule: Literal["named_else_last"] = "named_else_last"
+    default: str | None = None
+    end_of_turn_silence_ms: int = Field(default=700, ge=100)
+
+
 class Recipe(_Strict):
     """One kind of turn."""
 
@@ -135,6 +150,8 @@ class Recipe(_Strict):
     cache: CacheSpec = CacheSpec()
     budget: BudgetSpec = BudgetSpec()
     generation: GenerationSpec = GenerationSpec()
+    media: MediaSpec = MediaSpec()
+    routing: RoutingSpec = RoutingSpec()
 
     _path: Path | None = PrivateAttr(default=None)
     _digest: str = PrivateAttr(default="")
@@ -237,6 +254,7 @@ class BackendSpec(_Strict):
     lora: tuple[str, ...] = ()
     extra_args: tuple[str, ...] = ()
     capabilities: dict[str, bool] = Field(default_factory=dict)
+    request_defaults: dict[str, Any] = Field(default_factory=dict)
 
 
 class BackendsFile(_Strict):

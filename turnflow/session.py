@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,10 @@ from turnflow.cache import CompositionCache, Event
 from turnflow.dataflows.turn import TierViolationError
 from turnflow.driver import build_driver, collect_node_timings, stop_collecting
 from turnflow.nodes.llm import BackendError, ChatReply
+from turnflow.nodes.media import Audio, AudioError
 from turnflow.nodes.prompt import Prompt
+from turnflow.nodes.publish import WavSink
+from turnflow.nodes.speech import SpeechBridges
 from turnflow.nodes.text import neutralise_control_tokens
 from turnflow.paths import home
 from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
@@ -43,7 +46,7 @@ class TurnResult:
     report: dict[str, Any]
     prompt: Prompt
     llm: ChatReply
-    extras: dict[str, Any] = field(default_factory=dict)
+    audio: Audio | None = None
 
 
 class Session:
@@ -75,6 +78,7 @@ class Session:
         self._backend_spec = backends[self.backend_name]
         self._backend: Backend | None = None
         self._personas: dict[str, Persona] = {}
+        self.bridges = SpeechBridges(self.recipe.speech.stt, self.recipe.speech.tts)
         recipe_id = self.recipe.recipe
         self._publish_if_changed(f"recipe:{recipe_id}", self.recipe.digest, Event.recipe_changed(recipe_id))
 
@@ -144,7 +148,9 @@ class Session:
         caps = self.backend.capabilities if connect or self._backend else Capabilities()
         return build_driver(self.recipe, {**caps.profile, "assembly": self.assembly})
 
-    def _inputs(self, persona: str, room: str, text: str, speaker: str, now: datetime | None) -> dict[str, Any]:
+    def _inputs(
+        self, persona: str, room: str, text: str | None, speaker: str, now: datetime | None, audio: Any = None
+    ) -> dict[str, Any]:
         """The DAG inputs of one turn (the room as it is now)."""
         self.cache.begin_turn()
         room_state = self.store.room(room)
@@ -158,9 +164,11 @@ class Session:
             "now": now or datetime.now(UTC),
             "speaker": speaker,
             "text_in": text,
+            "audio_in": audio,
             "strict": self.strict,
             "store": self.store,
             "composition_cache": self.cache if self.assembly == "stable_first" else None,
+            "speech_bridges": self.bridges,
         }
 
     def preview(
@@ -176,24 +184,42 @@ class Session:
         persona: str,
         room: str = "default",
         text: str | None = None,
+        audio: Any = None,
         speaker: str = "user",
+        out: str | Path | None = None,
+        audio_sink: Callable[[Audio], None] | None = None,
         on_text: Callable[[str], None] | None = None,
         now: datetime | None = None,
     ) -> TurnResult:
-        """Run one turn: `speaker` says `text` to `persona` in `room`; returns the reply and the report."""
-        if text is None:
-            raise ValueError("a turn needs text= (what the speaker said)")
+        """Run one turn: `speaker` says `text` or `audio` to `persona` in `room`.
+
+        `audio` is a WAV path, WAV/PCM bytes, a numpy array, an `Audio`, or an OpenAI `input_audio` dict
+        (`{"data": base64, "format": "wav"}`). The reply is spoken when `out` (a WAV file) or `audio_sink`
+        (called with each chunk of reply audio as soon as it exists) is given. Bad audio raises `AudioError`;
+        a failed turn raises `TurnError`. Either way the room's history is unchanged.
+        """
+        if text is None and audio is None:
+            raise ValueError("a turn needs text= or audio= (what the speaker said)")
         setup_started = time.perf_counter()
         persona_model = self.persona(persona)
         backend = self.backend
         dr = self.driver()
         started = time.perf_counter()
         setup_ms = (started - setup_started) * 1000
-        inputs = {**self._inputs(persona, room, text, speaker, now), "backend": backend, "on_text": on_text}
+        sink, wav = _audio_sink(out, audio_sink)
+        inputs = {
+            **self._inputs(persona, room, text, speaker, now, audio),
+            "backend": backend,
+            "on_text": on_text,
+            "audio_sink": sink,
+            "turn_started": started,
+        }
         turn_no = inputs["turn"]
         timings, token = collect_node_timings()
         try:
-            outputs = dr.execute(["turn_report", "prompt", "reply"], inputs=inputs)
+            outputs = dr.execute(["turn_report", "prompt", "reply", "speech", "user_content"], inputs=inputs)
+        except AudioError:
+            raise
         except (BackendError, TierViolationError) as exc:
             raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
         except Exception as exc:  # a user's source raised, or a node failed: the turn fails, the room stays intact
@@ -202,22 +228,54 @@ class Session:
             ) from exc
         finally:
             stop_collecting(token)
+            if wav is not None:
+                wav.close()
         report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]
         speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
         persona_who = Participant(persona, "persona", persona_model.name)
-        user_message = prompt.user_message
+        said = outputs["user_content"].transcript or text or ("[voice message]" if audio is not None else "")
         self.store.commit_turn(
-            room, turn_no, speaker_who, user_message["content"], text, persona_who, reply.text
+            room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, reply.text
         )
         for violation in report["tier_violations"]:
             self._warn(f"turnflow: tier violation in {persona}/{room} turn {turn_no}: {violation['message']}")
-        model_ms = timings.get("reply", 0.0)
+        # the model stream is read (and spoken) inside `speech`; STT runs in `transcript`: not turnflow's own work
+        external_ms = timings.get("speech", 0.0) + timings.get("transcript", 0.0)
         total_ms = (time.perf_counter() - started) * 1000
+        speech = outputs["speech"]
         report["timings_ms"] = {
             "total": round(total_ms, 2),
-            "model": round(model_ms, 2),
-            "turnflow": round(total_ms - model_ms, 2),
+            "first_audio": report["speech"]["first_audio_ms"],
+            "model": round(reply.total_ms, 2),
+            "stt": round(timings.get("transcript", 0.0), 2),
+            "speech": round(timings.get("speech", 0.0), 2),
+            "turnflow": round(total_ms - external_ms, 2),
             "setup": round(setup_ms, 2),
             "nodes": {name: round(ms, 3) for name, ms in timings.items()},
         }
-        return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply)
+        report["metrics"] = {  # LiveKit Agents' names, in seconds
+            "ttft": _seconds(reply.ttft_ms),
+            "tts_ttfb": _seconds(speech.tts_ttfb_ms),
+            "e2e_latency": _seconds(speech.first_audio_ms),
+        }
+        return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=speech.audio)
+
+
+def _seconds(ms: float | None) -> float | None:
+    return None if ms is None else round(ms / 1000, 4)
+
+
+def _audio_sink(
+    out: str | Path | None, audio_sink: Callable[[Audio], None] | None
+) -> tuple[Callable[[Audio], None] | None, WavSink | None]:
+    """One callable that feeds the WAV file and the caller's sink; None when nobody listens."""
+    wav = WavSink(out) if out is not None else None
+    if wav is None:
+        return audio_sink, None
+
+    def both(audio: Audio) -> None:
+        wav.write(audio)
+        if audio_sink is not None:
+            audio_sink(audio)
+
+    return both, wav

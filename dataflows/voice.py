@@ -1,0 +1,131 @@
+"""The turn DAG's voice nodes: audio in, the hearing route, the speaking route.
+
+Routes are chosen when the driver is built, from what the backend reports it can do:
+
+- `route_audio_in=native`: the model hears; the speaker's audio goes in as an `input_audio` part, no STT.
+- `route_audio_in=stt`: a text-only model; the STT bridge transcribes the audio once.
+- `route_audio_out=native`: the model speaks; its audio deltas are played as they arrive, no TTS.
+- `route_audio_out=tts`: the TTS bridge speaks each sentence in the persona's voice as soon as the
+  sentence exists, while the model keeps generating.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from typing import Any
+
+import numpy as np
+from hamilton.function_modifiers import config
+
+from turnflow.nodes.llm import ChatReply, Delta, ReplyStream
+from turnflow.nodes.media import Audio, decode_input_audio, load_audio, normalise
+from turnflow.nodes.speech import SentenceSplitter, SpeechBridges, SpokenReply, TtsVoice
+from turnflow.nodes.text import neutralise_control_tokens
+from turnflow.recipe import Persona, Recipe
+from turnflow.store import UserContent
+
+#: Models that speak stream 24 kHz mono PCM16 (OpenAI's `pcm16` audio format).
+NATIVE_AUDIO_RATE = 24000
+
+
+def media(audio_in: Any, recipe: Recipe) -> Audio | None:
+    """The speaker's audio as mono 16 kHz float32 with silence trimmed; None for a text turn."""
+    if audio_in is None:
+        return None
+    limit = recipe.media.max_audio_s
+    if isinstance(audio_in, dict):  # an OpenAI input_audio part from a client
+        audio = decode_input_audio(str(audio_in.get("data", "")), str(audio_in.get("format", "")),
+                                   max_duration_s=limit)
+    elif isinstance(audio_in, Audio):
+        audio = audio_in
+    else:
+        audio = load_audio(audio_in, max_duration_s=limit)
+    return normalise(audio) if recipe.media.trim_silence else audio.resampled(16000)
+
+
+@config.when(route_audio_in="native")
+def transcript__native(media: Audio | None) -> str | None:
+    """No transcript: the model hears the audio itself."""
+    return None
+
+
+@config.when(route_audio_in="stt")
+def transcript__stt(media: Audio | None, speech_bridges: SpeechBridges) -> str | None:
+    """The STT bridge's transcript of the speaker's audio (None for a text turn)."""
+    return None if media is None else speech_bridges.stt.transcribe(media)
+
+
+@config.when(route_audio_in="native")
+def user_content__native(text_in: str | None, media: Audio | None) -> UserContent:
+    """What the speaker said: their audio as an `input_audio` part (plus any text), control tokens defused."""
+    text = neutralise_control_tokens(text_in or "")
+    if media is None:
+        return UserContent(text=text)
+    part = {"type": "input_audio",
+            "input_audio": {"data": base64.b64encode(media.to_wav_bytes()).decode(), "format": "wav"}}
+    return UserContent(text=text, parts=(part,))
+
+
+@config.when(route_audio_in="stt")
+def user_content__stt(text_in: str | None, transcript: str | None) -> UserContent:
+    """What the speaker said, as text: the transcript of their audio, or their text."""
+    text = transcript if transcript is not None else (text_in or "")
+    return UserContent(text=neutralise_control_tokens(text), transcript=transcript)
+
+
+def audio_route_in(media: Audio | None, route_audio_in: str) -> str:
+    """How the speaker's audio reached the model: native, stt, or none for a text turn."""
+    return "none" if media is None else route_audio_in
+
+
+def tts_voice(persona: Persona) -> TtsVoice:
+    """The persona's voice for the TTS bridge."""
+    tts = persona.voice.tts
+    return TtsVoice(voice=tts.voice, pitch=tts.pitch, rate_wpm=tts.rate_wpm, model=tts.model, speed=tts.speed)
+
+
+@config.when(route_audio_out="tts")
+def speech__tts(
+    reply_stream: ReplyStream, speech_bridges: SpeechBridges, tts_voice: TtsVoice, audio_sink: Any,
+    turn_started: float,
+) -> SpokenReply:
+    """The reply spoken sentence by sentence by the TTS bridge while the model keeps generating."""
+    spoken = SpokenReply(route="tts" if audio_sink is not None else "none")
+    splitter = SentenceSplitter()
+
+    def speak(sentences: list[str]) -> None:
+        for sentence in sentences:
+            asked = time.perf_counter()
+            audio = speech_bridges.tts.synthesize(sentence, tts_voice)
+            spoken.add(audio, sentence, asked=asked, turn_started=turn_started, sink=audio_sink)
+
+    for delta in reply_stream:
+        if audio_sink is not None and delta.text:
+            speak(splitter.feed(delta.text))
+    if audio_sink is not None:
+        speak(splitter.flush())
+    return spoken
+
+
+@config.when(route_audio_out="native")
+def speech__native(reply_stream: ReplyStream, audio_sink: Any, turn_started: float) -> SpokenReply:
+    """The model's own audio, played as it streams; no TTS."""
+    spoken = SpokenReply(route="native" if audio_sink is not None else "none")
+    for delta in reply_stream:
+        audio = _pcm16_delta(delta)
+        if audio is not None and audio_sink is not None:
+            spoken.add(audio, "", asked=None, turn_started=turn_started, sink=audio_sink)
+    return spoken
+
+
+def _pcm16_delta(delta: Delta) -> Audio | None:
+    if not delta.audio_b64:
+        return None
+    pcm = np.frombuffer(base64.b64decode(delta.audio_b64), dtype="<i2")
+    return Audio((pcm.astype(np.float32) / 32768.0), NATIVE_AUDIO_RATE) if pcm.size else None
+
+
+def reply(reply_stream: ReplyStream, speech: SpokenReply) -> ChatReply:
+    """The finished reply (read by the speech node as it streamed)."""
+    return reply_stream.reply
