@@ -1,0 +1,230 @@
+"""The voice path on real llama-servers: a model that hears gets the audio, a text-only one gets the STT bridge.
+
+Audio comes from espeak-ng; replies are spoken by the TTS bridge sentence by sentence. The model that
+*speaks* cannot run here, so that one path is tested against a stub server following OpenAI's documented
+streaming shape (`delta.audio.data` base64 PCM16 at 24 kHz, `delta.audio.transcript`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import statistics
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import RECIPE, copy_recipe_folder, llama_server_or_skip
+
+from turnflow.nodes.media import Audio, AudioError
+from turnflow.nodes.speech import EspeakTts, TtsVoice
+from turnflow.recipe import default_backends_path, load_backends
+from turnflow.server import EmbeddedServer
+from turnflow.session import Session
+
+pytestmark = pytest.mark.server
+
+QUESTIONS = [
+    "Maya, what is on the sprint board today?",
+    "Is anything blocked on the payments work?",
+    "Who is on call this week?",
+    "Please move the retro to Thursday.",
+    "How many tickets are still in review?",
+]
+
+
+@pytest.fixture(scope="module")
+def utterances(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Spoken questions as WAV files (espeak-ng), with a little silence around them."""
+    folder = tmp_path_factory.mktemp("speech")
+    tts = EspeakTts()
+    paths = []
+    for i, question in enumerate(QUESTIONS):
+        audio = tts.synthesize(question, TtsVoice("en-us+f3", rate_wpm=150))
+        pad = np.zeros(int(0.4 * audio.sample_rate), np.float32)
+        path = folder / f"q{i}.wav"
+        sf.write(path, np.concatenate([pad, audio.samples, pad]), audio.sample_rate)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def servers(home: Path) -> Iterator[None]:
+    """Both embedded backends, up for the module."""
+    llama_server_or_skip()
+    backends = load_backends(default_backends_path())
+    for name in ("local", "local-audio"):
+        EmbeddedServer(name, backends[name]).up()
+    yield
+
+
+def _twenty_audio_turns(backend: str, home: Path, utterances: list[Path]) -> list[dict[str, Any]]:
+    reports = []
+    with Session(RECIPE, backend=backend, state_dir=home / backend) as session:
+        for i in range(20):
+            chunks: list[Audio] = []
+            result = session.turn(persona="maya", room="voice", speaker="alice", audio=utterances[i % 5],
+                                  audio_sink=chunks.append)
+            assert chunks and result.audio is not None
+            reports.append(result.report)
+    return reports
+
+
+@pytest.fixture(scope="module")
+def native_reports(servers: None, home: Path, utterances: list[Path]) -> list[dict[str, Any]]:
+    """Twenty audio turns on the backend that hears."""
+    return _twenty_audio_turns("local-audio", home, utterances)
+
+
+@pytest.fixture(scope="module")
+def bridged_reports(servers: None, home: Path, utterances: list[Path]) -> list[dict[str, Any]]:
+    """Twenty audio turns on the text-only backend."""
+    return _twenty_audio_turns("local", home, utterances)
+
+
+def test_model_that_hears_gets_the_audio_and_no_stt(native_reports: list[dict[str, Any]]) -> None:
+    assert sum(r["invocations"]["stt"] for r in native_reports) == 0
+    assert {r["route"]["audio_in"] for r in native_reports} == {"native"}
+    assert all(r["transcript"] is None for r in native_reports)
+    assert all(r["invocations"]["tts"] >= 1 and r["route"]["audio_out"] == "tts" for r in native_reports)
+
+
+def test_text_only_model_gets_one_transcript_per_turn(bridged_reports: list[dict[str, Any]]) -> None:
+    assert [r["invocations"]["stt"] for r in bridged_reports] == [1] * 20
+    assert {r["route"]["audio_in"] for r in bridged_reports} == {"stt"}
+    assert all(r["transcript"] for r in bridged_reports)
+    print("\nfirst transcripts:", [r["transcript"] for r in bridged_reports[:5]])
+
+
+@pytest.mark.parametrize("which", ["native_reports", "bridged_reports"])
+def test_audio_turns_reuse_the_prefix(which: str, request: pytest.FixtureRequest) -> None:
+    reports: list[dict[str, Any]] = request.getfixturevalue(which)
+    assert len({r["prefix"]["invariant_sha256"] for r in reports}) == 1
+    shares = [r["llm"]["prompt_tokens_processed"] / r["llm"]["prompt_tokens"] for r in reports[2:]]
+    print(f"\n{which}: processed share turns 3-20: max {max(shares):.1%}, median {statistics.median(shares):.1%}; "
+          f"prompt grew to {reports[-1]['llm']['prompt_tokens']} tokens")
+    assert max(shares) <= 0.20
+
+
+def test_first_audio_comes_before_the_reply_is_finished(native_reports: list[dict[str, Any]]) -> None:
+    several = [r for r in native_reports if r["speech"]["sentences"] >= 2]
+    assert len(several) >= 10, "the embedded backends' grammar should give multi-sentence replies"
+    ratios = [r["timings_ms"]["first_audio"] / r["timings_ms"]["total"] for r in several]
+    print(f"\nfirst_audio / total over {len(several)} multi-sentence turns: median {statistics.median(ratios):.2f}, "
+          f"max {max(ratios):.2f}")
+    assert statistics.median(ratios) < 0.8
+    assert all(r["metrics"]["e2e_latency"] is not None and r["metrics"]["tts_ttfb"] is not None for r in several)
+
+
+def test_bad_audio_is_refused_and_history_untouched(servers: None, home: Path, tmp_path: Path) -> None:
+    text_file = tmp_path / "notes.wav"
+    text_file.write_text("these are meeting notes, not audio")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.float32), 16000)
+    long = tmp_path / "long.wav"
+    sf.write(long, np.zeros(16000 * 600, np.int16), 16000, subtype="PCM_16")
+    cases = [
+        (text_file, "not audio"),
+        (empty, "empty"),
+        (long, "600.0 s"),
+        ({"data": "UklGR!!!not-base64", "format": "wav"}, "base64"),
+        ({"data": base64.b64encode(b"RIFF....WAVEfmt ").decode(), "format": "wav"}, "is not audio"),
+    ]
+    with Session(RECIPE, backend="local-audio", state_dir=home / "bad-audio") as session:
+        session.turn(persona="maya", room="bad", text="hello")
+        before = session.store.history("bad")
+        for audio, words in cases:
+            with pytest.raises(AudioError, match=words):
+                session.turn(persona="maya", room="bad", audio=audio)
+            assert session.store.history("bad") == before
+
+
+def test_cli_speaks_to_a_wav_file(servers: None, home: Path, utterances: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "reply.wav"
+    env = {"TURNFLOW_HOME": str(home), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "turnflow.cli", "run", str(RECIPE), "--persona", "helper", "--room", "cli-voice",
+         "--backend", "local", "--audio", str(utterances[0]), "--out", str(out), "--json"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["route"] == {"audio_in": "stt", "audio_out": "tts"}
+    info = sf.info(out)
+    assert info.channels == 1 and info.samplerate == 24000
+    assert abs(info.duration - report["speech"]["audio_s"]) < 0.05 and info.duration > 0.5
+
+
+# ------------------------------------------------------------------ the model that speaks (stub server)
+
+
+class _SpeakingModel(BaseHTTPRequestHandler):
+    """Stand-in for a model server that hears and speaks (OpenAI audio models; none runs here)."""
+
+    requests: list[dict[str, Any]] = []
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path == "/v1/models":
+            body = {"data": [{"id": "speaker", "architecture": {"input_modalities": ["text", "audio"],
+                                                                  "output_modalities": ["text", "audio"]}}]}
+            self._send(200, json.dumps(body).encode(), "application/json")
+        else:
+            self._send(404, b"{}", "application/json")
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _SpeakingModel.requests.append(body)
+        tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(4800) / 24000) * 32767).astype("<i2").tobytes()
+        chunks = [
+            {"choices": [{"delta": {"audio": {"id": "a1", "transcript": "Hello there. "}}}]},
+            *[{"choices": [{"delta": {"audio": {"data": base64.b64encode(tone).decode()}}}]} for _ in range(5)],
+            {"choices": [{"delta": {"audio": {"transcript": "Bye."}}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 120, "completion_tokens": 9,
+                       "prompt_tokens_details": {"cached_tokens": 100}}},
+        ]
+        payload = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+        self._send(200, payload, "text/event-stream")
+
+    def _send(self, status: int, payload: bytes, kind: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def test_model_that_speaks_is_played_without_tts(tmp_path: Path, utterances: list[Path]) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _SpeakingModel)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        recipe = copy_recipe_folder(tmp_path)
+        (recipe.parent / "backends.yaml").write_text(
+            f"backends:\n  speaker:\n    kind: openai\n    url: http://127.0.0.1:{server.server_port}/v1\n"
+        )
+        with Session(recipe, backend="speaker", state_dir=tmp_path / "state") as session:
+            assert session.backend.capabilities.audio_in and session.backend.capabilities.audio_out
+            chunks: list[Audio] = []
+            result = session.turn(persona="maya", room="r", audio=utterances[0], audio_sink=chunks.append)
+    finally:
+        server.shutdown()
+    report = result.report
+    assert report["route"] == {"audio_in": "native", "audio_out": "native"}
+    assert report["invocations"] == {"stt": 0, "tts": 0, "llm": 1}
+    assert result.reply == "Hello there. Bye."
+    assert len(chunks) == 5 and all(c.sample_rate == 24000 for c in chunks)
+    assert abs(result.audio.duration_s - 1.0) < 1e-6
+    sent = _SpeakingModel.requests[-1]
+    assert sent["modalities"] == ["text", "audio"] and sent["audio"]["format"] == "pcm16"
+    parts = sent["messages"][-1]["content"]
+    assert any(p.get("type") == "input_audio" and p["input_audio"]["format"] == "wav" for p in parts)
+    assert report["llm"]["prompt_tokens_cached"] == 100
