@@ -49,6 +49,11 @@ def participants_version(room_state: RoomState) -> str:
     return str(room_state.participants_version)
 
 
+def compaction_epoch(room_state: RoomState) -> int:
+    """How many times the room's history was compacted: a new epoch may drop old messages."""
+    return room_state.compaction_epoch
+
+
 def history_tail_msg_ids(room_state: RoomState) -> str:
     """Ids of the newest messages: changes whenever the history grows."""
     return room_state.history_tail_msg_ids

@@ -74,6 +74,11 @@ def user_content__stt(text_in: str | None, transcript: str | None) -> UserConten
     return UserContent(text=neutralise_control_tokens(text), transcript=transcript)
 
 
+def hears(route_audio_in: str) -> bool:
+    """Whether the backend's model hears audio itself."""
+    return route_audio_in == "native"
+
+
 def audio_route_in(media: Audio | None, route_audio_in: str) -> str:
     """How the speaker's audio reached the model: native, stt, or none for a text turn."""
     return "none" if media is None else route_audio_in

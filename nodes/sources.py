@@ -47,9 +47,9 @@ def active_adapters(persona: Persona) -> str:
     return f"Active adapters: voice {voice}; skills {skills}."
 
 
-def conversation_history(room_messages: list[StoredMessage], persona_id: str) -> list[dict[str, Any]]:
+def conversation_history(room_messages: list[StoredMessage], persona_id: str, hears: bool) -> list[dict[str, Any]]:
     """The room's history as this persona sees it: its own words as assistant, everyone else's as user."""
-    return [message.as_seen_by(persona_id) for message in room_messages]
+    return [message.as_seen_by(persona_id, hears=hears) for message in room_messages]
 
 
 def current_time(now: datetime) -> str:

@@ -215,3 +215,24 @@ def test_server_up_status_down(tmp_path: Path) -> None:
     assert "local: stopped" in down.stdout
     assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert "local: not running" in _cli("server", "status", env=env).stdout
+
+
+def test_history_is_compacted_in_one_block(local_url: str, tmp_path: Path) -> None:
+    recipe = copy_recipe_folder(tmp_path)
+    recipe.write_text(recipe.read_text().replace("max_prompt_tokens: 30000", "max_prompt_tokens: 16500"))
+    reports = []
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        for i in range(16):
+            reports.append(session.turn(persona="maya", room="long", text=f"Point number {i} of the agenda.").report)
+        epoch = session.store.room("long").compaction_epoch
+        visible = len(session.store.room("long").messages)
+        total = len(session.store.history("long"))
+    tokens = [r["llm"]["prompt_tokens"] for r in reports]
+    print("\nprompt tokens per turn:", tokens)
+    assert epoch >= 1 and visible < total  # older messages hidden from prompts, still kept in the store
+    drop = next(i for i in range(1, len(tokens)) if tokens[i] < tokens[i - 1])
+    assert tokens[drop - 1] - tokens[drop] > 200  # one large block, not one message
+    assert all(r["tier_violations"] == [] for r in reports)
+    assert all(r["llm"]["prompt_tokens"] <= 16500 for r in reports)
+    after = [r["llm"]["prompt_tokens_processed"] for r in reports[drop + 1:]]
+    assert after and max(after) <= 0.02 * tokens[-1]  # warm again right after the compaction

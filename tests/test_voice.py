@@ -228,3 +228,15 @@ def test_model_that_speaks_is_played_without_tts(tmp_path: Path, utterances: lis
     parts = sent["messages"][-1]["content"]
     assert any(p.get("type") == "input_audio" and p["input_audio"]["format"] == "wav" for p in parts)
     assert report["llm"]["prompt_tokens_cached"] == 100
+
+
+def test_text_only_persona_reads_past_audio_as_text(servers: None, home: Path, utterances: list[Path]) -> None:
+    with Session(RECIPE, backend="local-audio", state_dir=home / "mixed") as hearing:
+        heard = hearing.turn(persona="maya", room="mixed", speaker="alice", audio=utterances[0])
+    assert heard.report["route"]["audio_in"] == "native"
+    with Session(RECIPE, backend="local", state_dir=home / "mixed") as bridged:
+        result = bridged.turn(persona="helper", room="mixed", speaker="alice", text="Helper, your view?")
+    parts = [p for m in result.prompt.messages if isinstance(m["content"], list) for p in m["content"]]
+    assert not any(p.get("type") == "input_audio" for p in parts)
+    assert any(p.get("text") == "[voice message: [voice message]]" for p in parts)
+    assert result.report["tier_violations"] == []

@@ -166,6 +166,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from turnflow.serve import LiveKitCredentials, MissingCredentialsError, run_room_agent
+
+    try:
+        credentials = LiveKitCredentials.from_env()
+    except MissingCredentialsError as exc:
+        print(f"turnflow: {exc}", file=sys.stderr)
+        return 2
+    personas = [persona.strip() for persona in args.personas.split(",") if persona.strip()]
+    return run_room_agent(args.recipe, room=args.room, personas=personas, credentials=credentials, backend=args.backend)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="turnflow", description=__doc__.split("\n")[0])
@@ -217,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-audio", action="store_true", help="text turns only")
     bench.add_argument("--room-per-persona", action="store_true", help="each persona in its own room")
     bench.set_defaults(fn=_cmd_bench)
+
+    serve = sub.add_parser("serve", help="join a LiveKit room as the personas and answer the people in it")
+    serve.add_argument("recipe")
+    serve.add_argument("--room", required=True, help="the LiveKit room to join")
+    serve.add_argument("--personas", required=True, help="comma-separated persona ids; the first one listens")
+    serve.add_argument("--backend", help="override the recipe's backend")
+    serve.set_defaults(fn=_cmd_serve)
     return parser
 
 

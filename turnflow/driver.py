@@ -74,13 +74,17 @@ def _validate_output(name: str, value: Any) -> str | list[dict[str, Any]]:
     )
 
 
-def make_source_node(recipe: Recipe, spec: SourceSpec) -> Callable[..., SourceOutput]:
-    """A fresh Hamilton node function for one recipe source."""
+def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) -> Callable[..., SourceOutput]:
+    """A fresh Hamilton node function for one recipe source, for one capability profile."""
     impl = resolve_source_fn(recipe, spec)
     impl_params = source_parameters(impl, spec)
     needs = [*spec.cache_key, "persona_id", "room_id", "composition_cache"]
+    if spec.tier == "semi_stable":
+        needs.append("compaction_epoch")
     params = impl_params + [p for p in dict.fromkeys(needs) if p not in impl_params]
     ttl_s = recipe.cache.ttl_s
+    # what a source renders may follow the profile (history of a model that hears keeps audio parts)
+    namespace = recipe.digest + "|" + ",".join(f"{k}={v}" for k, v in sorted(profile.items()))
     user_defined = spec.fn is not None
 
     def render(**kwargs: Any) -> SourceOutput:
@@ -89,13 +93,13 @@ def make_source_node(recipe: Recipe, spec: SourceSpec) -> Callable[..., SourceOu
             value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
             return SourceOutput(spec.name, spec.tier, value, "off", user_defined)
         key_values = {k: kwargs[k] for k in spec.cache_key}
-        key = cache.key(recipe.recipe, recipe.digest, spec.name, key_values) if spec.cached else None
+        key = cache.key(recipe.recipe, namespace, spec.name, key_values) if spec.cached else None
         if key is not None:
             hit, value = cache.get(key)
             if hit:
                 return SourceOutput(spec.name, spec.tier, value, "hit", user_defined)
         value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
-        violations = _check_tier(cache, spec, key, kwargs, value)
+        violations = _check_tier(cache, spec, key, kwargs, value, namespace)
         if key is not None:
             cache.set(key, value, ttl_s)
         return SourceOutput(
@@ -121,19 +125,19 @@ def make_source_node(recipe: Recipe, spec: SourceSpec) -> Callable[..., SourceOu
 
 
 def _check_tier(
-    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], value: Any
+    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], value: Any, namespace: str
 ) -> list[Violation]:
     """Record a fresh rendering in the ledger and report a broken tier promise."""
     if spec.tier == "volatile":
         return []
-    scope = key or f"{values['persona_id']}|{values['room_id']}"
+    scope = key or f"{namespace}|{values['persona_id']}|{values['room_id']}"
     text = canonical_text(value)
     found: list[Violation | None] = []
     if spec.tier == "invariant":
         found.append(cache.check_invariant(spec.name, scope, text))
     else:
         found.append(cache.check_invariant(spec.name, scope, text) if key else None)
-        stream_scope = f"{values['persona_id']}|{values['room_id']}|{values.get('compaction_epoch', 0)}"
+        stream_scope = f"{namespace}|{values['persona_id']}|{values['room_id']}|{values['compaction_epoch']}"
         found.append(cache.check_semi_stable(spec.name, stream_scope, text))
     return [v for v in found if v is not None]
 
@@ -156,7 +160,7 @@ def build_driver(recipe: Recipe, profile: dict[str, str]) -> driver.Driver:
     built = _DRIVERS.get(cache_key)
     if built is not None:
         return built
-    nodes = [make_source_node(recipe, spec) for spec in recipe.sources]
+    nodes = [make_source_node(recipe, spec, profile) for spec in recipe.sources]
     module = ad_hoc_utils.create_temporary_module(
         *nodes, _sections_node([s.name for s in recipe.sources]), module_name=_module_name(recipe, profile)
     )

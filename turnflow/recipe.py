@@ -51,6 +51,7 @@ SOURCE_INPUTS: dict[str, str] = {
     "now": "the turn's timestamp (timezone-aware datetime)",
     "speaker": "who is speaking this turn",
     "user_content": "what the speaker said this turn (UserContent)",
+    "hears": "whether the backend's model hears audio (decided when the driver is built)",
 }
 
 #: For each source input, the cache keys that must be declared for a cached result to follow it.
@@ -69,6 +70,7 @@ INPUT_COVERAGE: dict[str, tuple[str, ...]] = {
     "now": ("<per-turn>",),
     "speaker": ("<per-turn>",),
     "user_content": ("<per-turn>",),
+    "hears": (),  # fixed per driver; the cache namespace includes the capability profile
 }
 
 

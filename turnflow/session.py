@@ -28,7 +28,7 @@ from turnflow.nodes.media import Audio, AudioError
 from turnflow.nodes.prompt import Prompt
 from turnflow.nodes.publish import WavSink
 from turnflow.nodes.speech import SpeechBridges
-from turnflow.nodes.text import neutralise_control_tokens
+from turnflow.nodes.text import canonical_json, neutralise_control_tokens
 from turnflow.paths import home
 from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
 from turnflow.store import ConversationStore, Participant
@@ -140,6 +140,30 @@ class Session:
 
     # -- turns
 
+    def _compact_if_over_budget(self, room: str, prompt: Prompt, prompt_tokens: int | None) -> None:
+        """Past 90 % of the recipe's prompt budget, hide the room's older history in one large block.
+
+        What stays is the newest history that fits in half the room left for history, so many turns pass
+        (with the prefix warm) before the next compaction; never one message a turn.
+        """
+        budget = self.recipe.budget.max_prompt_tokens
+        if not prompt_tokens or prompt_tokens <= 0.9 * budget:
+            return
+        messages = self.store.room(room).messages
+        prompt_bytes = prompt.invariant_bytes + prompt.semi_stable_bytes + prompt.volatile_bytes
+        tokens_per_byte = prompt_tokens / max(1, prompt_bytes)
+        sizes = [len(canonical_json(m.content).encode()) * tokens_per_byte for m in messages]
+        base = prompt_tokens - sum(sizes)
+        room_for_history = max(0.0, (0.9 * budget - base) / 2)
+        keep, kept_tokens = 0, 0.0
+        for size in reversed(sizes):
+            if kept_tokens + size > room_for_history:
+                break
+            kept_tokens += size
+            keep += 1
+        if self.store.compact(room, keep=keep):
+            self.publish(Event.message_added(room))
+
     def driver(self, *, connect: bool = True) -> Any:
         """The built Hamilton driver for this recipe and the backend's capability profile.
 
@@ -237,6 +261,7 @@ class Session:
         self.store.commit_turn(
             room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, reply.text
         )
+        self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])
         for violation in report["tier_violations"]:
             self._warn(f"turnflow: tier violation in {persona}/{room} turn {turn_no}: {violation['message']}")
         # the model stream is read (and spoken) inside `speech`; STT runs in `transcript`: not turnflow's own work

@@ -79,13 +79,22 @@ class StoredMessage:
     content: Content
     text: str
 
-    def as_seen_by(self, persona_id: str) -> dict[str, Any]:
-        """This message as a chat message for `persona_id`: its own words as assistant, others' as user."""
+    def as_seen_by(self, persona_id: str, *, hears: bool = True) -> dict[str, Any]:
+        """This message as a chat message for `persona_id`: its own words as assistant, others' as user.
+
+        For a model that does not hear, past audio parts become text (the transcript, if one was made).
+        """
         if self.speaker_kind == "persona" and self.speaker == persona_id:
             return {"role": "assistant", "content": self.content}
         if self.speaker_kind == "persona":
             return {"role": "user", "content": f"{self.display_name}: {self.text}"}
-        return {"role": "user", "content": self.content}
+        if hears or not isinstance(self.content, list):
+            return {"role": "user", "content": self.content}
+        parts = [
+            {"type": "text", "text": f"[voice message: {self.text}]"} if part.get("type") == "input_audio" else part
+            for part in self.content
+        ]
+        return {"role": "user", "content": parts}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,750 @@
+"""`turnflow serve`: personas that live in a LiveKit room, listen to the people in it and answer by voice.
+
+Each persona joins as its own participant (identity ``persona-<id>``) and publishes a microphone track.
+The first persona's connection also listens: every person's audio track feeds an
+:class:`EndOfTurnDetector`; when a person's turn ends, :func:`choose_persona` picks who answers (the
+recipe's ``routing`` rule), the turn runs in a worker thread, and the reply is published through the
+chosen persona's track as it is produced. A person who starts talking over a reply cuts it (barge-in).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import webrtcvad
+from livekit import rtc
+
+from turnflow.nodes.media import Audio, AudioError
+from turnflow.nodes.publish import LiveKitPublisher, participant_token
+from turnflow.nodes.speech import SpeechBridges, Stt, Tts
+from turnflow.nodes.text import neutralise_control_tokens
+
+__all__ = [
+    "EndOfTurnDetector",
+    "LiveKitCredentials",
+    "MissingCredentialsError",
+    "RoomAgent",
+    "audio_from_frame",
+    "choose_persona",
+    "persona_identity",
+    "run_room_agent",
+    "serve_room",
+]
+
+_VAD_RATE = 16000
+_IDENTITY_PREFIX = "persona-"
+
+
+# --- end of turn -----------------------------------------------------------------------------------
+
+
+class EndOfTurnDetector:
+    """One person's turns cut out of a stream of audio (webrtcvad at 16 kHz).
+
+    Speech starts after ``start_speech_ms`` of consecutive voiced frames; the turn ends after
+    ``end_of_turn_silence_ms`` of silence, or when it reaches ``max_utterance_s``. Utterances come out at
+    the rate of the first chunk pushed, from ``padding_ms`` before the first voiced frame to ``padding_ms``
+    after the last one.
+    """
+
+    def __init__(
+        self,
+        end_of_turn_silence_ms: int = 700,
+        *,
+        start_speech_ms: int = 150,
+        padding_ms: int = 200,
+        aggressiveness: int = 2,
+        frame_ms: int = 30,
+        max_utterance_s: float = 60.0,
+    ) -> None:
+        if frame_ms not in (10, 20, 30):
+            raise ValueError(f"frame_ms must be 10, 20 or 30 (webrtcvad frames), got {frame_ms!r}")
+        if isinstance(aggressiveness, bool) or aggressiveness not in (0, 1, 2, 3):
+            raise ValueError(f"aggressiveness must be 0, 1, 2 or 3 (webrtcvad modes), got {aggressiveness!r}")
+        if end_of_turn_silence_ms < frame_ms:
+            raise ValueError(f"end_of_turn_silence_ms must be at least one frame ({frame_ms} ms), "
+                             f"got {end_of_turn_silence_ms!r}")
+        if start_speech_ms < frame_ms or padding_ms < 0 or max_utterance_s <= 0:
+            raise ValueError(
+                f"need start_speech_ms >= frame_ms, padding_ms >= 0 and max_utterance_s > 0; got "
+                f"start_speech_ms={start_speech_ms!r}, padding_ms={padding_ms!r}, max_utterance_s={max_utterance_s!r}"
+            )
+        self.end_of_turn_silence_ms = end_of_turn_silence_ms
+        self.frame_ms = frame_ms
+        self.padding_s = padding_ms / 1000
+        self.max_utterance_s = max_utterance_s
+        self._start_frames = -(-start_speech_ms // frame_ms)
+        self._end_frames = -(-end_of_turn_silence_ms // frame_ms)
+        self._frame_bytes = _VAD_RATE * frame_ms // 1000 * 2
+        self._vad = webrtcvad.Vad(aggressiveness)
+        self._rate: int | None = None
+        self._samples_in = 0  # original-rate samples pushed so far
+        self._vad_samples_in = 0  # 16 kHz samples made from them (kept in step, no drift)
+        self._vad_pcm = bytearray()
+        self._frames_decided = 0
+        self._chunks: list[np.ndarray] = []
+        self._buffer_start = 0  # original-rate index of the first buffered sample
+        self._speaking = False
+        self._voiced_run = 0
+        self._start_s = 0.0
+        self._last_voiced_frame_end = 0
+        self._silent_frames = 0
+        self._voiced_frames = 0
+
+    @property
+    def speaking(self) -> bool:
+        """Whether a person is in the middle of a turn (speech started, end not reached yet)."""
+        return self._speaking
+
+    @property
+    def speech_ms(self) -> int:
+        """Voiced milliseconds in the turn under way (0 between turns)."""
+        return self._voiced_frames * self.frame_ms if self._speaking else 0
+
+    def push(self, audio: Audio) -> list[Audio]:
+        """Feed the next chunk of the stream; returns the utterances whose turn ended in it (usually none)."""
+        if self._rate is None:
+            self._rate = audio.sample_rate
+        if audio.sample_rate != self._rate:
+            audio = audio.resampled(self._rate)
+        if not audio.samples.size:
+            return []
+        self._chunks.append(audio.samples)
+        self._samples_in += audio.samples.size
+        self._vad_pcm += self._for_vad(audio).to_pcm16()
+        ended: list[Audio] = []
+        while len(self._vad_pcm) >= self._frame_bytes:
+            frame = bytes(self._vad_pcm[: self._frame_bytes])
+            del self._vad_pcm[: self._frame_bytes]
+            utterance = self._decide(self._vad.is_speech(frame, _VAD_RATE))
+            if utterance is not None:
+                ended.append(utterance)
+        return ended
+
+    def flush(self) -> Audio | None:
+        """End the stream: the turn under way, if any, as an utterance."""
+        if not self._speaking:
+            return None
+        return self._end_turn()
+
+    def _for_vad(self, audio: Audio) -> Audio:
+        """The chunk at 16 kHz, trimmed or padded so the 16 kHz stream keeps exact step with the original."""
+        assert self._rate is not None
+        converted = audio.resampled(_VAD_RATE).samples
+        wanted = self._samples_in * _VAD_RATE // self._rate - self._vad_samples_in
+        if converted.size > wanted:
+            converted = converted[:wanted]
+        elif converted.size < wanted:
+            converted = np.concatenate([converted, np.zeros(wanted - converted.size, np.float32)])
+        self._vad_samples_in += wanted
+        return Audio(np.ascontiguousarray(converted), _VAD_RATE)
+
+    def _decide(self, voiced: bool) -> Audio | None:
+        index = self._frames_decided
+        self._frames_decided += 1
+        frame_s = self.frame_ms / 1000
+        if not self._speaking:
+            self._voiced_run = self._voiced_run + 1 if voiced else 0
+            if self._voiced_run < self._start_frames:
+                self._forget_before(self._frames_decided * frame_s - self._start_frames * frame_s - self.padding_s)
+                return None
+            self._speaking = True
+            self._start_s = max(0.0, (index - self._start_frames + 1) * frame_s - self.padding_s)
+            self._voiced_frames = self._start_frames
+            self._last_voiced_frame_end = index + 1
+            self._silent_frames = 0
+            return None
+        if voiced:
+            self._voiced_frames += 1
+            self._last_voiced_frame_end = index + 1
+            self._silent_frames = 0
+        else:
+            self._silent_frames += 1
+        too_long = self._frames_decided * frame_s - self._start_s >= self.max_utterance_s
+        if self._silent_frames >= self._end_frames or too_long:
+            return self._end_turn()
+        return None
+
+    def _end_turn(self) -> Audio:
+        assert self._rate is not None
+        heard_s = self._frames_decided * self.frame_ms / 1000
+        end_s = min(heard_s, self._last_voiced_frame_end * self.frame_ms / 1000 + self.padding_s)
+        start, end = round(self._start_s * self._rate), round(end_s * self._rate)
+        buffered = np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.float32)
+        samples = buffered[max(0, start - self._buffer_start) : max(0, end - self._buffer_start)]
+        self._speaking = False
+        self._voiced_run = 0
+        self._voiced_frames = 0
+        self._silent_frames = 0
+        self._chunks = [buffered]
+        self._forget_before(end_s)
+        return Audio(np.ascontiguousarray(samples), self._rate)
+
+    def _forget_before(self, seconds: float) -> None:
+        """Drop buffered chunks that end before ``seconds`` into the stream (they can no longer be needed)."""
+        assert self._rate is not None
+        keep_from = round(max(0.0, seconds) * self._rate)
+        while self._chunks and self._buffer_start + self._chunks[0].size <= keep_from:
+            self._buffer_start += self._chunks.pop(0).size
+
+
+# --- who answers -----------------------------------------------------------------------------------
+
+
+def _mention_pattern(words: str) -> re.Pattern[str]:
+    """A whole-word, case-insensitive pattern for a name or id; ``-``, ``_`` and spaces inside it are alike."""
+    parts = [re.escape(part) for part in re.split(r"[\s_-]+", words.strip()) if part]
+    return re.compile(r"(?<!\w)" + r"[\s_-]+".join(parts) + r"(?!\w)", re.IGNORECASE)
+
+
+def choose_persona(
+    transcript: str | None,
+    personas: Mapping[str, str],
+    last_addressed: str | None,
+    default: str | None,
+) -> str:
+    """Who answers under the rule ``named_else_last``: the persona named first, else the last one addressed.
+
+    ``personas`` maps persona id to display name; a persona is named when its name or its id appears
+    as a whole word in ``transcript`` (case-insensitive), and the earliest mention wins. Without a
+    transcript (a backend that hears natively gets the audio and no STT runs, on purpose) nobody can be
+    named, so the answer is the last persona addressed, else ``default``, else the first persona.
+    """
+    if not personas:
+        raise ValueError("choose_persona needs at least one persona")
+    for role, persona_id in (("last_addressed", last_addressed), ("default", default)):
+        if persona_id is not None and persona_id not in personas:
+            raise ValueError(f"{role} {persona_id!r} is not one of the personas {sorted(personas)}")
+    if transcript:
+        mentions = []
+        for persona_id, name in personas.items():
+            for words in {persona_id, name}:
+                if words.strip() and (found := _mention_pattern(words).search(transcript)):
+                    mentions.append((found.start(), -len(found.group()), persona_id))
+        if mentions:
+            return min(mentions)[2]
+    return last_addressed or default or next(iter(personas))
+
+
+# --- LiveKit ---------------------------------------------------------------------------------------
+
+
+class MissingCredentialsError(ValueError):
+    """LiveKit settings absent from the environment."""
+
+    def __init__(self, missing: Sequence[str]) -> None:
+        self.missing = list(missing)
+        super().__init__(
+            f"set {', '.join(self.missing)} to join a LiveKit room "
+            "(the server's URL, e.g. wss://example.livekit.cloud, and an API key and secret it accepts)"
+        )
+
+
+@dataclass(frozen=True)
+class LiveKitCredentials:
+    """Where the LiveKit server is, and the API key pair that signs the personas' tokens."""
+
+    url: str
+    """The server's URL (``ws://``, ``wss://`` or ``https://``)."""
+    api_key: str
+    """An API key the server accepts."""
+    api_secret: str
+    """That key's secret."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LiveKitCredentials:
+        """Read ``LIVEKIT_URL``, ``LIVEKIT_API_KEY`` and ``LIVEKIT_API_SECRET``; every missing one is named."""
+        environ = os.environ if environ is None else environ
+        names = ("LIVEKIT_URL", "LIVEKIT_API_KEY", "LIVEKIT_API_SECRET")
+        missing = [name for name in names if not environ.get(name, "").strip()]
+        if missing:
+            raise MissingCredentialsError(missing)
+        url, api_key, api_secret = (environ[name].strip() for name in names)
+        return cls(url=url, api_key=api_key, api_secret=api_secret)
+
+
+def persona_identity(persona_id: str) -> str:
+    """The LiveKit participant identity a persona joins as."""
+    return f"{_IDENTITY_PREFIX}{persona_id}"
+
+
+def audio_from_frame(frame: rtc.AudioFrame) -> Audio:
+    """A received ``rtc.AudioFrame`` (interleaved PCM16) as mono :class:`Audio`."""
+    pcm = np.frombuffer(frame.data, dtype=np.int16).astype(np.float32) / 32768.0
+    if frame.num_channels > 1:
+        pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.float32)
+    return Audio(pcm, frame.sample_rate)
+
+
+class _TranscribeOnce(SpeechBridges):
+    """The session's speech bridges, with each routed utterance transcribed once for routing and turn alike.
+
+    The agent must know who was named before it can run the turn, and on a text-only backend the turn's
+    own STT node would transcribe the same audio again; this STT hands it the router's transcript.
+    """
+
+    def __init__(self, bridges: SpeechBridges) -> None:
+        self._bridges = bridges
+        self._heard: dict[str, str] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def stt(self) -> Stt:
+        """An STT that answers a routed utterance from memory and anything else with the real bridge."""
+        return self
+
+    @property
+    def tts(self) -> Tts:
+        """The session's TTS bridge."""
+        return self._bridges.tts
+
+    def hear(self, audio: Audio) -> str:
+        """Transcribe ``audio`` with the real bridge and remember it for the turn's STT node."""
+        text = self._bridges.stt.transcribe(audio)
+        with self._lock:
+            self._heard[self._key(audio)] = text
+        return text
+
+    def transcribe(self, audio: Audio) -> str:
+        """The remembered transcript of ``audio`` (once), else the real bridge's."""
+        with self._lock:
+            remembered = self._heard.pop(self._key(audio), None)
+        return remembered if remembered is not None else self._bridges.stt.transcribe(audio)
+
+    @staticmethod
+    def _key(audio: Audio) -> str:
+        return f"{audio.sample_rate}:{hashlib.sha256(audio.samples.tobytes()).hexdigest()}"
+
+
+class _Voice:
+    """One persona's publisher, fed in order from a queue that the turn's worker thread fills."""
+
+    def __init__(self, persona_id: str, publisher: LiveKitPublisher, log: Callable[[str], None]) -> None:
+        self.persona_id = persona_id
+        self.publisher = publisher
+        self.replying = False  # a turn for this persona is running
+        self.generation = 0  # bumped on barge-in: audio of older generations is dropped
+        self.first_audio_at: float | None = None
+        self._log = log
+        self._queue: asyncio.Queue[tuple[int, Audio | None]] = asyncio.Queue()
+        self._pushing = False
+        self._pump = asyncio.get_running_loop().create_task(self._run(), name=f"turnflow-voice-{persona_id}")
+
+    @property
+    def playing(self) -> bool:
+        """Whether a reply is being made, queued or played out."""
+        source_queued = self.publisher.source.queued_duration > 0
+        return self.replying or self._pushing or not self._queue.empty() or source_queued
+
+    def begin_reply(self, loop: asyncio.AbstractEventLoop) -> tuple[int, Callable[[Audio], None]]:
+        """A new reply: its generation and the sink the worker thread hands audio chunks to."""
+        generation = self.generation
+        self.replying = True
+        self.first_audio_at = None
+
+        def sink(chunk: Audio) -> None:
+            if self.first_audio_at is None:
+                self.first_audio_at = time.perf_counter()
+            with contextlib.suppress(RuntimeError):  # the loop has closed: we are shutting down
+                loop.call_soon_threadsafe(self._queue.put_nowait, (generation, chunk))
+
+        return generation, sink
+
+    async def sent(self) -> None:
+        """Wait until every chunk queued so far has been handed to the audio source (or dropped)."""
+        await self._queue.join()
+
+    def end_reply(self, generation: int) -> None:
+        """The reply is complete: what is held back gets flushed after the last chunk."""
+        self.replying = False
+        self._queue.put_nowait((generation, None))
+
+    def interrupt(self) -> None:
+        """Barge-in: drop the reply's queued and unplayed audio, and whatever it still produces."""
+        self.generation += 1
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+        self.publisher.interrupt()
+
+    async def aclose(self) -> None:
+        """Stop pumping, leave the room and release the audio source."""
+        self.interrupt()
+        self._pump.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._pump
+        await self.publisher.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            generation, chunk = await self._queue.get()
+            if generation != self.generation:
+                self._queue.task_done()
+                continue
+            self._pushing = True
+            try:
+                if chunk is None:
+                    await self.publisher.flush()
+                else:
+                    await self.publisher.push(chunk)
+            except Exception as error:  # one bad chunk must not silence the persona for good
+                self._log(f"{self.persona_id}: could not publish reply audio: {type(error).__name__}: {error}")
+            finally:
+                self._pushing = False
+                self._queue.task_done()
+
+
+class RoomAgent:
+    """The personas of one session in one LiveKit room: each speaks with its own track; the first one listens.
+
+    ``session`` is a :class:`turnflow.Session`. Turns run one at a time (a room has one history), each in
+    a worker thread; reply audio reaches the chosen persona's track as soon as it exists. On a backend
+    that hears natively no STT runs, so no persona can be named and the turn goes to the last persona
+    addressed (else ``routing.default``, else the first persona). On a text-only backend the utterance
+    is transcribed once, before the turn, to find who was named; the turn reuses that transcript.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        room: str,
+        personas: Sequence[str],
+        *,
+        credentials: LiveKitCredentials | None = None,
+        min_interruption_ms: int = 300,
+        log: Callable[[str], None] | None = None,
+        frame_tap: Callable[[str, rtc.AudioFrame], None] | None = None,
+        on_disconnected: Callable[[], None] | None = None,
+    ) -> None:
+        persona_ids = list(personas)
+        if not persona_ids:
+            raise ValueError("RoomAgent needs at least one persona")
+        if len(set(persona_ids)) != len(persona_ids):
+            raise ValueError(f"personas must be distinct, got {persona_ids}")
+        if not room:
+            raise ValueError("RoomAgent needs a room name")
+        routing = session.recipe.routing
+        if routing.default is not None and routing.default not in persona_ids:
+            raise ValueError(
+                f"the recipe's routing.default {routing.default!r} is not among the personas served "
+                f"({', '.join(persona_ids)}); add it to --personas or change the recipe"
+            )
+        self.session = session
+        self.room = room
+        self.persona_ids = persona_ids
+        self.credentials = credentials
+        self.min_interruption_ms = min_interruption_ms
+        self.last_addressed: str | None = None
+        self.display_names: dict[str, str] = {}
+        self.turns_run = 0
+        self._routing_default: str | None = routing.default
+        self._log = log or _log_to_stderr
+        self._frame_tap = frame_tap
+        self._on_disconnected = on_disconnected
+        self._voices: dict[str, _Voice] = {}
+        self._listeners: dict[str, asyncio.Task[None]] = {}
+        self._turns: set[asyncio.Task[Any]] = set()
+        self._turn_lock = asyncio.Lock()
+        self._bridges: _TranscribeOnce | None = None
+        self._closed = False
+
+    @property
+    def identities(self) -> list[str]:
+        """The participant identities the personas join as."""
+        return [persona_identity(persona_id) for persona_id in self.persona_ids]
+
+    async def start(self, *, connect: bool = True) -> None:
+        """Get the backend ready, open each persona's voice, and (with ``connect``) join the room and listen."""
+        await asyncio.to_thread(self._prepare)
+        for persona_id in self.persona_ids:
+            tap = self._tap_for(persona_id)
+            publisher = LiveKitPublisher(f"{persona_id}-voice", frame_tap=tap)
+            self._voices[persona_id] = _Voice(persona_id, publisher, self._log)
+        if not connect:
+            return
+        if self.credentials is None:
+            raise ValueError("RoomAgent.start(connect=True) needs credentials (LiveKitCredentials.from_env())")
+        for index, persona_id in enumerate(self.persona_ids):
+            listens = index == 0
+            token = participant_token(
+                persona_identity(persona_id),
+                self.room,
+                api_key=self.credentials.api_key,
+                api_secret=self.credentials.api_secret,
+                can_subscribe=listens,  # least grants: only the listening connection subscribes
+            )
+            publisher = self._voices[persona_id].publisher
+            connected = await publisher.connect(self.credentials.url, token)
+            await publisher.publish()
+            if listens:
+                self._listen_to(connected)
+
+    async def handle_utterance(self, speaker: str, utterance: Audio, *, display_name: str | None = None) -> Any:
+        """Run the turn for what ``speaker`` just said and publish the reply; returns the TurnResult (or None)."""
+        async with self._turn_lock:
+            if self._closed:
+                return None
+            heard_at = time.perf_counter()
+            try:
+                persona_id, transcript = await asyncio.to_thread(self._route, speaker, utterance, display_name)
+            except AudioError as error:
+                self._log(f"{speaker}: utterance ignored: {error}")
+                return None
+            voice = self._voices[persona_id]
+            generation, sink = voice.begin_reply(asyncio.get_running_loop())
+            try:
+                result = await asyncio.to_thread(
+                    self.session.turn, persona=persona_id, room=self.room, audio=utterance, speaker=speaker,
+                    audio_sink=sink,
+                )
+            except Exception as error:  # TurnError / AudioError: the history is unchanged, the room goes on
+                voice.interrupt()
+                self._log(f"turn for {persona_id} <- {speaker} failed, history unchanged: {error}")
+                return None
+            finally:
+                voice.end_reply(generation)
+            self.last_addressed = persona_id
+            self.turns_run += 1
+            after_speech_ms = None if voice.first_audio_at is None else (voice.first_audio_at - heard_at) * 1000
+            self._log(turn_line(result.report, speaker, transcript, after_speech_ms, voice.generation != generation))
+            return result
+
+    async def replies_sent(self) -> None:
+        """Wait until the reply audio produced so far has been handed to the personas' audio sources."""
+        for voice in list(self._voices.values()):
+            await voice.sent()
+
+    def publisher(self, persona_id: str) -> LiveKitPublisher:
+        """The persona's publisher (its ``rtc.AudioSource`` and microphone track)."""
+        return self._voices[persona_id].publisher
+
+    def barge_in(self, speaker: str) -> list[str]:
+        """``speaker`` started talking: cut every persona's reply that is being made or played; returns whose."""
+        cut = [persona_id for persona_id, voice in self._voices.items() if voice.playing]
+        for persona_id in cut:
+            self._voices[persona_id].interrupt()
+        if cut:
+            self._log(f"{speaker} barged in: cut {', '.join(cut)}")
+        return cut
+
+    async def listen(self, speaker: str, frames: Any, *, display_name: str | None = None) -> None:
+        """Follow one person's audio (an async iterator of ``rtc.AudioFrameEvent``) until it ends."""
+        detector = self._detector()
+        gap_s = detector.end_of_turn_silence_ms / 1000 / 2
+        interrupted = False
+        iterator = frames.__aiter__()
+        pending: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(iterator.__anext__())
+                done, _ = await asyncio.wait({pending}, timeout=gap_s)
+                if done:
+                    finished, pending = pending, None
+                    try:
+                        chunk = audio_from_frame(finished.result().frame)
+                    except StopAsyncIteration:
+                        break
+                elif detector.speaking:
+                    # A track that stops sending frames has stopped talking: count the gap as silence.
+                    chunk = Audio(np.zeros(round(gap_s * _VAD_RATE), np.float32), _VAD_RATE)
+                else:
+                    continue
+                for utterance in detector.push(chunk):
+                    self._spawn(self.handle_utterance(speaker, utterance, display_name=display_name))
+                if not detector.speaking:
+                    interrupted = False
+                elif not interrupted and detector.speech_ms >= self.min_interruption_ms:
+                    interrupted = True
+                    self.barge_in(speaker)
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    async def aclose(self, *, turn_timeout_s: float = 10.0) -> None:
+        """Stop listening, let a running turn finish (its audio dropped), close the voices and leave the room."""
+        self._closed = True
+        for task in self._listeners.values():
+            task.cancel()
+        for voice in self._voices.values():
+            voice.interrupt()
+        if self._turns:
+            await asyncio.wait(self._turns, timeout=turn_timeout_s)
+        for task in [*self._listeners.values(), *self._turns]:
+            task.cancel()
+        await asyncio.gather(*self._listeners.values(), *self._turns, return_exceptions=True)
+        self._listeners.clear()
+        for voice in self._voices.values():
+            await voice.aclose()
+        self._voices.clear()
+
+    # -- inside
+
+    def _prepare(self) -> None:
+        """Load the personas, seat them in the room, and learn whether the backend hears (worker thread)."""
+        for persona_id in self.persona_ids:
+            name = self.session.persona(persona_id).name
+            self.display_names[persona_id] = name
+            self.session.join(self.room, persona_id, kind="persona", display_name=name)
+        capabilities = self.session.backend.capabilities
+        self._log(
+            f"backend {self.session.backend_name}: "
+            + ("hears natively (no STT; routing falls to the last persona addressed)"
+               if capabilities.audio_in else "text-only (STT bridge; a persona named in the utterance answers)")
+        )
+
+    def _route(self, speaker: str, utterance: Audio, display_name: str | None) -> tuple[str, str | None]:
+        """Seat the speaker, transcribe once when the backend cannot hear, and choose who answers (worker thread)."""
+        from turnflow.dataflows.voice import media
+
+        if display_name:
+            self.session.join(self.room, speaker, display_name=neutralise_control_tokens(display_name))
+        transcript: str | None = None
+        if not self.session.backend.capabilities.audio_in:
+            if self._bridges is None or self.session.bridges is not self._bridges:
+                self._bridges = _TranscribeOnce(self.session.bridges)
+                self.session.bridges = self._bridges
+            heard = media(utterance, self.session.recipe)  # exactly what the turn's STT node will receive
+            if heard is not None:
+                transcript = self._bridges.hear(heard)
+        chosen = choose_persona(transcript, self.display_names, self.last_addressed, self._routing_default)
+        return chosen, transcript
+
+    def _detector(self) -> EndOfTurnDetector:
+        recipe = self.session.recipe
+        return EndOfTurnDetector(
+            recipe.routing.end_of_turn_silence_ms, max_utterance_s=recipe.media.max_audio_s
+        )
+
+    def _tap_for(self, persona_id: str) -> Callable[[rtc.AudioFrame], None] | None:
+        tap = self._frame_tap
+        if tap is None:
+            return None
+        return lambda frame: tap(persona_id, frame)
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._turns.add(task)
+        task.add_done_callback(self._turns.discard)
+
+    def _listen_to(self, room: rtc.Room) -> None:
+        """Follow every person's audio track in ``room``: those there now and those still to come."""
+        ours = set(self.identities)
+
+        def subscribed(track: rtc.Track, publication: rtc.RemoteTrackPublication,
+                       participant: rtc.RemoteParticipant) -> None:
+            if track.kind != rtc.TrackKind.KIND_AUDIO or participant.identity in ours or self._closed:
+                return
+            if publication.sid in self._listeners:
+                return
+            stream = rtc.AudioStream.from_track(track=track, sample_rate=_VAD_RATE, num_channels=1)
+            self._log(f"listening to {participant.identity} ({publication.name or publication.sid})")
+            task = asyncio.get_running_loop().create_task(
+                self._follow(participant.identity, participant.name or None, stream)
+            )
+            self._listeners[publication.sid] = task
+
+        def unsubscribed(track: rtc.Track, publication: rtc.RemoteTrackPublication,
+                         participant: rtc.RemoteParticipant) -> None:
+            task = self._listeners.pop(publication.sid, None)
+            if task is not None:
+                task.cancel()
+
+        room.on("track_subscribed", subscribed)
+        room.on("track_unsubscribed", unsubscribed)
+        if self._on_disconnected is not None:
+            on_disconnected = self._on_disconnected
+            room.on("disconnected", lambda *_: on_disconnected())
+        # Tracks subscribed while connecting fired before the handler existed: pick them up now.
+        for participant in room.remote_participants.values():
+            for publication in participant.track_publications.values():
+                if publication.track is not None and publication.subscribed:
+                    subscribed(publication.track, publication, participant)
+
+    async def _follow(self, speaker: str, display_name: str | None, stream: rtc.AudioStream) -> None:
+        try:
+            await self.listen(speaker, stream, display_name=display_name)
+        finally:
+            await stream.aclose()
+
+
+def turn_line(
+    report: dict[str, Any], speaker: str, transcript: str | None, after_speech_ms: float | None, interrupted: bool
+) -> str:
+    """One log line per turn: who answered whom, the routes, first audio, tokens processed and cached."""
+    route = report.get("route", {})
+    llm = report.get("llm", {})
+    first = report.get("timings_ms", {}).get("first_audio")
+    heard = f' "{transcript}"' if transcript is not None else ""
+    parts = [
+        f"turn {report.get('turn')} {speaker} -> {report.get('persona')}",
+        f"audio in {route.get('audio_in')}{heard}, out {route.get('audio_out')}",
+        "first audio " + (f"{first:.0f} ms" if first is not None else "none")
+        + (f" ({after_speech_ms:.0f} ms after end of speech)" if after_speech_ms is not None else ""),
+        f"tokens processed {llm.get('prompt_tokens_processed')}, cached {llm.get('prompt_tokens_cached')}",
+    ]
+    return " | ".join(parts) + (" | interrupted" if interrupted else "")
+
+
+def _log_to_stderr(message: str) -> None:
+    print(f"turnflow serve: {message}", file=sys.stderr, flush=True)
+
+
+async def serve_room(
+    recipe: str | Path,
+    *,
+    room: str,
+    personas: Sequence[str],
+    credentials: LiveKitCredentials,
+    backend: str | None = None,
+    log: Callable[[str], None] = _log_to_stderr,
+) -> int:
+    """Serve ``personas`` in ``room`` until SIGINT or SIGTERM (or the room goes away); returns the exit code."""
+    from turnflow.session import Session
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    handled: list[signal.Signals] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not on this platform / thread
+            loop.add_signal_handler(signum, stop.set)
+            handled.append(signum)
+    session = await asyncio.to_thread(Session, recipe, backend=backend)
+    agent = RoomAgent(session, room, personas, credentials=credentials, log=log, on_disconnected=stop.set)
+    try:
+        await agent.start()
+        log(f"in room {room!r} as {', '.join(agent.identities)} on {credentials.url}; Ctrl-C to leave")
+        await stop.wait()
+        log("leaving the room")
+    finally:
+        await agent.aclose()
+        await asyncio.to_thread(session.close)
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    log(f"left room {room!r} after {agent.turns_run} turn(s)")
+    return 0
+
+
+def run_room_agent(
+    recipe: str | Path,
+    *,
+    room: str,
+    personas: Sequence[str],
+    credentials: LiveKitCredentials,
+    backend: str | None = None,
+) -> int:
+    """Blocking entry point for the CLI: :func:`serve_room` in a fresh event loop."""
+    return asyncio.run(serve_room(recipe, room=room, personas=personas, credentials=credentials, backend=backend))
