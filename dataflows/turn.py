@@ -13,6 +13,7 @@ from typing import Any
 from hamilton.function_modifiers import config
 
 from turnflow.backend import Backend
+from turnflow.nodes.images import Image
 from turnflow.nodes.llm import ChatReply, ReplyStream
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
 from turnflow.nodes.speech import SpokenReply
@@ -134,6 +135,8 @@ def turn_report(
     speech: SpokenReply,
     transcript: str | None,
     audio_route_in: str,
+    images: list[Image],
+    route_images_in: str,
     slot: int | None,
     backend: Backend,
     composition_cache_stats: dict[str, Any],
@@ -164,11 +167,16 @@ def turn_report(
             "finish_reason": reply.finish_reason,
             "ttft_ms": _round(reply.ttft_ms),
         },
-        "route": {"audio_in": audio_route_in, "audio_out": speech.route},
+        "route": {
+            "audio_in": audio_route_in,
+            "audio_out": speech.route,
+            "images_in": route_images_in if images else "none",
+        },
         "invocations": {
             "stt": int(transcript is not None),
             "tts": len(speech.sentences) if speech.route == "tts" else 0,
             "llm": 1,
+            "describe": len(images) if route_images_in == "describe" else 0,
         },
         "transcript": transcript,
         "speech": {

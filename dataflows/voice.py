@@ -1,9 +1,11 @@
-"""The turn DAG's voice nodes: audio in, the hearing route, the speaking route.
+"""The turn DAG's voice nodes: audio and images in, the hearing and seeing routes, the speaking route.
 
 Routes are chosen when the driver is built, from what the backend reports it can do:
 
 - `route_audio_in=native`: the model hears; the speaker's audio goes in as an `input_audio` part, no STT.
 - `route_audio_in=stt`: a text-only model; the STT bridge transcribes the audio once.
+- `route_images_in=native`: the model sees; images go in as `image_url` parts. `describe`: the
+  description bridge puts each image into words once.
 - `route_audio_out=native`: the model speaks; its audio deltas are played as they arrive, no TTS.
 - `route_audio_out=tts`: the TTS bridge speaks each sentence in the persona's voice as soon as the
   sentence exists, while the model keeps generating.
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 from hamilton.function_modifiers import config
 
+from turnflow.nodes.images import Image, ImageError, load_image
 from turnflow.nodes.llm import ChatReply, Delta, ReplyStream
 from turnflow.nodes.media import Audio, decode_input_audio, load_audio, normalise
 from turnflow.nodes.speech import SentenceSplitter, SpeechBridges, SpokenReply, TtsVoice
@@ -56,22 +59,54 @@ def transcript__stt(media: Audio | None, speech_bridges: SpeechBridges) -> str |
     return None if media is None else speech_bridges.stt.transcribe(media)
 
 
+def images(images_in: Any) -> list[Image]:
+    """The images the speaker shared this turn (none for most turns)."""
+    return [load_image(item) for item in (images_in or [])]
+
+
+@config.when(route_images_in="native")
+def image_parts__native(images: list[Image]) -> tuple[dict[str, Any], ...]:
+    """Each image as an `image_url` part: the model sees it."""
+    return tuple({"type": "image_url", "image_url": {"url": image.data_url}} for image in images)
+
+
+@config.when(route_images_in="describe")
+def image_parts__describe(images: list[Image], speech_bridges: SpeechBridges) -> tuple[dict[str, Any], ...]:
+    """Each image put into words by the description bridge, for a model that does not see."""
+    if not images:
+        return ()
+    describer = speech_bridges.describer
+    if describer is None:
+        raise ImageError(
+            "this backend's model does not see images and the recipe has no description bridge; "
+            "add speech: {describe: {url: ..., model: ...}} or use a backend that sees"
+        )
+    return tuple(
+        {"type": "text", "text": f"[image {image.name}: {neutralise_control_tokens(describer.describe(image))}]"}
+        for image in images
+    )
+
+
 @config.when(route_audio_in="native")
-def user_content__native(text_in: str | None, media: Audio | None) -> UserContent:
+def user_content__native(
+    text_in: str | None, media: Audio | None, image_parts: tuple[dict[str, Any], ...]
+) -> UserContent:
     """What the speaker said: their audio as an `input_audio` part (plus any text), control tokens defused."""
     text = neutralise_control_tokens(text_in or "")
     if media is None:
-        return UserContent(text=text)
+        return UserContent(text=text, parts=image_parts)
     part = {"type": "input_audio",
             "input_audio": {"data": base64.b64encode(media.to_wav_bytes()).decode(), "format": "wav"}}
-    return UserContent(text=text, parts=(part,))
+    return UserContent(text=text, parts=(part, *image_parts))
 
 
 @config.when(route_audio_in="stt")
-def user_content__stt(text_in: str | None, transcript: str | None) -> UserContent:
+def user_content__stt(
+    text_in: str | None, transcript: str | None, image_parts: tuple[dict[str, Any], ...]
+) -> UserContent:
     """What the speaker said, as text: the transcript of their audio, or their text."""
     text = transcript if transcript is not None else (text_in or "")
-    return UserContent(text=neutralise_control_tokens(text), transcript=transcript)
+    return UserContent(text=neutralise_control_tokens(text), parts=image_parts, transcript=transcript)
 
 
 def hears(route_audio_in: str) -> bool:

@@ -392,10 +392,13 @@ class SentenceSplitter:
 class SpeechBridges:
     """The recipe's STT and TTS bridges, made on first use (pocketsphinx takes a moment to load)."""
 
-    def __init__(self, stt: str | dict[str, Any], tts: str | dict[str, Any]) -> None:
-        self._stt_spec, self._tts_spec = stt, tts
+    def __init__(
+        self, stt: str | dict[str, Any], tts: str | dict[str, Any], describe: str | dict[str, Any] | None = None
+    ) -> None:
+        self._stt_spec, self._tts_spec, self._describe_spec = stt, tts, describe
         self._stt: Stt | None = None
         self._tts: Tts | None = None
+        self._describer: Any = None
 
     @property
     def stt(self) -> Stt:
@@ -410,6 +413,15 @@ class SpeechBridges:
         if self._tts is None:
             self._tts = make_tts(self._tts_spec)
         return self._tts
+
+    @property
+    def describer(self) -> Any:
+        """The image description bridge, or None when the recipe declares none."""
+        if self._describer is None and self._describe_spec is not None:
+            from .images import make_describer
+
+            self._describer = make_describer(self._describe_spec)
+        return self._describer
 
 
 @dataclass

@@ -156,7 +156,7 @@ def test_cli_speaks_to_a_wav_file(servers: None, home: Path, utterances: list[Pa
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["route"] == {"audio_in": "stt", "audio_out": "tts"}
+    assert report["route"] == {"audio_in": "stt", "audio_out": "tts", "images_in": "none"}
     info = sf.info(out)
     assert info.channels == 1 and info.samplerate == 24000
     assert abs(info.duration - report["speech"]["audio_s"]) < 0.05 and info.duration > 0.5
@@ -218,8 +218,8 @@ def test_model_that_speaks_is_played_without_tts(tmp_path: Path, utterances: lis
     finally:
         server.shutdown()
     report = result.report
-    assert report["route"] == {"audio_in": "native", "audio_out": "native"}
-    assert report["invocations"] == {"stt": 0, "tts": 0, "llm": 1}
+    assert report["route"] == {"audio_in": "native", "audio_out": "native", "images_in": "none"}
+    assert report["invocations"] == {"stt": 0, "tts": 0, "llm": 1, "describe": 0}
     assert result.reply == "Hello there. Bye."
     assert len(chunks) == 5 and all(c.sample_rate == 24000 for c in chunks)
     assert abs(result.audio.duration_s - 1.0) < 1e-6

@@ -33,6 +33,7 @@ class Capabilities:
         return {
             "route_audio_in": "native" if self.audio_in else "stt",
             "route_audio_out": "native" if self.audio_out else "tts",
+            "route_images_in": "native" if self.vision else "describe",
         }
 
 

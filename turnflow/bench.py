@@ -312,9 +312,7 @@ def _sized(
     """Cut the examples down to `target_bytes` (when smaller), and the padding each persona needs to reach it."""
 
     def invariant_bytes(doc: dict[str, Any], rules_text: str) -> int:
-        persona = Persona.model_validate(doc)
-        parts = (sources.persona_identity(persona), rules_text.strip(), sources.tool_definitions(persona))
-        return sum(len(p.encode()) + 2 for p in parts)
+        return len(_invariant_text(doc, rules_text).encode())
 
     natural = sum(invariant_bytes(d, rules) for d in documents) / len(documents)
     fraction = min(1.0, target_bytes / natural)
@@ -330,6 +328,14 @@ def _sized(
         sized.append(doc)
         padding[doc["persona"]] = max(0, target_bytes - invariant_bytes(doc, cut_rules))
     return sized, cut_rules, padding
+
+
+def _invariant_text(doc: dict[str, Any], rules: str, padding_bytes: int = 0) -> str:
+    """A persona's invariant sections as the bench recipe renders them (identity, rules, tools, notes)."""
+    persona = Persona.model_validate(doc)
+    notes = reference_notes(persona, {persona.persona: padding_bytes})
+    parts = (sources.persona_identity(persona), rules.strip(), sources.tool_definitions(persona), notes)
+    return "\n\n".join(part for part in parts if part)
 
 
 class _BlockDumper(yaml.SafeDumper):
@@ -373,13 +379,21 @@ def context_per_slot(options: BenchOptions) -> int:
     return int(math.ceil(needed / 1024) * 1024)
 
 
-def write_recipe_folder(
-    folder: Path, options: BenchOptions, spec: BackendSpec, bytes_per_token: float, ctx_per_slot: int
-) -> Path:
-    """Write the bench recipe, its personas and backends.yaml into `folder`; returns the recipe's path."""
+def write_recipe_folder(folder: Path, options: BenchOptions, spec: BackendSpec, url: str, ctx_per_slot: int) -> Path:
+    """Write the bench recipe, its personas and backends.yaml into `folder`; returns the recipe's path.
+
+    Sizes are calibrated with the server's tokenizer: bytes per token of the examples first, then one
+    correction per persona from the token count of its rendered invariant text.
+    """
     example = yaml.safe_load(example_recipe_path().read_text(encoding="utf-8"))
-    target_bytes = int(max(250, options.prompt_tokens - FIRST_TURN_OVERHEAD_TOKENS) * bytes_per_token)
-    documents, rules, padding = _sized(persona_documents(options.personas), example["rules"], target_bytes)
+    ratio = bytes_per_token(url, _calibration_sample())
+    target_tokens = max(250, options.prompt_tokens - FIRST_TURN_OVERHEAD_TOKENS)
+    documents = persona_documents(options.personas)
+    documents, rules, padding = _sized(documents, example["rules"], int(target_tokens * ratio))
+    for doc in documents:
+        counted = count_tokens(url, _invariant_text(doc, rules, padding[doc["persona"]]))
+        if counted:
+            padding[doc["persona"]] = max(0, padding[doc["persona"]] + int((target_tokens - counted) * ratio))
     (folder / "personas").mkdir(parents=True, exist_ok=True)
     for doc in documents:
         _dump_yaml(folder / "personas" / f"{doc['persona']}.yaml", doc, "# Written by `turnflow bench`.\n")
@@ -425,18 +439,26 @@ def rss_mb(pid: int | None = None) -> float | None:
     return None
 
 
+def count_tokens(url: str, text: str) -> int | None:
+    """Tokens of `text` in the server's tokenizer (llama-server's `/tokenize`), or None when it has none."""
+    from turnflow.nodes.llm import server_root
+
+    try:
+        response = httpx.post(server_root(url) + "/tokenize", json={"content": text}, timeout=60.0)
+        tokens = response.json().get("tokens") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    return len(tokens) if tokens else None
+
+
 def bytes_per_token(url: str, sample: str) -> float:
     """UTF-8 bytes per token of `sample` in the server's tokenizer (`/tokenize`, else a 1-token completion)."""
-    from turnflow.nodes.llm import api_base, server_root
+    from turnflow.nodes.llm import api_base
 
+    counted = count_tokens(url, sample)
+    if counted:
+        return len(sample.encode()) / counted
     with httpx.Client(timeout=600.0) as http:
-        try:
-            response = http.post(server_root(url) + "/tokenize", json={"content": sample})
-            tokens = response.json().get("tokens") if response.status_code == 200 else None
-            if tokens:
-                return len(sample.encode()) / len(tokens)
-        except (httpx.HTTPError, ValueError):
-            pass
         response = http.post(
             api_base(url) + "/chat/completions",
             json={"messages": [{"role": "user", "content": sample}], "max_tokens": 1},
@@ -609,15 +631,12 @@ def _run_mode(
     sink: Any,
 ) -> None:
     """Run the whole script in one mode, in its own state folder and room(s), on the shared server."""
+    import inspect
+
     from turnflow.session import Session
 
     started = time.perf_counter()
-    takes_out = False
-    if clips:
-        import inspect
-
-        takes_out = "out" in inspect.signature(Session.turn).parameters
-    wav_dir = run.out / "state" / mode / "replies"
+    speaks = "audio_sink" in inspect.signature(Session.turn).parameters  # every reply is spoken into the room
     with Session(
         recipe_path, backend=BACKEND_NAME, state_dir=run.out / "state" / mode, assembly=ASSEMBLY[mode],
         warn=lambda message: run.warnings.append(f"{mode}: {message}"),
@@ -634,11 +653,10 @@ def _run_mode(
             kwargs: dict[str, Any] = {"persona": turn.persona, "room": turn.room, "speaker": turn.speaker}
             if turn.kind == "audio":
                 kwargs["audio"] = clips[turn.seq]
-                if takes_out:
-                    wav_dir.mkdir(parents=True, exist_ok=True)
-                    kwargs["out"] = str(wav_dir / f"{turn.seq:04d}-{turn.persona}.wav")
             else:
                 kwargs["text"] = turn.text
+            if speaks:
+                kwargs["audio_sink"] = _played
             turn_started = time.perf_counter()
             result = session.turn(**kwargs)
             record = _record(mode, turn, result.report, (time.perf_counter() - turn_started) * 1000, run)
@@ -647,9 +665,11 @@ def _run_mode(
             sink.flush()
             progress.set_postfix(processed=record.prompt_tokens_processed, e2e_ms=round(record.e2e_ms), refresh=False)
             progress.update(1)
-    if wav_dir.exists():
-        shutil.rmtree(wav_dir)  # the replies' audio only mattered for time to first audio
     run.wall_s[mode] = round(time.perf_counter() - started, 2)
+
+
+def _played(audio: Any) -> None:
+    """Where the bench plays the replies' audio: nowhere (time to first audio is what it measures)."""
 
 
 def run_bench(options: BenchOptions) -> BenchSummary:
@@ -681,8 +701,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
             url = server.up() if server else str(spec.url)
             if server:
                 run.server_pid = server.status().get("pid")
-            ratio = bytes_per_token(url, _calibration_sample())
-            recipe_path = write_recipe_folder(out / "recipe", options, spec, ratio, ctx_per_slot)
+            recipe_path = write_recipe_folder(out / "recipe", options, spec, url, ctx_per_slot)
             recipe = load_recipe(recipe_path)
             names = [(pid, find_persona(recipe, pid).name) for pid in recipe.personas or ()]
             script = conversation_script(
@@ -711,7 +730,6 @@ def run_bench(options: BenchOptions) -> BenchSummary:
         "mmproj": spec.mmproj,
         "slots": spec.slots if server else None,
         "ctx_per_slot": ctx_per_slot if server else None,
-        "bytes_per_token": round(ratio, 3),
         "pid": run.server_pid,
     }
     summary = summarise(

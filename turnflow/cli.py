@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from turnflow.nodes.images import ImageError
 from turnflow.nodes.media import AudioError
 from turnflow.recipe import RecipeError, backends_for, load_recipe, validate_paths
 
@@ -59,6 +60,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 room=args.room,
                 text=args.text,
                 audio=args.audio,
+                images=args.image,
                 speaker=args.speaker,
                 out=args.out,
                 on_text=show if streamed else None,
@@ -66,8 +68,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except TurnError as exc:
             print(f"turnflow: {exc}", file=sys.stderr)
             return 3
-        except AudioError as exc:
-            print(f"turnflow: audio refused, history unchanged: {exc}", file=sys.stderr)
+        except (AudioError, ImageError) as exc:
+            print(f"turnflow: input refused, history unchanged: {exc}", file=sys.stderr)
             return 2
     if args.json:
         print(json.dumps(result.report, indent=2, ensure_ascii=False))
@@ -204,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--speaker", default="user", help="who is speaking (a person's name)")
     what = run.add_mutually_exclusive_group(required=True)
     what.add_argument("--text")
-    what.add_argument("--audio", help="a WAV file")
+    what.add_argument("--audio", help="a WAV (or FLAC/OGG) file of what the speaker said")
+    run.add_argument("--image", action="append", help="an image the speaker shows (repeatable)")
     run.add_argument("--out", help="write the spoken reply to this WAV file")
     run.add_argument("--backend", help="override the recipe's backend")
     run.add_argument("--json", action="store_true", help="print the turn report as JSON")

@@ -101,6 +101,7 @@ class SpeechSpec(_Strict):
 
     stt: str | dict[str, Any] = "pocketsphinx"
     tts: str | dict[str, Any] = "espeak-ng"
+    describe: str | dict[str, Any] | None = None
 
 
 class CacheSpec(_Strict):

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import webrtcvad
@@ -32,11 +32,15 @@ from turnflow.nodes.publish import LiveKitPublisher, participant_token
 from turnflow.nodes.speech import SpeechBridges, Stt, Tts
 from turnflow.nodes.text import neutralise_control_tokens
 
+if TYPE_CHECKING:
+    from turnflow.session import Session, TurnResult
+
 __all__ = [
     "EndOfTurnDetector",
     "LiveKitCredentials",
     "MissingCredentialsError",
     "RoomAgent",
+    "RoomConnectError",
     "audio_from_frame",
     "choose_persona",
     "persona_identity",
@@ -242,6 +246,10 @@ def choose_persona(
 # --- LiveKit ---------------------------------------------------------------------------------------
 
 
+class RoomConnectError(RuntimeError):
+    """A persona could not join the LiveKit room."""
+
+
 class MissingCredentialsError(ValueError):
     """LiveKit settings absent from the environment."""
 
@@ -314,8 +322,8 @@ class _TranscribeOnce(SpeechBridges):
     def hear(self, audio: Audio) -> str:
         """Transcribe ``audio`` with the real bridge and remember it for the turn's STT node."""
         text = self._bridges.stt.transcribe(audio)
-        with self._lock:
-            self._heard[self._key(audio)] = text
+        with self._lock:  # turns run one at a time: only the latest utterance can still be waiting
+            self._heard = {self._key(audio): text}
         return text
 
     def transcribe(self, audio: Audio) -> str:
@@ -410,7 +418,7 @@ class _Voice:
 class RoomAgent:
     """The personas of one session in one LiveKit room: each speaks with its own track; the first one listens.
 
-    ``session`` is a :class:`turnflow.Session`. Turns run one at a time (a room has one history), each in
+    Turns run one at a time (a room has one history), each in
     a worker thread; reply audio reaches the chosen persona's track as soon as it exists. On a backend
     that hears natively no STT runs, so no persona can be named and the turn goes to the last persona
     addressed (else ``routing.default``, else the first persona). On a text-only backend the utterance
@@ -419,7 +427,7 @@ class RoomAgent:
 
     def __init__(
         self,
-        session: Any,
+        session: Session,
         room: str,
         personas: Sequence[str],
         *,
@@ -487,12 +495,20 @@ class RoomAgent:
                 can_subscribe=listens,  # least grants: only the listening connection subscribes
             )
             publisher = self._voices[persona_id].publisher
-            connected = await publisher.connect(self.credentials.url, token)
+            try:
+                connected = await publisher.connect(self.credentials.url, token)
+            except rtc.ConnectError as error:
+                raise RoomConnectError(
+                    f"could not join room {self.room!r} at {self.credentials.url} as "
+                    f"{persona_identity(persona_id)}: {error}"
+                ) from error
             await publisher.publish()
             if listens:
                 self._listen_to(connected)
 
-    async def handle_utterance(self, speaker: str, utterance: Audio, *, display_name: str | None = None) -> Any:
+    async def handle_utterance(
+        self, speaker: str, utterance: Audio, *, display_name: str | None = None
+    ) -> TurnResult | None:
         """Run the turn for what ``speaker`` just said and publish the reply; returns the TurnResult (or None)."""
         async with self._turn_lock:
             if self._closed:
@@ -503,6 +519,9 @@ class RoomAgent:
             except AudioError as error:
                 self._log(f"{speaker}: utterance ignored: {error}")
                 return None
+            except Exception as error:  # the STT bridge failed: this utterance is lost, the room goes on
+                self._log(f"{speaker}: utterance not understood: {type(error).__name__}: {error}")
+                return None
             voice = self._voices[persona_id]
             generation, sink = voice.begin_reply(asyncio.get_running_loop())
             try:
@@ -510,9 +529,13 @@ class RoomAgent:
                     self.session.turn, persona=persona_id, room=self.room, audio=utterance, speaker=speaker,
                     audio_sink=sink,
                 )
-            except Exception as error:  # TurnError / AudioError: the history is unchanged, the room goes on
+            except AudioError as error:
                 voice.interrupt()
-                self._log(f"turn for {persona_id} <- {speaker} failed, history unchanged: {error}")
+                self._log(f"{speaker} -> {persona_id}: audio refused, history unchanged: {error}")
+                return None
+            except Exception as error:  # a TurnError says the history is unchanged; the room goes on
+                voice.interrupt()
+                self._log(f"{speaker} -> {persona_id}: {type(error).__name__}: {error}")
                 return None
             finally:
                 voice.end_reply(generation)

@@ -23,6 +23,7 @@ from turnflow.backend import Backend, Capabilities, open_backend
 from turnflow.cache import CompositionCache, Event
 from turnflow.dataflows.turn import TierViolationError
 from turnflow.driver import build_driver, collect_node_timings, stop_collecting
+from turnflow.nodes.images import ImageError
 from turnflow.nodes.llm import BackendError, ChatReply
 from turnflow.nodes.media import Audio, AudioError
 from turnflow.nodes.prompt import Prompt
@@ -78,7 +79,8 @@ class Session:
         self._backend_spec = backends[self.backend_name]
         self._backend: Backend | None = None
         self._personas: dict[str, Persona] = {}
-        self.bridges = SpeechBridges(self.recipe.speech.stt, self.recipe.speech.tts)
+        speech = self.recipe.speech
+        self.bridges = SpeechBridges(speech.stt, speech.tts, speech.describe)
         recipe_id = self.recipe.recipe
         self._publish_if_changed(f"recipe:{recipe_id}", self.recipe.digest, Event.recipe_changed(recipe_id))
 
@@ -173,7 +175,8 @@ class Session:
         return build_driver(self.recipe, {**caps.profile, "assembly": self.assembly})
 
     def _inputs(
-        self, persona: str, room: str, text: str | None, speaker: str, now: datetime | None, audio: Any = None
+        self, persona: str, room: str, text: str | None, speaker: str, now: datetime | None, audio: Any = None,
+        images: list[Any] | None = None,
     ) -> dict[str, Any]:
         """The DAG inputs of one turn (the room as it is now)."""
         self.cache.begin_turn()
@@ -189,6 +192,7 @@ class Session:
             "speaker": speaker,
             "text_in": text,
             "audio_in": audio,
+            "images_in": list(images or []),
             "strict": self.strict,
             "store": self.store,
             "composition_cache": self.cache if self.assembly == "stable_first" else None,
@@ -209,6 +213,7 @@ class Session:
         room: str = "default",
         text: str | None = None,
         audio: Any = None,
+        images: list[Any] | None = None,
         speaker: str = "user",
         out: str | Path | None = None,
         audio_sink: Callable[[Audio], None] | None = None,
@@ -218,12 +223,13 @@ class Session:
         """Run one turn: `speaker` says `text` or `audio` to `persona` in `room`.
 
         `audio` is a WAV path, WAV/PCM bytes, a numpy array, an `Audio`, or an OpenAI `input_audio` dict
-        (`{"data": base64, "format": "wav"}`). The reply is spoken when `out` (a WAV file) or `audio_sink`
+        (`{"data": base64, "format": "wav"}`); `images` are paths, bytes, data URLs or `image_url` parts.
+        The reply is spoken when `out` (a WAV file) or `audio_sink`
         (called with each chunk of reply audio as soon as it exists) is given. Bad audio raises `AudioError`;
-        a failed turn raises `TurnError`. Either way the room's history is unchanged.
+        bad images `ImageError`; a failed turn raises `TurnError`. Either way the room's history is unchanged.
         """
-        if text is None and audio is None:
-            raise ValueError("a turn needs text= or audio= (what the speaker said)")
+        if text is None and audio is None and not images:
+            raise ValueError("a turn needs text=, audio= or images= (what the speaker said or showed)")
         setup_started = time.perf_counter()
         persona_model = self.persona(persona)
         backend = self.backend
@@ -232,7 +238,7 @@ class Session:
         setup_ms = (started - setup_started) * 1000
         sink, wav = _audio_sink(out, audio_sink)
         inputs = {
-            **self._inputs(persona, room, text, speaker, now, audio),
+            **self._inputs(persona, room, text, speaker, now, audio, images),
             "backend": backend,
             "on_text": on_text,
             "audio_sink": sink,
@@ -242,7 +248,7 @@ class Session:
         timings, token = collect_node_timings()
         try:
             outputs = dr.execute(["turn_report", "prompt", "reply", "speech", "user_content"], inputs=inputs)
-        except AudioError:
+        except (AudioError, ImageError):
             raise
         except (BackendError, TierViolationError) as exc:
             raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
