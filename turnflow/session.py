@@ -93,6 +93,13 @@ class Session:
             self._backend = open_backend(self.backend_name, self._backend_spec)
         return self._backend
 
+    def _drop_backend(self) -> None:
+        """Forget the connection after a failure: the next turn reconnects and asks the server again what it
+        can do (an embedded server that died is started again)."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
     def close(self) -> None:
         """Close the store, the cache and the backend client (an embedded server keeps running)."""
         if self._backend is not None:
@@ -251,6 +258,8 @@ class Session:
         except (AudioError, ImageError):
             raise
         except (BackendError, TierViolationError) as exc:
+            if isinstance(exc, BackendError):
+                self._drop_backend()
             raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
         except Exception as exc:  # a user's source raised, or a node failed: the turn fails, the room stays intact
             raise TurnError(
