@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.resources
 import importlib.util
 import inspect
 import sys
@@ -514,9 +515,7 @@ def load_backends(*paths: Path) -> dict[str, BackendSpec]:
 
 def default_backends_path() -> Path:
     """The embedded defaults' backends.yaml (shipped inside the package)."""
-    from turnflow import recipes as _recipes
-
-    return Path(_recipes.__file__).parent / "backends.yaml"
+    return Path(str(importlib.resources.files("turnflow.recipes") / "backends.yaml"))
 
 
 def backends_for(recipe: Recipe) -> dict[str, BackendSpec]:
@@ -840,7 +839,7 @@ def _salvaged_problems(doc: _Document, schema_problems: list[Problem]) -> list[P
         except ValidationError:
             continue
     fields = set(Recipe.model_fields)
-    kept = {}
+    kept: dict[str, Any] = {}
     for key, value in data.items():
         if key not in fields or key == "sources":
             continue
