@@ -55,3 +55,10 @@ def copy_recipe_folder(tmp_path: Path) -> Path:
     target = tmp_path / "recipes"
     shutil.copytree(REPO / "recipes", target, ignore=shutil.ignore_patterns("__pycache__", "*.py"))
     return target / "voice-chat.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _server_tests_need_llama_server(request: pytest.FixtureRequest) -> None:
+    """Tests marked `server` are skipped, visibly, where llama-server is not installed."""
+    if request.node.get_closest_marker("server") is not None:
+        llama_server_or_skip()
