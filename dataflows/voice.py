@@ -54,9 +54,14 @@ def transcript__native(media: Audio | None) -> str | None:
 
 
 @config.when(route_audio_in="stt")
-def transcript__stt(media: Audio | None, speech_bridges: SpeechBridges) -> str | None:
-    """The STT bridge's transcript of the speaker's audio (None for a text turn)."""
-    return None if media is None else speech_bridges.stt.transcribe(media)
+def transcript__stt(media: Audio | None, speech_bridges: SpeechBridges, transcript_in: str | None) -> str | None:
+    """The STT bridge's transcript of the speaker's audio (None for a text turn).
+
+    A caller that already transcribed the audio once (a room agent choosing who answers) passes it in.
+    """
+    if media is None:
+        return None
+    return transcript_in if transcript_in is not None else speech_bridges.stt.transcribe(media)
 
 
 def images(images_in: Any) -> list[Image]:

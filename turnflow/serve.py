@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import re
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +27,6 @@ from livekit import rtc
 
 from turnflow.nodes.media import Audio, AudioError
 from turnflow.nodes.publish import LiveKitPublisher, participant_token
-from turnflow.nodes.speech import SpeechBridges, Stt, Tts
 from turnflow.nodes.text import neutralise_control_tokens
 
 if TYPE_CHECKING:
@@ -297,46 +294,6 @@ def audio_from_frame(frame: rtc.AudioFrame) -> Audio:
     return Audio(pcm, frame.sample_rate)
 
 
-class _TranscribeOnce(SpeechBridges):
-    """The session's speech bridges, with each routed utterance transcribed once for routing and turn alike.
-
-    The agent must know who was named before it can run the turn, and on a text-only backend the turn's
-    own STT node would transcribe the same audio again; this STT hands it the router's transcript.
-    """
-
-    def __init__(self, bridges: SpeechBridges) -> None:
-        self._bridges = bridges
-        self._heard: dict[str, str] = {}
-        self._lock = threading.Lock()
-
-    @property
-    def stt(self) -> Stt:
-        """An STT that answers a routed utterance from memory and anything else with the real bridge."""
-        return self
-
-    @property
-    def tts(self) -> Tts:
-        """The session's TTS bridge."""
-        return self._bridges.tts
-
-    def hear(self, audio: Audio) -> str:
-        """Transcribe ``audio`` with the real bridge and remember it for the turn's STT node."""
-        text = self._bridges.stt.transcribe(audio)
-        with self._lock:  # turns run one at a time: only the latest utterance can still be waiting
-            self._heard = {self._key(audio): text}
-        return text
-
-    def transcribe(self, audio: Audio) -> str:
-        """The remembered transcript of ``audio`` (once), else the real bridge's."""
-        with self._lock:
-            remembered = self._heard.pop(self._key(audio), None)
-        return remembered if remembered is not None else self._bridges.stt.transcribe(audio)
-
-    @staticmethod
-    def _key(audio: Audio) -> str:
-        return f"{audio.sample_rate}:{hashlib.sha256(audio.samples.tobytes()).hexdigest()}"
-
-
 class _Voice:
     """One persona's publisher, fed in order from a queue that the turn's worker thread fills."""
 
@@ -466,7 +423,6 @@ class RoomAgent:
         self._listeners: dict[str, asyncio.Task[None]] = {}
         self._turns: set[asyncio.Task[Any]] = set()
         self._turn_lock = asyncio.Lock()
-        self._bridges: _TranscribeOnce | None = None
         self._closed = False
 
     @property
@@ -527,7 +483,7 @@ class RoomAgent:
             try:
                 result = await asyncio.to_thread(
                     self.session.turn, persona=persona_id, room=self.room, audio=utterance, speaker=speaker,
-                    audio_sink=sink,
+                    transcript=transcript, audio_sink=sink,
                 )
             except AudioError as error:
                 voice.interrupt()
@@ -637,12 +593,9 @@ class RoomAgent:
             self.session.join(self.room, speaker, display_name=neutralise_control_tokens(display_name))
         transcript: str | None = None
         if not self.session.backend.capabilities.audio_in:
-            if self._bridges is None or self.session.bridges is not self._bridges:
-                self._bridges = _TranscribeOnce(self.session.bridges)
-                self.session.bridges = self._bridges
-            heard = media(utterance, self.session.recipe)  # exactly what the turn's STT node will receive
+            heard = media(utterance, self.session.recipe)  # exactly what the turn's STT node would receive
             if heard is not None:
-                transcript = self._bridges.hear(heard)
+                transcript = self.session.bridges.stt.transcribe(heard)  # once: the turn is given it
         chosen = choose_persona(transcript, self.display_names, self.last_addressed, self._routing_default)
         return chosen, transcript
 

@@ -183,7 +183,7 @@ class Session:
 
     def _inputs(
         self, persona: str, room: str, text: str | None, speaker: str, now: datetime | None, audio: Any = None,
-        images: list[Any] | None = None,
+        images: list[Any] | None = None, transcript: str | None = None,
     ) -> dict[str, Any]:
         """The DAG inputs of one turn (the room as it is now)."""
         self.cache.begin_turn()
@@ -200,6 +200,7 @@ class Session:
             "text_in": text,
             "audio_in": audio,
             "images_in": list(images or []),
+            "transcript_in": transcript,
             "strict": self.strict,
             "store": self.store,
             "composition_cache": self.cache if self.assembly == "stable_first" else None,
@@ -221,6 +222,7 @@ class Session:
         text: str | None = None,
         audio: Any = None,
         images: list[Any] | None = None,
+        transcript: str | None = None,
         speaker: str = "user",
         out: str | Path | None = None,
         audio_sink: Callable[[Audio], None] | None = None,
@@ -231,7 +233,8 @@ class Session:
 
         `audio` is a WAV path, WAV/PCM bytes, a numpy array, an `Audio`, or an OpenAI `input_audio` dict
         (`{"data": base64, "format": "wav"}`); `images` are paths, bytes, data URLs or `image_url` parts.
-        The reply is spoken when `out` (a WAV file) or `audio_sink`
+        `transcript` is this audio's transcript when the caller already made one (the STT bridge then does not
+        run again). The reply is spoken when `out` (a WAV file) or `audio_sink`
         (called with each chunk of reply audio as soon as it exists) is given. Bad audio raises `AudioError`;
         bad images `ImageError`; a failed turn raises `TurnError`. Either way the room's history is unchanged.
         """
@@ -245,7 +248,7 @@ class Session:
         setup_ms = (started - setup_started) * 1000
         sink, wav = _audio_sink(out, audio_sink)
         inputs = {
-            **self._inputs(persona, room, text, speaker, now, audio, images),
+            **self._inputs(persona, room, text, speaker, now, audio, images, transcript),
             "backend": backend,
             "on_text": on_text,
             "audio_sink": sink,
