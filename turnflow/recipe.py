@@ -82,6 +82,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _FromFile(_Strict):
+    """A model loaded from a YAML file: it remembers the file and a digest of its content."""
+
+    _path: Path | None = PrivateAttr(default=None)
+    _digest: str = PrivateAttr(default="")
+
+    @property
+    def path(self) -> Path | None:
+        """The file it was loaded from."""
+        return self._path
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the file's canonical content: changes whenever the content does."""
+        return self._digest
+
+
 class SourceSpec(_Strict):
     """One section of the prompt: which function renders it, its tier, and the keys its result is cached under."""
 
@@ -140,7 +157,7 @@ class RoutingSpec(_Strict):
     end_of_turn_silence_ms: int = Field(default=700, ge=100)
 
 
-class Recipe(_Strict):
+class Recipe(_FromFile):
     """One kind of turn."""
 
     recipe: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
@@ -157,23 +174,10 @@ class Recipe(_Strict):
     media: MediaSpec = MediaSpec()
     routing: RoutingSpec = RoutingSpec()
 
-    _path: Path | None = PrivateAttr(default=None)
-    _digest: str = PrivateAttr(default="")
-
-    @property
-    def path(self) -> Path | None:
-        """The file the recipe was loaded from."""
-        return self._path
-
     @property
     def folder(self) -> Path:
         """The recipe's folder: personas and the user's own source modules are found beside it."""
         return self._path.parent if self._path else Path.cwd()
-
-    @property
-    def digest(self) -> str:
-        """SHA-256 of the recipe's canonical content: changes whenever the recipe does."""
-        return self._digest
 
 
 class Tool(_Strict):
@@ -219,7 +223,7 @@ class SkillSpec(_Strict):
     scale: float = Field(default=1.0, ge=0)
 
 
-class Persona(_Strict):
+class Persona(_FromFile):
     """One identity."""
 
     persona: str = Field(pattern=r"^[A-Za-z0-9][\w-]*$")
@@ -230,19 +234,6 @@ class Persona(_Strict):
     tools: tuple[Tool, ...] = ()
     voice: VoiceSpec = VoiceSpec()
     skills: tuple[SkillSpec, ...] = ()
-
-    _path: Path | None = PrivateAttr(default=None)
-    _digest: str = PrivateAttr(default="")
-
-    @property
-    def path(self) -> Path | None:
-        """The file the persona was loaded from."""
-        return self._path
-
-    @property
-    def digest(self) -> str:
-        """SHA-256 of the persona's canonical content."""
-        return self._digest
 
 
 class BackendSpec(_Strict):
