@@ -93,7 +93,7 @@ NOTE_WORDS = (
 ).split()
 """Vocabulary of the deterministic reference notes that pad prompts to the requested size."""
 
-FIRST_TURN_OVERHEAD_TOKENS = 250
+FIRST_TURN_OVERHEAD_TOKENS = 300
 """Tokens a first turn adds to the invariant sections: participants, adapters, time, the question, chat markup."""
 
 
@@ -309,21 +309,25 @@ def persona_documents(count: int) -> list[dict[str, Any]]:
 def _sized(
     documents: list[dict[str, Any]], rules: str, target_bytes: int
 ) -> tuple[list[dict[str, Any]], str, dict[str, int]]:
-    """Cut the examples down to `target_bytes` (when smaller), and the padding each persona needs to reach it."""
+    """Cut the examples down when `target_bytes` is smaller than they are, and the padding each persona needs.
+
+    Cuts keep whole lines and aim a little below the target, so that the padding (which is exact) fills the rest.
+    """
 
     def invariant_bytes(doc: dict[str, Any], rules_text: str) -> int:
         return len(_invariant_text(doc, rules_text).encode())
 
+    aim = 0.9 * target_bytes
     natural = sum(invariant_bytes(d, rules) for d in documents) / len(documents)
-    fraction = min(1.0, target_bytes / natural)
-    cut_rules = _cut(rules, fraction)
+    cut_rules = _cut(rules, aim / natural)
     sized, padding = [], {}
     for doc in documents:
+        fraction = aim / invariant_bytes(doc, rules)
         tools = sorted(doc.get("tools") or [], key=lambda t: t["function"]["name"])
         doc = {
             **doc,
             "system_prompt": _cut(doc["system_prompt"], fraction),
-            "tools": tools[: max(1, round(fraction * len(tools)))] if tools else [],
+            "tools": tools[: max(1, round(min(1.0, fraction) * len(tools)))] if tools else [],
         }
         sized.append(doc)
         padding[doc["persona"]] = max(0, target_bytes - invariant_bytes(doc, cut_rules))
@@ -485,6 +489,22 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 @contextmanager
+def _exit_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit while the bench runs, so that its model server is stopped on the way out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def _turnflow_home(path: Path) -> Iterator[None]:
     """Point TURNFLOW_HOME at `path` for the bench, so its server never meets the user's."""
     previous = os.environ.get("TURNFLOW_HOME")
@@ -519,7 +539,7 @@ def conversation_script(
     personas: Sequence[tuple[str, str]], turns: int, *, audio: bool, room_per_persona: bool
 ) -> list[ScriptedTurn]:
     """The conversation: rounds in which each person addresses the next persona by name; audio every second turn."""
-    script = []
+    script: list[ScriptedTurn] = []
     for round_no in range(turns):
         for index, (persona_id, name) in enumerate(personas):
             seq = len(script) + 1
@@ -695,7 +715,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
     ctx_per_slot = context_per_slot(options)
     spec = backend_spec(options, ctx_per_slot=ctx_per_slot, audio=audio)
 
-    with _turnflow_home(out / "home"):
+    with _turnflow_home(out / "home"), _exit_on_sigterm():
         server = EmbeddedServer(BACKEND_NAME, spec) if spec.kind == "embedded" else None
         try:
             url = server.up() if server else str(spec.url)
@@ -722,6 +742,10 @@ def run_bench(options: BenchOptions) -> BenchSummary:
             if server:
                 server.down()
 
+    notes.append(
+        "the turnflow run goes first, then the naive run (so naive requests never evict turnflow's slots); "
+        "latencies include whatever else the machine was doing (see load_average)"
+    )
     notes.extend(run.warnings[:20])
     server_info = {
         "url": url,
@@ -1011,13 +1035,13 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.titleweight": "bold", "figure.dpi": 110})
     by_mode = {mode: sorted((r for r in records if r.mode == mode), key=lambda r: r.seq) for mode in MODES}
     plots: dict[str, str] = {}
     subtitle = (
-        f"{summary.config['personas']} personas · {summary.config['turns']} turns each · "
+        f"{summary.config['personas']} personas ({summary.config['rooms']}) · {summary.config['turns']} turns each · "
         f"~{summary.prompt_tokens_first_turn / 1000:.1f}k-token prompts · {summary.server.get('model') or 'server'}"
     )
 
@@ -1043,6 +1067,7 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
                        facecolors="none", edgecolors=COLORS[mode], lw=1.2, zorder=3)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("turn in the conversation" + (" (hollow rings: audio turns)" if summary.audio_turns else ""))
     ax.set_ylabel("prompt tokens (log scale)")
@@ -1099,6 +1124,8 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
             if min(values) > 0 and max(values) / min(values) > 20:
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_formatter(NullFormatter())
+            else:
+                ax.set_ylim(bottom=0)
         ax.set_xticks(positions, MODES)
         ax.set_xlim(0.4, len(MODES) + 0.8)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_ms(v)))
@@ -1114,7 +1141,8 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     timeline = by_mode["turnflow"] + by_mode["naive"]
     steps = list(range(1, len(timeline) + 1))
     if any(r.server_rss_mb is not None for r in timeline):
-        ax.plot(steps, [r.server_rss_mb for r in timeline], color="#3b5bdb", lw=2, label="model server")
+        server_mb = [np.nan if r.server_rss_mb is None else r.server_rss_mb for r in timeline]
+        ax.plot(steps, server_mb, color="#3b5bdb", lw=2, label="model server")
     ax.plot(steps, [r.turnflow_rss_mb for r in timeline], color="#868e96", lw=2, ls="--", label="turnflow process")
     split = len(by_mode["turnflow"])
     if split and split < len(timeline):

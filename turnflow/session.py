@@ -275,7 +275,7 @@ class Session:
         report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]
         speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
         persona_who = Participant(persona, "persona", persona_model.name)
-        said = outputs["user_content"].transcript or text or ("[voice message]" if audio is not None else "")
+        said = outputs["user_content"].transcript or text or ""
         self.store.commit_turn(
             room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, reply.text
         )

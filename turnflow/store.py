@@ -90,9 +90,9 @@ class StoredMessage:
             return {"role": "user", "content": f"{self.display_name}: {self.text}"}
         if hears or not isinstance(self.content, list):
             return {"role": "user", "content": self.content}
+        spoken = f"[voice message: {self.text}]" if self.text else "[voice message]"
         parts = [
-            {"type": "text", "text": f"[voice message: {self.text}]"} if part.get("type") == "input_audio" else part
-            for part in self.content
+            {"type": "text", "text": spoken} if part.get("type") == "input_audio" else part for part in self.content
         ]
         return {"role": "user", "content": parts}
 
