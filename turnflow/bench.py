@@ -379,7 +379,7 @@ def backend_spec(options: BenchOptions, *, ctx_per_slot: int, audio: bool) -> Ba
 def context_per_slot(options: BenchOptions) -> int:
     """Context each slot needs: the prompt plus the history the conversation grows (generously)."""
     exchanges = options.turns * (1 if options.room_per_persona else options.personas)
-    needed = options.prompt_tokens + exchanges * 450 + 2048
+    needed = options.prompt_tokens + exchanges * 320 + 2048
     return int(math.ceil(needed / 1024) * 1024)
 
 
@@ -882,7 +882,7 @@ def summarise(
             "quick": options.quick,
             "model": options.model if not options.backend_url else None,
             "backend_url": options.backend_url,
-            "rooms": "one per persona" if options.room_per_persona else "one shared room",
+            "rooms": "a room each" if options.room_per_persona else "one shared room",
             "audio": options.audio,
         },
         server=server,
@@ -977,7 +977,8 @@ def markdown_report(summary: BenchSummary) -> str:
         f"Model server resident memory, peak: {_fmt_int(summary.server_rss_mb)} MB (shared by both modes); "
         f"turnflow process: {_fmt_int(summary.turnflow_rss_mb)} MB.",
         "",
-        "turnflow's own time per node (p50 over every turnflow-mode turn; `reply` is the model call):",
+        "Time per node of the turn DAG (p50 over the turnflow run). `speech` reads the model's stream and speaks it "
+        "(model and TTS time), `transcript` is the STT bridge; the rest is turnflow's own work:",
         "",
         "| node | p50 |",
         "| --- | ---: |",
@@ -1021,6 +1022,12 @@ def _style(ax: Any) -> None:
     ax.set_axisbelow(True)
 
 
+def _tick_ms(value: float) -> str:
+    if value == 0:
+        return "0"
+    return f"{value / 1000:g} s" if value >= 1000 else f"{value:g} ms"
+
+
 def _human(value: float) -> str:
     if value >= 1e6:
         return f"{value / 1e6:.2f}M"
@@ -1048,23 +1055,28 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     # 1. tokens processed per turn, and cumulative
     fig, (ax, ax_sum) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
     warm = [r.seq for r in by_mode["turnflow"] if not r.steady]
+    last = max((r.seq for r in records), default=1)
     if warm:
         ax.axvspan(0.5, max(warm) + 0.5, color="#f2f2f2", zorder=0)
-        ax.text(
-            (max(warm) + 1) / 2, 0.02, f"warm-up: each persona's\nturns 1–{STEADY_FROM_TURN - 1}",
-            transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8, color="#777777",
-        )
+        label = f"warm-up: each persona's turns 1–{STEADY_FROM_TURN - 1}"
+        if max(warm) > 0.25 * last:
+            ax.text((max(warm) + 1) / 2, 0.02, label.replace(": ", ":\n"), transform=ax.get_xaxis_transform(),
+                    ha="center", va="bottom", fontsize=8, color="#777777")
+        else:
+            ax.text(max(warm) + 0.01 * last, 0.02, "← " + label, transform=ax.get_xaxis_transform(),
+                    ha="left", va="bottom", fontsize=8, color="#777777")
     tf_rows = by_mode["turnflow"]
+    dense = len(tf_rows) > 40
     ax.plot([r.seq for r in tf_rows], [r.prompt_tokens for r in tf_rows], color="#9a9a9a", lw=1, ls="--",
             label="prompt size (tokens sent)")
     for mode in MODES:
         rows = by_mode[mode]
         ax.plot([r.seq for r in rows], [max(1, r.prompt_tokens_processed) for r in rows], color=COLORS[mode],
-                lw=1.8, marker="o", ms=3, label=f"{mode}: tokens processed")
+                lw=1.3 if dense else 1.8, marker="o", ms=0 if dense else 3, label=f"{mode}: tokens processed")
         audio = [r for r in rows if r.kind == "audio"]
         if audio:
-            ax.scatter([r.seq for r in audio], [max(1, r.prompt_tokens_processed) for r in audio], s=28,
-                       facecolors="none", edgecolors=COLORS[mode], lw=1.2, zorder=3)
+            ax.scatter([r.seq for r in audio], [max(1, r.prompt_tokens_processed) for r in audio],
+                       s=9 if dense else 28, facecolors="none", edgecolors=COLORS[mode], lw=0.9, zorder=3)
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _human(v)))
     ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
@@ -1108,30 +1120,33 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
         positions = list(range(1, len(MODES) + 1))
         present = [(p, d, m) for p, d, m in zip(positions, data, MODES, strict=True) if d]
         if present:
-            parts = ax.violinplot([d for _, d, _ in present], positions=[p for p, _, _ in present], widths=0.8,
-                                  showextrema=False)
-            for body, (_, _, mode) in zip(parts["bodies"], present, strict=True):
-                body.set_facecolor(COLORS[mode])
-                body.set_alpha(0.18)
-            for position, values, mode in present:
-                ax.scatter(position + rng.uniform(-0.12, 0.12, len(values)), values, s=10, color=COLORS[mode],
-                           alpha=0.6, lw=0)
-                median = float(np.median(values))
-                ax.hlines(median, position - 0.3, position + 0.3, color=COLORS[mode], lw=2.5)
-                ax.annotate(_fmt_ms(median), (position + 0.32, median), va="center", fontsize=9,
-                            color=COLORS[mode], fontweight="bold")
             values = [v for _, d, _ in present for v in d]
-            if min(values) > 0 and max(values) / min(values) > 20:
+            log = min(values) > 0 and max(values) / min(values) > 20
+            if log:
                 ax.set_yscale("log")
                 ax.yaxis.set_minor_formatter(NullFormatter())
-            else:
+            boxes = ax.boxplot([d for _, d, _ in present], positions=[p for p, _, _ in present], widths=0.5,
+                               whis=(5, 95), showfliers=False, patch_artist=True, medianprops={"lw": 0})
+            for box, (_, _, mode) in zip(boxes["boxes"], present, strict=True):
+                box.set(facecolor=COLORS[mode], alpha=0.15, edgecolor=COLORS[mode])
+            for line in boxes["whiskers"] + boxes["caps"]:
+                line.set(color="#999999", lw=1)
+            for position, data, mode in present:
+                ax.scatter(position + rng.uniform(-0.14, 0.14, len(data)), data, s=10, color=COLORS[mode],
+                           alpha=0.55, lw=0, zorder=3)
+                median = float(np.median(data))
+                ax.hlines(median, position - 0.25, position + 0.25, color=COLORS[mode], lw=2.5, zorder=4)
+                ax.annotate(_fmt_ms(median), (position + 0.3, median), va="center", fontsize=9,
+                            color=COLORS[mode], fontweight="bold")
+            if not log:
                 ax.set_ylim(bottom=0)
         ax.set_xticks(positions, MODES)
         ax.set_xlim(0.4, len(MODES) + 0.8)
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _fmt_ms(v)))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_ms(v)))
         ax.set_title(title)
         _style(ax)
-    fig.suptitle(f"Steady state (each persona's turns {STEADY_FROM_TURN}+); line = median · " + subtitle,
+    fig.suptitle(f"Steady state (each persona's turns {STEADY_FROM_TURN}+); line = median, box = quartiles, "
+                 "whiskers = 5th–95th percentile · " + subtitle,
                  fontsize=9, color="#555555", x=0.01, ha="left")
     fig.tight_layout()
     plots["latency"] = _save(fig, out / "latency.png")
@@ -1157,6 +1172,10 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     ax.legend(frameon=False, loc="lower right")
     _style(ax)
     ax.set_title("Resident memory", pad=18)
+    if summary.server.get("embedded"):
+        fig.text(0.01, -0.02, "The model server's memory includes llama-server's host prompt cache (--cache-ram, "
+                 "8 GiB by default), which keeps the state of recent prompts and grows with every distinct one.",
+                 fontsize=8, color="#666666", ha="left", va="top")
     fig.tight_layout()
     plots["memory"] = _save(fig, out / "memory.png")
     return plots

@@ -1,0 +1,99 @@
+"""`turnflow bench` end to end: a tiny run on the tiny model against a real llama-server, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import llama_server_or_skip
+
+from turnflow.bench import BenchOptions, conversation_script, persona_documents, reference_notes
+from turnflow.recipe import Persona
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    """`turnflow bench --json` with 2 personas, 3 turns each, ~1.5k-token prompts, on the tiny model."""
+    llama_server_or_skip()
+    out = tmp_path_factory.mktemp("bench")
+    command = [
+        sys.executable, "-m", "turnflow.cli", "bench", "--json", "--model", "tiny",
+        "--personas", "2", "--turns", "3", "--prompt-tokens", "1500", "--out", str(out),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TURNFLOW_HOME"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)  # ~25 s when idle
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    return json.loads(finished.stdout), out
+
+
+def test_summary_has_the_promised_keys(tiny_run: tuple[dict, Path]) -> None:
+    summary, _ = tiny_run
+    for key in ("ratio_processed", "prefix_stable", "stt_invocations_native", "tts_invocations", "server_rss_mb",
+                "plots", "audio_turns"):
+        assert key in summary, key
+    for mode in ("turnflow", "naive"):
+        for key in ("cache_hit_ratio", "prompt_tokens_processed", "first_audio_ms_p50", "e2e_ms_p50",
+                    "stt_invocations_native", "tts_invocations"):
+            assert key in summary[mode], f"{mode}.{key}"
+        assert summary[mode]["turns"] == 6
+        assert summary[mode]["e2e_ms_p50"] > 0
+    assert summary["server_rss_mb"] > 0
+    assert 1200 < summary["prompt_tokens_first_turn"] < 2200  # ~1.5k asked for
+
+
+def test_turnflow_processes_fewer_tokens_on_a_stable_prefix(tiny_run: tuple[dict, Path]) -> None:
+    summary, _ = tiny_run
+    turnflow, naive = summary["turnflow"], summary["naive"]
+    assert summary["prefix_stable"] is True
+    assert all(summary["prefix_stable_by_persona"].values())
+    assert turnflow["prompt_tokens_processed"] * 2 < naive["prompt_tokens_processed"]
+    assert summary["ratio_processed"] > 2
+    assert turnflow["cache_hit_ratio"] > 0.7 > naive["cache_hit_ratio"]
+    assert turnflow["composition_cache_hits"] > 0 and naive["composition_cache_hits"] == 0
+    assert turnflow["tier_violations"] == 0
+
+
+def test_writes_raw_data_summary_and_plots(tiny_run: tuple[dict, Path]) -> None:
+    summary, out = tiny_run
+    records = [json.loads(line) for line in (out / "turns.jsonl").read_text().splitlines()]
+    assert len(records) == 12
+    assert {r["mode"] for r in records} == {"turnflow", "naive"}
+    pinned = {r["persona"]: r["slot"] for r in records if r["mode"] == "turnflow"}
+    assert len(set(pinned.values())) == 2  # one slot per persona
+    assert all(r["slot"] is None for r in records if r["mode"] == "naive")
+    assert json.loads((out / "summary.json").read_text())["ratio_processed"] == summary["ratio_processed"]
+    assert "| prompt tokens processed, steady state |" in (out / "summary.md").read_text()
+    for name in ("tokens", "latency", "memory"):
+        path = Path(summary["plots"][name])
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not list((out / "home" / "servers").glob("*.json")), "the bench left its model server running"
+
+
+def test_more_personas_than_examples_get_their_own_identity() -> None:
+    documents = persona_documents(6)
+    ids = [d["persona"] for d in documents]
+    assert len(set(ids)) == 6
+    variants = [Persona.model_validate(d) for d in documents[4:]]
+    assert all(v.name not in ("Maya", "Helper", "Teacher", "Codereview") for v in variants)
+    assert documents[4]["system_prompt"] != documents[0]["system_prompt"]
+    notes = reference_notes(variants[0], {variants[0].persona: 3000})
+    assert 3000 <= len(notes.encode()) < 3300
+    assert notes == reference_notes(variants[0], {variants[0].persona: 3000})  # deterministic: invariant
+
+
+def test_the_script_is_the_same_for_both_modes_and_addresses_personas_by_name() -> None:
+    script = conversation_script([("maya", "Maya"), ("helper", "Helper")], 4, audio=True, room_per_persona=False)
+    assert [t.persona_turn for t in script if t.persona == "maya"] == [1, 2, 3, 4]
+    assert all(t.text.startswith(("Maya, ", "Helper, ")) for t in script)
+    assert [t.kind for t in script if t.persona == "maya"] == ["text", "audio", "text", "audio"]
+    assert script == conversation_script([("maya", "Maya"), ("helper", "Helper")], 4, audio=True,
+                                         room_per_persona=False)
+    assert BenchOptions.preset(quick=True).prompt_tokens == 4000
+    with pytest.raises(ValueError, match="--turns"):
+        BenchOptions.preset(turns=0)
