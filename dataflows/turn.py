@@ -183,6 +183,7 @@ def turn_report(
             "sentences": len(speech.sentences),
             "audio_s": round(spoken.duration_s, 3) if spoken else 0.0,
             "first_audio_ms": _round(speech.first_audio_ms),
+            "first_audio_at_char": speech.first_audio_at_char,
             "tts_ttfb_ms": _round(speech.tts_ttfb_ms),
         },
         "composition_cache": composition_cache_stats,

@@ -138,14 +138,17 @@ def speech__tts(
     """The reply spoken sentence by sentence by the TTS bridge while the model keeps generating."""
     spoken = SpokenReply(route="tts" if audio_sink is not None else "none")
     splitter = SentenceSplitter()
+    streamed = 0
 
     def speak(sentences: list[str]) -> None:
         for sentence in sentences:
             asked = time.perf_counter()
             audio = speech_bridges.tts.synthesize(sentence, tts_voice)
-            spoken.add(audio, sentence, asked=asked, turn_started=turn_started, sink=audio_sink)
+            spoken.add(audio, sentence, asked=asked, turn_started=turn_started, sink=audio_sink,
+                       streamed_chars=streamed)
 
     for delta in reply_stream:
+        streamed += len(delta.text or "")
         if audio_sink is not None and delta.text:
             speak(splitter.feed(delta.text))
     if audio_sink is not None:
@@ -157,10 +160,12 @@ def speech__tts(
 def speech__native(reply_stream: ReplyStream, audio_sink: Any, turn_started: float) -> SpokenReply:
     """The model's own audio, played as it streams; no TTS."""
     spoken = SpokenReply(route="native" if audio_sink is not None else "none")
+    streamed = 0
     for delta in reply_stream:
+        streamed += len(delta.text or "")
         audio = _pcm16_delta(delta)
         if audio is not None and audio_sink is not None:
-            spoken.add(audio, "", asked=None, turn_started=turn_started, sink=audio_sink)
+            spoken.add(audio, "", asked=None, turn_started=turn_started, sink=audio_sink, streamed_chars=streamed)
     return spoken
 
 

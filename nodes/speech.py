@@ -433,12 +433,18 @@ class SpokenReply:
     sentences: list[str] = field(default_factory=list)
     first_audio_ms: float | None = None
     tts_ttfb_ms: float | None = None
+    #: How many characters of the reply the model had streamed when the first audio went to the sink.
+    first_audio_at_char: int | None = None
 
-    def add(self, audio: Audio, sentence: str, *, asked: float | None, turn_started: float, sink: Any) -> None:
+    def add(
+        self, audio: Audio, sentence: str, *, asked: float | None, turn_started: float, sink: Any,
+        streamed_chars: int,
+    ) -> None:
         """Record one chunk of reply audio and hand it to the sink at once."""
         now = time.perf_counter()
         if self.first_audio_ms is None:
             self.first_audio_ms = (now - turn_started) * 1000
+            self.first_audio_at_char = streamed_chars
             if asked is not None:
                 self.tts_ttfb_ms = (now - asked) * 1000
         self.chunks.append(audio)

@@ -114,12 +114,20 @@ def test_audio_turns_reuse_the_prefix(which: str, request: pytest.FixtureRequest
 
 
 def test_first_audio_comes_before_the_reply_is_finished(native_reports: list[dict[str, Any]]) -> None:
+    """The first sentence is spoken while the model is still generating the rest.
+
+    Asserted on order (how much of the reply had streamed when the first audio went out), not on
+    wall-clock ratios, which swing with machine load; the ratio is printed for the record.
+    """
     several = [r for r in native_reports if r["speech"]["sentences"] >= 2]
     assert len(several) >= 10, "the embedded backends' grammar should give multi-sentence replies"
+    for r in several:
+        at, length = r["speech"]["first_audio_at_char"], len(r["reply"])
+        assert 0 < at < length, f"first audio after {at} of {length} characters: {r['reply']!r}"
+    streamed = [r["speech"]["first_audio_at_char"] / len(r["reply"]) for r in several]
     ratios = [r["timings_ms"]["first_audio"] / r["timings_ms"]["total"] for r in several]
-    print(f"\nfirst_audio / total over {len(several)} multi-sentence turns: median {statistics.median(ratios):.2f}, "
-          f"max {max(ratios):.2f}")
-    assert statistics.median(ratios) < 0.8
+    print(f"\nover {len(several)} multi-sentence turns, first audio after median {statistics.median(streamed):.0%} "
+          f"of the reply text; first_audio / total time: median {statistics.median(ratios):.2f}, max {max(ratios):.2f}")
     assert all(r["metrics"]["e2e_latency"] is not None and r["metrics"]["tts_ttfb"] is not None for r in several)
 
 
