@@ -88,12 +88,17 @@ def test_more_personas_than_examples_get_their_own_identity() -> None:
 
 
 def test_the_script_is_the_same_for_both_modes_and_addresses_personas_by_name() -> None:
-    script = conversation_script([("maya", "Maya"), ("helper", "Helper")], 4, audio=True, room_per_persona=False)
+    script = conversation_script([("maya", "Maya"), ("helper", "Helper")], 4, audio=True, rooms="shared")
     assert [t.persona_turn for t in script if t.persona == "maya"] == [1, 2, 3, 4]
     assert all(t.text.startswith(("Maya, ", "Helper, ")) for t in script)
     assert [t.kind for t in script if t.persona == "maya"] == ["text", "audio", "text", "audio"]
     assert script == conversation_script([("maya", "Maya"), ("helper", "Helper")], 4, audio=True,
-                                         room_per_persona=False)
+                                         rooms="shared")
+    assert {t.room for t in script} == {"room"}
+    apart = conversation_script([("maya", "Maya"), ("helper", "Helper")], 4, audio=True, rooms="per-persona")
+    assert {t.persona: t.room for t in apart} == {"maya": "maya", "helper": "helper"}
+    assert [t.text for t in apart] == [t.text for t in script]  # the same words either way
     assert BenchOptions.preset(quick=True).prompt_tokens == 4000
+    assert BenchOptions.preset().rooms == BenchOptions.preset(quick=True).rooms == "per-persona"
     with pytest.raises(ValueError, match="--turns"):
         BenchOptions.preset(turns=0)

@@ -118,8 +118,10 @@ class BenchOptions:
     """Embedded model: a generated kind (`bench`: wide, prompt processing costs real time; `tiny`) or a GGUF path."""
     audio: bool = True
     """Include audio turns (every second turn of each persona) when the voice path is available."""
-    room_per_persona: bool = False
-    """Give each persona its own room (one person talking to it) instead of one shared room."""
+    rooms: Literal["per-persona", "shared"] = "per-persona"
+    """`per-persona`: each persona in its own room, one person talking to it (a 1:1 voice call);
+    `shared`: all personas in one room, sharing its history, so each persona's turn must also process
+    what the others said since it last spoke."""
     quick: bool = False
     """The preset used (for the record)."""
     progress: bool = True
@@ -378,7 +380,7 @@ def backend_spec(options: BenchOptions, *, ctx_per_slot: int, audio: bool) -> Ba
 
 def context_per_slot(options: BenchOptions) -> int:
     """Context each slot needs: the prompt plus the history the conversation grows (generously)."""
-    exchanges = options.turns * (1 if options.room_per_persona else options.personas)
+    exchanges = options.turns * (1 if options.rooms == "per-persona" else options.personas)
     needed = options.prompt_tokens + exchanges * 320 + 2048
     return int(math.ceil(needed / 1024) * 1024)
 
@@ -536,9 +538,10 @@ class ScriptedTurn:
 
 
 def conversation_script(
-    personas: Sequence[tuple[str, str]], turns: int, *, audio: bool, room_per_persona: bool
+    personas: Sequence[tuple[str, str]], turns: int, *, audio: bool, rooms: str
 ) -> list[ScriptedTurn]:
     """The conversation: rounds in which each person addresses the next persona by name; audio every second turn."""
+    room_per_persona = rooms == "per-persona"
     script: list[ScriptedTurn] = []
     for round_no in range(turns):
         for index, (persona_id, name) in enumerate(personas):
@@ -725,7 +728,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
             recipe = load_recipe(recipe_path)
             names = [(pid, find_persona(recipe, pid).name) for pid in recipe.personas or ()]
             script = conversation_script(
-                names, options.turns, audio=audio, room_per_persona=options.room_per_persona
+                names, options.turns, audio=audio, rooms=options.rooms
             )
             clips = _speak_script(script) if audio else {}
             with (
@@ -882,7 +885,7 @@ def summarise(
             "quick": options.quick,
             "model": options.model if not options.backend_url else None,
             "backend_url": options.backend_url,
-            "rooms": "a room each" if options.room_per_persona else "one shared room",
+            "rooms": options.rooms,
             "audio": options.audio,
         },
         server=server,
@@ -926,11 +929,15 @@ def _fmt_ratio(numerator: float | None, denominator: float | None) -> str:
     return f"{numerator / denominator:,.1f}×"
 
 
+def _rooms_label(rooms: str) -> str:
+    return {"per-persona": "a room each", "shared": "one shared room"}.get(rooms, rooms)
+
+
 def markdown_report(summary: BenchSummary) -> str:
     """The summary as Markdown: the headline table, turnflow's overhead per node, and the plots."""
     tf, nv = summary.turnflow, summary.naive
     c = summary.config
-    rooms = c["rooms"]
+    rooms = _rooms_label(c["rooms"])
     model = summary.server.get("model") or summary.server.get("url")
     steady_ratio = _fmt_ratio(nv.prompt_tokens_processed, tf.prompt_tokens_processed)
     all_ratio = _fmt_ratio(nv.prompt_tokens_processed_all, tf.prompt_tokens_processed_all)
@@ -1048,7 +1055,8 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     by_mode = {mode: sorted((r for r in records if r.mode == mode), key=lambda r: r.seq) for mode in MODES}
     plots: dict[str, str] = {}
     subtitle = (
-        f"{summary.config['personas']} personas ({summary.config['rooms']}) · {summary.config['turns']} turns each · "
+        f"{summary.config['personas']} personas ({_rooms_label(summary.config['rooms'])}) · "
+        f"{summary.config['turns']} turns each · "
         f"~{summary.prompt_tokens_first_turn / 1000:.1f}k-token prompts · {summary.server.get('model') or 'server'}"
     )
 

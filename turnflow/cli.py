@@ -161,7 +161,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         backend_url=args.backend,
         model=args.model,
         audio=False if args.no_audio else None,
-        room_per_persona=args.room_per_persona or None,
+        rooms=args.rooms,
     )
     summary = run_bench(options)
     print(summary.model_dump_json(indent=2) if args.json else console_report(summary))
@@ -230,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", metavar="URL", help="use this OpenAI-compatible server instead of an embedded one")
     bench.add_argument("--model", help="embedded model: bench (default), tiny, or a GGUF file")
     bench.add_argument("--no-audio", action="store_true", help="text turns only")
-    bench.add_argument("--room-per-persona", action="store_true", help="each persona in its own room")
+    bench.add_argument(
+        "--rooms", choices=("per-persona", "shared"),
+        help="per-persona (default): each persona in its own room; shared: all in one room, one shared history",
+    )
     bench.set_defaults(fn=_cmd_bench)
 
     serve = sub.add_parser("serve", help="join a LiveKit room as the personas and answer the people in it")
