@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -161,11 +162,15 @@ def speech__native(reply_stream: ReplyStream, audio_sink: Any, turn_started: flo
     """The model's own audio, played as it streams; no TTS."""
     spoken = SpokenReply(route="native" if audio_sink is not None else "none")
     streamed = 0
+    words = ""  # the transcript streamed since the last audio chunk: that chunk's caption
     for delta in reply_stream:
         streamed += len(delta.text or "")
+        words += delta.text or ""
         audio = _pcm16_delta(delta)
         if audio is not None and audio_sink is not None:
-            spoken.add(audio, "", asked=None, turn_started=turn_started, sink=audio_sink, streamed_chars=streamed)
+            spoken.add(replace(audio, caption=words), "", asked=None, turn_started=turn_started, sink=audio_sink,
+                       streamed_chars=streamed)
+            words = ""
     return spoken
 
 

@@ -13,7 +13,7 @@ import hashlib
 import io
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,8 @@ class Audio:
 
     samples: np.ndarray
     sample_rate: int
+    caption: str = field(default="", compare=False)
+    """The words this audio speaks, when known (the sentence a TTS bridge spoke, a model's transcript)."""
 
     def __post_init__(self) -> None:
         samples = self.samples

@@ -174,6 +174,16 @@ class LiveKitPublisher:
         self._pending = np.zeros(0, np.float32)
         self._generation = 0  # bumped by interrupt() so that a push in progress stops
 
+    @property
+    def seconds_captured(self) -> float:
+        """Audio handed to the source so far, in seconds."""
+        return self.frames_captured * self.samples_per_frame / self.source_rate
+
+    @property
+    def seconds_played(self) -> float:
+        """Audio the room has been sent so far (captured minus what still waits in the source's queue)."""
+        return max(0.0, self.seconds_captured - self.source.queued_duration)
+
     async def push(self, audio: Audio) -> None:
         """Send ``audio`` to the room in whole frames; a partial frame waits for more audio or ``flush``."""
         generation = self._generation

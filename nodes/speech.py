@@ -13,7 +13,8 @@ import subprocess
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, Self, runtime_checkable
 from urllib.parse import urlsplit
@@ -450,6 +451,8 @@ class SpokenReply:
         self.chunks.append(audio)
         if sentence:
             self.sentences.append(sentence)
+            if not audio.caption:
+                audio = replace(audio, caption=sentence)
         if sink is not None:
             sink(audio)
 
@@ -460,3 +463,25 @@ class SpokenReply:
             return None
         rate = self.chunks[0].sample_rate
         return Audio(np.concatenate([c.resampled(rate).samples for c in self.chunks]), rate)
+
+
+def words_heard(captioned: Sequence[tuple[float, str]], played_s: float) -> str:
+    """What listeners heard of a reply cut after `played_s` seconds of audio.
+
+    `captioned` is the reply's audio as it was sent, as (duration in seconds, caption) per chunk. Chunks
+    played to the end count whole; of the chunk playing at the cut, the share of its words that its
+    played share of time covers (speech runs at a roughly even pace within a sentence).
+    """
+    heard: list[str] = []
+    start = 0.0
+    for duration, caption in captioned:
+        words = caption.split()
+        if start + duration <= played_s:
+            heard.extend(words)
+        elif played_s > start and duration > 0:
+            heard.extend(words[: int(len(words) * (played_s - start) / duration)])
+            break
+        else:
+            break
+        start += duration
+    return " ".join(heard)

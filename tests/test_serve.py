@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -21,9 +22,10 @@ from turnflow.backend import Capabilities
 from turnflow.cli import main
 from turnflow.dataflows.voice import media
 from turnflow.nodes.media import Audio, trim_silence
-from turnflow.nodes.speech import EspeakTts, PocketsphinxStt, TtsVoice
+from turnflow.nodes.speech import EspeakTts, PocketsphinxStt, TtsVoice, words_heard
 from turnflow.serve import EndOfTurnDetector, LiveKitCredentials, RoomAgent, choose_persona
 from turnflow.session import Session
+from turnflow.store import Participant
 
 TTS = EspeakTts()
 
@@ -192,10 +194,15 @@ class ScriptedSession(Session):
             transcript = self.bridges.stt.transcribe(media(audio, self.recipe))
         chunks = []
         for sentence in self.replies[len(self.turns)]:
-            chunk = TTS.synthesize(sentence, TtsVoice("en-us"))
+            chunk = replace(TTS.synthesize(sentence, TtsVoice("en-us")), caption=sentence)  # as SpokenReply does
             chunks.append(chunk)
             audio_sink(chunk)
         number = len(self.turns) + 1
+        said = transcript or "(audio)"
+        self.store.commit_turn(  # the turn's atomic commit, as the real one makes it
+            room, number, Participant(speaker, "person", speaker), said, said,
+            Participant(persona, "persona", self.persona(persona).name), " ".join(self.replies[number - 1]),
+        )
         report = {
             "persona": persona, "room": room, "turn": number, "transcript": transcript,
             "route": {"audio_in": "native" if transcript is None else "stt", "audio_out": "tts"},
@@ -335,21 +342,21 @@ def test_a_person_talking_over_a_reply_cuts_it(tmp_path: Path) -> None:
         "Finally, the release is still planned for Thursday afternoon.",
     ]
     session = scripted(tmp_path, hears=True, replies=[long_reply, ["Sure."]])
-    frames, lines = Frames(), list[str]()
+    frames, lines, rooms = Frames(), list[str](), list[Any]()
     said = spoken("Wait, stop for a moment please.").resampled(16000)
     bob = frame_events(Audio(np.concatenate([said.samples, silence(1.0, 16000)]), 16000))
 
-    async def bob_speaks() -> Any:
+    async def bob_speaks() -> Any:  # in real time, as a microphone track delivers it
         for event in bob:
             yield event
-            await asyncio.sleep(0)
+            await asyncio.sleep(event.frame.duration)
 
     async def scenario() -> None:
         agent = RoomAgent(session, "standup", ["maya", "helper"], log=lines.append, frame_tap=frames)
         await agent.start(connect=False)
         try:
             replying = asyncio.create_task(agent.handle_utterance("alice", spoken("Maya, give me the status.")))
-            while frames.seconds("maya") < 0.5:
+            while agent.publisher("maya").seconds_played < 1.0:  # a second of maya's reply has gone out
                 await asyncio.sleep(0.02)
             await agent.listen("bob", bob_speaks())
             await replying
@@ -359,13 +366,38 @@ def test_a_person_talking_over_a_reply_cuts_it(tmp_path: Path) -> None:
             await agent.replies_sent()
         finally:
             await agent.aclose()
+            rooms.append(session.store.history("standup"))
             session.close()
 
     asyncio.run(scenario())
     assert "bob barged in: cut maya" in lines
-    # far less than the reply was played; bob's own utterance then got its turn, from the last persona addressed
-    assert frames.seconds("maya") < 1.6 + session.reply_audio[1].duration_s < session.reply_audio[0].duration_s
+    # far less than the reply was sent (up to a second queued ahead of what was played, then cut);
+    # bob's own utterance then got its turn, from the last persona addressed
+    assert frames.seconds("maya") < 4.0 + session.reply_audio[1].duration_s < session.reply_audio[0].duration_s
     assert [(t["persona"], t["speaker"]) for t in session.turns] == [("maya", "alice"), ("maya", "bob")]
+    # the history only grew: the reply as written, then a note quoting the last words the room heard
+    history = rooms[0]
+    assert [(m.speaker, m.text.split(" ")[0]) for m in history] == [
+        ("alice", "(audio)"), ("maya", "First,"), ("maya", "[interrupted"), ("bob", "(audio)"), ("maya", "Sure."),
+    ]
+    note = history[2].text
+    quoted = note.removeprefix("[interrupted after \u201c").removesuffix("\u201d]").lstrip("…")
+    assert note.startswith("[interrupted after \u201c") and quoted, note
+    assert long_reply[0].startswith(quoted) or f" {quoted}" in long_reply[0]  # cut inside the first sentence
+    assert f"maya: {note}" in lines
+    # what maya reads at her next turn: her reply, then the note, both as her own words
+    seen = [m.as_seen_by("maya") for m in history[1:3]]
+    assert [m["role"] for m in seen] == ["assistant", "assistant"] and seen[1]["content"] == note
+
+
+def test_words_heard_follow_the_audio_played() -> None:
+    captioned = [(2.0, "The build passed this morning."), (1.0, "Two tickets are open.")]
+    assert words_heard(captioned, 0.0) == ""
+    assert words_heard(captioned, 1.0) == "The build"  # half of five words
+    assert words_heard(captioned, 2.0) == "The build passed this morning."
+    assert words_heard(captioned, 2.5) == "The build passed this morning. Two tickets"
+    assert words_heard(captioned, 9.0) == "The build passed this morning. Two tickets are open."
+    assert words_heard([(0.5, ""), (1.0, "Native audio words")], 1.0) == "Native"  # half a chunk: 1 of 3 words
 
 
 def test_routing_default_must_be_served(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from livekit import rtc
 
 from turnflow.nodes.media import Audio, AudioError
 from turnflow.nodes.publish import LiveKitPublisher, participant_token
+from turnflow.nodes.speech import words_heard
 from turnflow.nodes.text import neutralise_control_tokens
 
 if TYPE_CHECKING:
@@ -303,6 +304,9 @@ class _Voice:
         self.replying = False  # a turn for this persona is running
         self.generation = 0  # bumped on barge-in: audio of older generations is dropped
         self.first_audio_at: float | None = None
+        self.cut_heard: str | None = None  # what was heard of a reply cut while its turn still ran
+        self._captioned: list[tuple[float, str]] = []  # the current reply's audio: (seconds, words) per chunk
+        self._reply_started_s = 0.0  # the publisher's captured seconds when the current reply began
         self._log = log
         self._queue: asyncio.Queue[tuple[int, Audio | None]] = asyncio.Queue()
         self._pushing = False
@@ -319,10 +323,15 @@ class _Voice:
         generation = self.generation
         self.replying = True
         self.first_audio_at = None
+        self.cut_heard = None
+        self._captioned = []
+        self._reply_started_s = self.publisher.seconds_captured
+        captioned = self._captioned
 
         def sink(chunk: Audio) -> None:
             if self.first_audio_at is None:
                 self.first_audio_at = time.perf_counter()
+            captioned.append((chunk.duration_s, chunk.caption))
             with contextlib.suppress(RuntimeError):  # the loop has closed: we are shutting down
                 loop.call_soon_threadsafe(self._queue.put_nowait, (generation, chunk))
 
@@ -337,8 +346,15 @@ class _Voice:
         self.replying = False
         self._queue.put_nowait((generation, None))
 
+    def cut(self) -> str:
+        """Barge-in: stop the reply; returns the words of it the room heard before the cut."""
+        played_s = self.publisher.seconds_played - self._reply_started_s
+        heard = words_heard(list(self._captioned), max(0.0, played_s))
+        self.interrupt()
+        return heard
+
     def interrupt(self) -> None:
-        """Barge-in: drop the reply's queued and unplayed audio, and whatever it still produces."""
+        """Drop the reply's queued and unplayed audio, and whatever it still produces."""
         self.generation += 1
         while not self._queue.empty():
             self._queue.get_nowait()
@@ -495,6 +511,9 @@ class RoomAgent:
                 return None
             finally:
                 voice.end_reply(generation)
+            if voice.cut_heard is not None:  # cut while the turn ran: the reply is committed now, mark it
+                self._note_interruption(persona_id, voice.cut_heard)
+                voice.cut_heard = None
             self.last_addressed = persona_id
             self.turns_run += 1
             after_speech_ms = None if voice.first_audio_at is None else (voice.first_audio_at - heard_at) * 1000
@@ -514,10 +533,25 @@ class RoomAgent:
         """``speaker`` started talking: cut every persona's reply that is being made or played; returns whose."""
         cut = [persona_id for persona_id, voice in self._voices.items() if voice.playing]
         for persona_id in cut:
-            self._voices[persona_id].interrupt()
+            voice = self._voices[persona_id]
+            heard = voice.cut()
+            if voice.replying:  # its turn is still running: the note follows the reply once committed
+                voice.cut_heard = heard
+            else:
+                self._note_interruption(persona_id, heard)
         if cut:
             self._log(f"{speaker} barged in: cut {', '.join(cut)}")
         return cut
+
+    def _note_interruption(self, persona_id: str, heard: str) -> None:
+        """Mark the persona's reply in the room's history as cut after the words the room heard."""
+        try:
+            note = self.session.mark_interrupted(self.room, persona_id, heard)
+        except Exception as error:  # the history could not be written: the room goes on, the cut still happened
+            self._log(f"{persona_id}: could not note the interruption: {type(error).__name__}: {error}")
+            return
+        if note:
+            self._log(f"{persona_id}: {note}")
 
     async def listen(self, speaker: str, frames: Any, *, display_name: str | None = None) -> None:
         """Follow one person's audio (an async iterator of ``rtc.AudioFrameEvent``) until it ends."""

@@ -39,6 +39,10 @@ class TurnError(RuntimeError):
     """A turn failed; the room's history is unchanged."""
 
 
+INTERRUPTED_QUOTE_WORDS = 8
+"""How many of the last words heard an `[interrupted after “…”]` note quotes."""
+
+
 @dataclass
 class TurnResult:
     """One finished turn."""
@@ -146,6 +150,27 @@ class Session:
         who = Participant(participant, "persona" if kind == "persona" else "person", display_name or participant)
         if self.store.join(room, who):
             self.publish(Event.participants_changed(room))
+
+    def mark_interrupted(self, room: str, persona: str, heard: str) -> str | None:
+        """Note in the room's history that `persona`'s last reply was cut after the words `heard`.
+
+        The history only grows (the reply stays as the model wrote it, so the prefix stays cached); the
+        note after it quotes the last words the listeners heard. Returns the note, or None when the
+        persona has no reply in the room to mark.
+        """
+        messages = self.store.room(room).messages
+        last = next((m for m in reversed(messages) if m.speaker_kind == "persona" and m.speaker == persona), None)
+        if last is None:
+            return None
+        words = neutralise_control_tokens(heard).split()
+        if not words:
+            note = "[interrupted before any of the reply above was heard]"
+        else:
+            tail = " ".join(words[-INTERRUPTED_QUOTE_WORDS:])
+            note = f"[interrupted after \u201c{'…' if len(words) > INTERRUPTED_QUOTE_WORDS else ''}{tail}\u201d]"
+        persona_who = Participant(persona, "persona", self.persona(persona).name)
+        self.store.add_message(room, last.turn, persona_who, note, note)
+        return note
 
     # -- turns
 
