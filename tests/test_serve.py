@@ -262,15 +262,21 @@ def test_reply_audio_reaches_the_chosen_personas_audio_source(tmp_path: Path) ->
     assert "tokens processed 90, cached 14000" in lines[1] and "ms after end of speech" in lines[1]
 
 
-def test_a_named_persona_answers_through_one_transcription(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    transcribed: list[float] = []
+@pytest.fixture
+def transcribed(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The length of every utterance the real pocketsphinx bridge transcribes during the test."""
+    lengths: list[float] = []
     real_transcribe = PocketsphinxStt.transcribe
 
     def counting(self: PocketsphinxStt, audio: Audio) -> str:
-        transcribed.append(audio.duration_s)
+        lengths.append(audio.duration_s)
         return real_transcribe(self, audio)
 
     monkeypatch.setattr(PocketsphinxStt, "transcribe", counting)
+    return lengths
+
+
+def test_a_named_persona_answers_through_one_transcription(tmp_path: Path, transcribed: list[float]) -> None:
     session = scripted(tmp_path, hears=False, replies=[["On it."]])
     frames, lines = Frames(), list[str]()
 
@@ -296,17 +302,9 @@ def test_a_named_persona_answers_through_one_transcription(tmp_path: Path, monke
 
 @pytest.mark.server
 def test_a_real_turn_is_published_into_the_named_personas_audio_source(
-    local_url: str, home: Path, monkeypatch: pytest.MonkeyPatch
+    local_url: str, home: Path, transcribed: list[float]
 ) -> None:
     """The same path with nothing scripted: a real Session on the embedded `local` backend (text-only)."""
-    transcribed: list[float] = []
-    real_transcribe = PocketsphinxStt.transcribe
-
-    def counting(self: PocketsphinxStt, audio: Audio) -> str:
-        transcribed.append(audio.duration_s)
-        return real_transcribe(self, audio)
-
-    monkeypatch.setattr(PocketsphinxStt, "transcribe", counting)
     frames, lines = Frames(), list[str]()
 
     async def scenario() -> Any:
