@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,32 @@ def test_turnflow_processes_fewer_tokens_on_a_stable_prefix(tiny_run: tuple[dict
     assert turnflow["cache_hit_ratio"] > 0.7 > naive["cache_hit_ratio"]
     assert turnflow["composition_cache_hits"] > 0 and naive["composition_cache_hits"] == 0
     assert turnflow["tier_violations"] == 0
+    # what each mode processed beyond what was new to the persona since its last turn
+    assert turnflow["new_tokens"] > 0 and abs(turnflow["new_tokens"] - naive["new_tokens"]) < 0.2 * naive["new_tokens"]
+    assert turnflow["reprocessed_per_turn_p50"] * 10 < naive["reprocessed_per_turn_p50"]
+
+
+def test_an_earlier_run_is_rebuilt_from_its_turns(tiny_run: tuple[dict, Path], tmp_path: Path) -> None:
+    summary, out = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("home", "state", "*.png"))
+    (copy / "summary.md").unlink()
+    finished = subprocess.run(
+        [sys.executable, "-m", "turnflow.cli", "bench", "--rebuild", str(copy), "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rebuilt = json.loads(finished.stdout)
+    for key in ("ratio_processed", "prefix_stable", "created_at", "server_rss_mb"):
+        assert rebuilt[key] == summary[key], key
+    assert rebuilt["turnflow"]["reprocessed_tokens"] == summary["turnflow"]["reprocessed_tokens"]
+    assert (copy / "summary.md").is_file() and (copy / "tokens.png").is_file()
+    missing = subprocess.run(
+        [sys.executable, "-m", "turnflow.cli", "bench", "--rebuild", str(tmp_path / "nothing")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert missing.returncode == 2 and "not a finished bench run" in missing.stderr
+    assert "Traceback" not in missing.stderr
 
 
 def test_writes_raw_data_summary_and_plots(tiny_run: tuple[dict, Path]) -> None:

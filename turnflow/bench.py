@@ -205,6 +205,15 @@ class ModeSummary(BaseModel):
     model_ms_p50: float | None
     turnflow_overhead_ms_p50: float | None
     node_ms_p50: dict[str, float]
+    new_tokens: int | None = Field(
+        None, description="steady state: tokens new to each persona since its own last turn (others' messages, "
+        "its last reply, the new question): what an ideal cache would still process"
+    )
+    reprocessed_tokens: int | None = Field(
+        None, description="steady state: tokens processed beyond new_tokens, i.e. re-processed although the "
+        "persona's slot had already seen them"
+    )
+    reprocessed_per_turn_p50: float | None = None
     composition_cache_hits: int
     composition_cache_misses: int
     composition_cache_hit_ratio: float | None
@@ -780,6 +789,31 @@ def run_bench(options: BenchOptions) -> BenchSummary:
     return summary
 
 
+def rebuild_report(out: Path) -> BenchSummary:
+    """Re-write an earlier run's summary, table and plots from its `turns.jsonl` (with this turnflow's metrics).
+
+    What was measured stays as it was: the per-turn records, the server, the load and the wall times.
+    """
+    try:
+        before = BenchSummary.model_validate_json((out / "summary.json").read_text(encoding="utf-8"))
+        with open(out / "turns.jsonl", encoding="utf-8") as lines:
+            records = [TurnRecord.model_validate_json(line) for line in lines if line.strip()]
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{out}: not a finished bench run (summary.json and turns.jsonl): {error}") from error
+    by_mode = {mode: [r for r in records if r.mode == mode] for mode in MODES}
+    summary = before.model_copy(
+        update={
+            "turnflow": summarise_mode(by_mode["turnflow"], before.turnflow.wall_s),
+            "naive": summarise_mode(by_mode["naive"], before.naive.wall_s),
+            "out": str(out),
+        }
+    )
+    summary.plots = write_plots(records, summary, out)
+    (out / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(markdown_report(summary), encoding="utf-8")
+    return summary
+
+
 def _peak_rss_mb(pid: int | None) -> float | None:
     """Peak resident memory (VmHWM) of a running process, in MB."""
     if not pid:
@@ -807,6 +841,7 @@ def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
         hashes.setdefault(r.persona, set()).add(r.invariant_sha256)
     hits = sum(r.composition_cache_hits for r in records)
     misses = sum(r.composition_cache_misses for r in records)
+    new_and_again = _new_and_reprocessed(records)
 
     def total(rows: Sequence[TurnRecord], name: str) -> int:
         return sum(int(getattr(r, name)) for r in rows)
@@ -832,6 +867,9 @@ def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
         model_ms_p50=_percentile([r.model_ms for r in steady], 50),
         turnflow_overhead_ms_p50=_percentile([r.turnflow_ms for r in steady], 50),
         node_ms_p50=dict(sorted(node_p50.items(), key=lambda item: -item[1])),
+        new_tokens=sum(new for new, _ in new_and_again),
+        reprocessed_tokens=sum(again for _, again in new_and_again),
+        reprocessed_per_turn_p50=_percentile([again for _, again in new_and_again], 50),
         composition_cache_hits=hits,
         composition_cache_misses=misses,
         composition_cache_hit_ratio=_ratio(hits, hits + misses),
@@ -843,6 +881,23 @@ def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
         prefix_stable=bool(hashes) and all(len(h) == 1 for h in hashes.values()),
         wall_s=wall_s,
     )
+
+
+def _new_and_reprocessed(records: Sequence[TurnRecord]) -> list[tuple[int, int]]:
+    """Per steady-state turn: (tokens new to the persona since its last turn, tokens processed beyond those).
+
+    New = this prompt's length minus the persona's previous prompt and reply: what the others said in the
+    meantime, the persona's own reply as it went into the history, the new question and the volatile tail.
+    """
+    seen: dict[str, int] = {}
+    counts: list[tuple[int, int]] = []
+    for r in sorted(records, key=lambda r: r.seq):
+        before = seen.get(r.persona)
+        if before is not None and r.steady:
+            new = max(0, r.prompt_tokens - before)
+            counts.append((new, max(0, r.prompt_tokens_processed - new)))
+        seen[r.persona] = r.prompt_tokens + (r.completion_tokens or 0)
+    return counts
 
 
 def summarise(
@@ -963,6 +1018,11 @@ def markdown_report(summary: BenchSummary) -> str:
         f"{nv.cache_hit_ratio or 0:.3f} | |",
         f"| tokens processed per turn, p50 | {_fmt_int(tf.processed_per_turn_p50)} | "
         f"{_fmt_int(nv.processed_per_turn_p50)} | {_fmt_ratio(nv.processed_per_turn_p50, tf.processed_per_turn_p50)} |",
+        f"| tokens new to the persona since its last turn, steady state | {_fmt_int(tf.new_tokens)} | "
+        f"{_fmt_int(nv.new_tokens)} | |",
+        f"| tokens re-processed although the slot had seen them, per turn p50 | "
+        f"{_fmt_int(tf.reprocessed_per_turn_p50)} | {_fmt_int(nv.reprocessed_per_turn_p50)} | "
+        f"{_fmt_ratio(nv.reprocessed_per_turn_p50, tf.reprocessed_per_turn_p50)} |",
         f"| end-to-end latency p50 / p90 | {_fmt_ms(tf.e2e_ms_p50)} / {_fmt_ms(tf.e2e_ms_p90)} | "
         f"{_fmt_ms(nv.e2e_ms_p50)} / {_fmt_ms(nv.e2e_ms_p90)} | {_fmt_ratio(nv.e2e_ms_p50, tf.e2e_ms_p50)} |",
         f"| time to first token p50 | {_fmt_ms(tf.ttft_ms_p50)} | {_fmt_ms(nv.ttft_ms_p50)} | "

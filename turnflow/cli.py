@@ -150,7 +150,16 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from turnflow.bench import BenchOptions, console_report, run_bench
+    from turnflow.bench import BenchOptions, console_report, rebuild_report, run_bench
+
+    if args.rebuild:
+        try:
+            rebuilt = rebuild_report(Path(args.rebuild))
+        except ValueError as error:
+            print(f"turnflow bench: {error}", file=sys.stderr)
+            return 2
+        print(rebuilt.model_dump_json(indent=2) if args.json else console_report(rebuilt))
+        return 0
 
     options = BenchOptions.preset(
         quick=args.quick,
@@ -230,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--backend", metavar="URL", help="use this OpenAI-compatible server instead of an embedded one")
     bench.add_argument("--model", help="embedded model: bench (default), tiny, or a GGUF file")
     bench.add_argument("--no-audio", action="store_true", help="text turns only")
+    bench.add_argument(
+        "--rebuild", metavar="DIR", help="re-write the summary, table and plots of an earlier run from its turns.jsonl"
+    )
     bench.add_argument(
         "--rooms", choices=("per-persona", "shared"),
         help="per-persona (default): each persona in its own room; shared: all in one room, one shared history",
