@@ -32,11 +32,16 @@ class SourceOutput:
     cache: str  # "hit" | "miss" | "off"
     user_defined: bool = False
     violations: tuple[dict[str, str], ...] = ()
+    known_canonical: str | None = field(default=None, compare=False, repr=False)
+    """The canonical text when the caller already made it (serialising a long history is not free)."""
 
     @property
     def canonical(self) -> str:
-        """The output's canonical text: the bytes that decide prefix reuse."""
-        return canonical_text(self.value)
+        """The output's canonical text: the bytes that decide prefix reuse (made once)."""
+        if self.known_canonical is None:
+            object.__setattr__(self, "known_canonical", canonical_text(self.value))
+        assert self.known_canonical is not None
+        return self.known_canonical
 
 
 def canonical_text(value: str | list[dict[str, Any]]) -> str:

@@ -152,10 +152,15 @@ class CompositionCache:
 
     # -- tier ledger
 
-    def check_invariant(self, source: str, ledger_key: str, text: str) -> Violation | None:
-        """Record what an invariant source rendered; a violation if it rendered differently under the same key."""
+    def check_invariant(
+        self, source: str, ledger_key: str, text: str, *, digest: str | None = None
+    ) -> Violation | None:
+        """Record what an invariant source rendered; a violation if it rendered differently under the same key.
+
+        `digest` is `fingerprint(text)` when the caller has it already.
+        """
         key = f"ledger:inv:{source}:{ledger_key}"
-        now = fingerprint(text)
+        now = digest or fingerprint(text)
         before = self._store.get(key)
         self._store.set(key, now, expire=_LEDGER_TTL_S)
         if before is not None and before != now:
@@ -168,15 +173,23 @@ class CompositionCache:
             )
         return None
 
-    def check_semi_stable(self, source: str, ledger_key: str, text: str) -> Violation | None:
-        """Record a semi-stable source's rendering; a violation unless it only appended to the last one."""
+    def check_semi_stable(
+        self, source: str, ledger_key: str, text: str, *, digest: str | None = None
+    ) -> Violation | None:
+        """Record a semi-stable source's rendering; a violation unless it only appended to the last one.
+
+        `digest` is `fingerprint(text)` when the caller has it already.
+        """
         key = f"ledger:semi:{source}:{ledger_key}"
         before = self._store.get(key)
-        self._store.set(key, (len(text), fingerprint(text)), expire=_LEDGER_TTL_S)
+        digest = digest or fingerprint(text)
+        self._store.set(key, (len(text), digest), expire=_LEDGER_TTL_S)
         if before is None:
             return None
-        length, digest = before
-        if len(text) >= length and fingerprint(text[:length]) == digest:
+        length, digest_before = before
+        if len(text) == length and digest == digest_before:
+            return None
+        if len(text) > length and fingerprint(text[:length]) == digest_before:
             return None
         return Violation(
             source,

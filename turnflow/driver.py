@@ -19,7 +19,7 @@ from hamilton import ad_hoc_utils, driver
 from hamilton.function_modifiers import group, inject, source, tag
 from hamilton.lifecycle import api as lifecycle
 
-from turnflow.cache import CompositionCache, Violation
+from turnflow.cache import CompositionCache, Violation, fingerprint
 from turnflow.dataflows import turn as turn_dataflow
 from turnflow.dataflows import voice as voice_dataflow
 from turnflow.nodes.prompt import SourceOutput, canonical_text
@@ -99,11 +99,13 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
             if hit:
                 return SourceOutput(spec.name, spec.tier, value, "hit", user_defined)
         value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
-        violations = _check_tier(cache, spec, key, kwargs, value, namespace)
+        text = canonical_text(value)
+        violations = _check_tier(cache, spec, key, kwargs, text, namespace)
         if key is not None:
             cache.set(key, value, ttl_s)
         return SourceOutput(
-            spec.name, spec.tier, value, "miss" if key else "off", user_defined, tuple(v.as_dict() for v in violations)
+            spec.name, spec.tier, value, "miss" if key else "off", user_defined, tuple(v.as_dict() for v in violations),
+            known_canonical=text,
         )
 
     render.__name__ = render.__qualname__ = spec.name
@@ -125,20 +127,20 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
 
 
 def _check_tier(
-    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], value: Any, namespace: str
+    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], text: str, namespace: str
 ) -> list[Violation]:
-    """Record a fresh rendering in the ledger and report a broken tier promise."""
+    """Record a fresh rendering (its canonical `text`) in the ledger and report a broken tier promise."""
     if spec.tier == "volatile":
         return []
     scope = key or f"{namespace}|{values['persona_id']}|{values['room_id']}"
-    text = canonical_text(value)
+    digest = fingerprint(text)
     found: list[Violation | None] = []
     if spec.tier == "invariant":
-        found.append(cache.check_invariant(spec.name, scope, text))
+        found.append(cache.check_invariant(spec.name, scope, text, digest=digest))
     else:
-        found.append(cache.check_invariant(spec.name, scope, text) if key else None)
+        found.append(cache.check_invariant(spec.name, scope, text, digest=digest) if key else None)
         stream_scope = f"{namespace}|{values['persona_id']}|{values['room_id']}|{values['compaction_epoch']}"
-        found.append(cache.check_semi_stable(spec.name, stream_scope, text))
+        found.append(cache.check_semi_stable(spec.name, stream_scope, text, digest=digest))
     return [v for v in found if v is not None]
 
 
