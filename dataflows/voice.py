@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import time
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -139,17 +138,15 @@ def speech__tts(
     """The reply spoken sentence by sentence by the TTS bridge while the model keeps generating."""
     spoken = SpokenReply(route="tts" if audio_sink is not None else "none")
     splitter = SentenceSplitter()
-    streamed = 0
 
     def speak(sentences: list[str]) -> None:
         for sentence in sentences:
             asked = time.perf_counter()
             audio = speech_bridges.tts.synthesize(sentence, tts_voice)
             spoken.add(audio, sentence, asked=asked, turn_started=turn_started, sink=audio_sink,
-                       streamed_chars=streamed)
+                       streamed_chars=reply_stream.streamed_chars)
 
     for delta in reply_stream:
-        streamed += len(delta.text or "")
         if audio_sink is not None and delta.text:
             speak(splitter.feed(delta.text))
     if audio_sink is not None:
@@ -161,24 +158,22 @@ def speech__tts(
 def speech__native(reply_stream: ReplyStream, audio_sink: Any, turn_started: float) -> SpokenReply:
     """The model's own audio, played as it streams; no TTS."""
     spoken = SpokenReply(route="native" if audio_sink is not None else "none")
-    streamed = 0
     words = ""  # the transcript streamed since the last audio chunk: that chunk's caption
     for delta in reply_stream:
-        streamed += len(delta.text or "")
-        words += delta.text or ""
-        audio = _pcm16_delta(delta)
+        words += delta.text
+        audio = _pcm16_delta(delta, caption=words)
         if audio is not None and audio_sink is not None:
-            spoken.add(replace(audio, caption=words), "", asked=None, turn_started=turn_started, sink=audio_sink,
-                       streamed_chars=streamed)
+            spoken.add(audio, "", asked=None, turn_started=turn_started, sink=audio_sink,
+                       streamed_chars=reply_stream.streamed_chars)
             words = ""
     return spoken
 
 
-def _pcm16_delta(delta: Delta) -> Audio | None:
+def _pcm16_delta(delta: Delta, caption: str = "") -> Audio | None:
     if not delta.audio_b64:
         return None
     pcm = np.frombuffer(base64.b64decode(delta.audio_b64), dtype="<i2")
-    return Audio((pcm.astype(np.float32) / 32768.0), NATIVE_AUDIO_RATE) if pcm.size else None
+    return Audio((pcm.astype(np.float32) / 32768.0), NATIVE_AUDIO_RATE, caption=caption) if pcm.size else None
 
 
 def reply(reply_stream: ReplyStream, speech: SpokenReply) -> ChatReply:

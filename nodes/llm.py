@@ -131,6 +131,8 @@ class ReplyStream:
         self.body = body
         self.reply = ChatReply()
         self.started_at: float | None = None
+        self.streamed_chars = 0
+        """Characters of reply text yielded so far."""
         self._done = False
         self.on_delta: Callable[[str], None] | None = None
 
@@ -172,6 +174,7 @@ class ReplyStream:
                         if reply.ttft_ms is None:
                             reply.ttft_ms = (time.perf_counter() - start) * 1000
                         parts.append(delta.text)
+                        self.streamed_chars += len(delta.text)
                         if self.on_delta and delta.text:
                             self.on_delta(delta.text)
                         yield delta

@@ -38,10 +38,11 @@ class SourceOutput:
     @property
     def canonical(self) -> str:
         """The output's canonical text: the bytes that decide prefix reuse (made once)."""
-        if self.known_canonical is None:
-            object.__setattr__(self, "known_canonical", canonical_text(self.value))
-        assert self.known_canonical is not None
-        return self.known_canonical
+        text = self.known_canonical
+        if text is None:
+            text = canonical_text(self.value)
+            object.__setattr__(self, "known_canonical", text)
+        return text
 
 
 def canonical_text(value: str | list[dict[str, Any]]) -> str:

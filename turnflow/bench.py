@@ -777,13 +777,18 @@ def run_bench(options: BenchOptions) -> BenchSummary:
         load={"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         notes=notes,
     )
-    summary.plots = write_plots(run.records, summary, out)
     summary.files = {
         "turns": str(out / "turns.jsonl"),
         "summary_json": str(out / "summary.json"),
         "summary_md": str(out / "summary.md"),
         "recipe": str(out / "recipe" / "bench.yaml"),
     }
+    return _write_report(summary, run.records, out)
+
+
+def _write_report(summary: BenchSummary, records: Sequence[TurnRecord], out: Path) -> BenchSummary:
+    """Draw the plots and write `summary.json` and `summary.md` into `out`."""
+    summary.plots = write_plots(records, summary, out)
     (out / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
     (out / "summary.md").write_text(markdown_report(summary), encoding="utf-8")
     return summary
@@ -808,10 +813,7 @@ def rebuild_report(out: Path) -> BenchSummary:
             "out": str(out),
         }
     )
-    summary.plots = write_plots(records, summary, out)
-    (out / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(markdown_report(summary), encoding="utf-8")
-    return summary
+    return _write_report(summary, records, out)
 
 
 def _peak_rss_mb(pid: int | None) -> float | None:

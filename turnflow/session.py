@@ -158,9 +158,8 @@ class Session:
         note after it quotes the last words the listeners heard. Returns the note, or None when the
         persona has no reply in the room to mark.
         """
-        messages = self.store.room(room).messages
-        last = next((m for m in reversed(messages) if m.speaker_kind == "persona" and m.speaker == persona), None)
-        if last is None:
+        turn = self.store.last_turn_of(room, persona, "persona")
+        if turn is None:
             return None
         words = neutralise_control_tokens(heard).split()
         if not words:
@@ -169,7 +168,7 @@ class Session:
             tail = " ".join(words[-INTERRUPTED_QUOTE_WORDS:])
             note = f"[interrupted after \u201c{'…' if len(words) > INTERRUPTED_QUOTE_WORDS else ''}{tail}\u201d]"
         persona_who = Participant(persona, "persona", self.persona(persona).name)
-        self.store.add_message(room, last.turn, persona_who, note, note)
+        self.store.add_message(room, turn, persona_who, note, note)
         return note
 
     # -- turns

@@ -221,6 +221,16 @@ class ConversationStore:
         with self._transaction() as db:
             return self._join(db, room_id, who)
 
+    def last_turn_of(self, room_id: str, who: str, kind: Literal["person", "persona"]) -> int | None:
+        """The turn of `who`'s newest visible message in the room, or None when there is none."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT turn FROM messages WHERE room_id = ? AND speaker = ? AND speaker_kind = ? AND id >= "
+                "(SELECT COALESCE(MAX(history_floor_id), 0) FROM rooms WHERE room_id = ?) ORDER BY id DESC LIMIT 1",
+                (room_id, who, kind, room_id),
+            ).fetchone()
+        return None if row is None else int(row[0])
+
     def add_message(self, room_id: str, turn: int, speaker: Participant, content: Content, text: str) -> int:
         """Append one message outside a turn (e.g. a person speaking to the room); returns its id."""
         with self._transaction() as db:
