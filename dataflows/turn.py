@@ -7,16 +7,18 @@ The recipe adds one node per source between `user_content` and `prompt` (see `tu
 from __future__ import annotations
 
 import zlib
+from contextlib import ExitStack
 from datetime import datetime
 from typing import Any
 
 from hamilton.function_modifiers import config
 
-from turnflow.backend import Backend
+from turnflow.adapters import AdapterRegistry, AdapterSet, resolve_set
+from turnflow.backend import AdapterLease, Backend
 from turnflow.nodes.images import Image
 from turnflow.nodes.llm import ChatReply, ReplyStream
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
-from turnflow.nodes.speech import SpokenReply
+from turnflow.nodes.speech import SpokenReply, TtsVoice
 from turnflow.recipe import Persona, Recipe
 from turnflow.store import ConversationStore, Participant, RoomState, StoredMessage
 
@@ -60,20 +62,36 @@ def history_tail_msg_ids(room_state: RoomState) -> str:
     return room_state.history_tail_msg_ids
 
 
+def adapter_set(persona: Persona, backend: Backend | None, adapter_registry: AdapterRegistry) -> AdapterSet:
+    """The persona's voice and skill adapters, resolved from the registry for the backend's model."""
+    voice, skills = persona.adapter_refs
+    return resolve_set(voice, skills, adapter_registry, backend.base_model if backend is not None else None)
+
+
+def adapter_set_digest(adapter_set: AdapterSet) -> str:
+    """Changes whenever the persona's adapter files or scales do."""
+    return adapter_set.digest
+
+
 @config.when_not(assembly="naive")
-def prompt__stable_first(sections: dict[str, SourceOutput], strict: bool) -> Prompt:
-    """The sources assembled stable-first; in strict mode a tier violation stops the turn here."""
+def prompt__stable_first(sections: dict[str, SourceOutput], strict: bool, adapter_set: AdapterSet) -> Prompt:
+    """The sources assembled stable-first behind the adapter set's salt; in strict mode a tier violation stops
+    the turn here."""
     if strict:
         found = [v["message"] for output in sections.values() for v in output.violations]
         if found:
             raise TierViolationError("; ".join(found))
-    return assemble(sections)
+    return assemble(sections, salt=adapter_set.salt)
 
 
 @config.when(assembly="naive")
-def prompt__naive(sections: dict[str, SourceOutput], now: datetime, persona_id: str, turn: int) -> Prompt:
+def prompt__naive(
+    sections: dict[str, SourceOutput], now: datetime, persona_id: str, turn: int, adapter_set: AdapterSet
+) -> Prompt:
     """Baseline for benchmarks: sections in completion order under a timestamped system prompt."""
-    return assemble_naive(sections, now.isoformat(timespec="seconds"), zlib.crc32(f"{persona_id}:{turn}".encode()))
+    return assemble_naive(
+        sections, now.isoformat(timespec="seconds"), zlib.crc32(f"{persona_id}:{turn}".encode()), adapter_set.salt
+    )
 
 
 def tier_violations(sections: dict[str, SourceOutput]) -> list[dict[str, str]]:
@@ -105,11 +123,18 @@ def slot__pinned(persona_id: str, backend: Backend, store: ConversationStore) ->
     return store.slot_for(backend.key, persona_id, slots)
 
 
+def adapters(adapter_set: AdapterSet, slot: int | None, backend: Backend, turn_resources: ExitStack) -> AdapterLease:
+    """The persona's LoRA adapters resident on the backend for this turn (paged in when missing)."""
+    lease = backend.lease_adapters(adapter_set, slot)
+    turn_resources.callback(lease.release)
+    return lease
+
+
 def reply_stream(
     prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
-    audio_sink: Any, on_text: Any,
+    audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice,
 ) -> ReplyStream:
-    """The streamed chat completion on the persona's slot, with prompt caching on; `on_text` sees each delta."""
+    """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on."""
     generation = recipe.generation
     speaks = route_audio_out == "native" and audio_sink is not None
     stream = backend.client.stream(
@@ -118,7 +143,8 @@ def reply_stream(
         temperature=generation.temperature,
         seed=generation.seed,
         id_slot=slot,
-        audio_out={"voice": persona.voice.tts.voice, "format": "pcm16"} if speaks else None,
+        lora=adapters.lora,
+        audio_out={"voice": tts_voice.voice, "format": "pcm16"} if speaks else None,
         extra=backend.spec.request_defaults,
     )
     stream.on_delta = on_text
@@ -141,6 +167,9 @@ def turn_report(
     backend: Backend,
     composition_cache_stats: dict[str, Any],
     tier_violations: list[dict[str, str]],
+    adapter_set: AdapterSet,
+    adapters: AdapterLease,
+    voice_fingerprint: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Everything measured about this turn (the session adds total timings)."""
     spoken = speech.audio
@@ -185,6 +214,15 @@ def turn_report(
             "first_audio_ms": _round(speech.first_audio_ms),
             "first_audio_at_char": speech.first_audio_at_char,
             "tts_ttfb_ms": _round(speech.tts_ttfb_ms),
+            "voice_fingerprint": voice_fingerprint,
+        },
+        "adapters": {
+            **{k: v for k, v in adapter_set.describe().items() if k != "detail"},
+            "lora": adapters.lora or [],
+            "resident": adapters.resident,
+            "paged_in": adapters.paged_in,
+            "page_ms": adapters.page_ms,
+            "salt": adapter_set.salt,
         },
         "composition_cache": composition_cache_stats,
         "tier_violations": tier_violations,
@@ -203,5 +241,6 @@ RESERVED_NODE_NAMES = frozenset(
         "history_tail_msg_ids", "user_content", "prompt", "tier_violations", "composition_cache_stats", "slot",
         "reply_stream", "reply", "turn_report", "sections", "persona_id", "persona", "recipe", "room_id",
         "room_state", "turn", "now", "speaker", "text_in", "strict", "backend", "store", "composition_cache", "on_text",
+        "adapter_set", "adapter_set_digest", "adapters", "adapter_registry", "turn_resources", "voice_fingerprint",
     }
 )

@@ -20,12 +20,14 @@ from typing import Any
 import numpy as np
 from hamilton.function_modifiers import config
 
+from turnflow.adapters import AdapterRegistry, AdapterSet
+from turnflow.nodes.fingerprint import voice_fingerprint as fingerprint
 from turnflow.nodes.images import Image, ImageError, load_image
 from turnflow.nodes.llm import ChatReply, Delta, ReplyStream
 from turnflow.nodes.media import Audio, decode_input_audio, load_audio, normalise
 from turnflow.nodes.speech import SentenceSplitter, SpeechBridges, SpokenReply, TtsVoice
 from turnflow.nodes.text import neutralise_control_tokens
-from turnflow.recipe import Persona, Recipe
+from turnflow.recipe import Persona, Recipe, TtsProfile
 from turnflow.store import UserContent
 
 #: Models that speak stream 24 kHz mono PCM16 (OpenAI's `pcm16` audio format).
@@ -124,9 +126,13 @@ def audio_route_in(media: Audio | None, route_audio_in: str) -> str:
     return "none" if media is None else route_audio_in
 
 
-def tts_voice(persona: Persona) -> TtsVoice:
-    """The persona's voice for the TTS bridge."""
-    tts = persona.voice.tts
+def tts_voice(persona: Persona, adapter_set: AdapterSet, adapter_registry: AdapterRegistry) -> TtsVoice:
+    """The persona's voice for the TTS bridge: its voice-profile adapter when it has one, else its `voice.tts`."""
+    voice = adapter_set.voice
+    if voice is not None and voice.manifest.format == "tts-profile":
+        tts = TtsProfile.model_validate(adapter_registry.profile(voice.manifest))
+    else:
+        tts = persona.voice.tts
     return TtsVoice(voice=tts.voice, pitch=tts.pitch, rate_wpm=tts.rate_wpm, model=tts.model, speed=tts.speed)
 
 
@@ -174,6 +180,13 @@ def _pcm16_delta(delta: Delta, caption: str = "") -> Audio | None:
         return None
     pcm = np.frombuffer(base64.b64decode(delta.audio_b64), dtype="<i2")
     return Audio((pcm.astype(np.float32) / 32768.0), NATIVE_AUDIO_RATE, caption=caption) if pcm.size else None
+
+
+def voice_fingerprint(speech: SpokenReply) -> dict[str, Any] | None:
+    """How the spoken reply sounds (median F0, spectral centroid, mean MFCCs); None when nothing was spoken."""
+    audio = speech.audio
+    found = fingerprint(audio) if audio is not None else None
+    return found.as_dict() if found is not None else None
 
 
 def reply(reply_stream: ReplyStream, speech: SpokenReply) -> ChatReply:

@@ -84,6 +84,18 @@ class ChatClient:
             return None
         return value if isinstance(value, dict) else None
 
+    def get_json_list(self, path: str) -> list[Any]:
+        """GET a JSON list from the server root (llama-server's `/lora-adapters`, `/slots`); [] when not served."""
+        try:
+            response = self._http.get(self.url + path, timeout=10.0)
+        except httpx.HTTPError as exc:
+            raise BackendError(f"cannot reach the model server at {self.url}: {_why(exc)}") from None
+        try:
+            value = response.json() if response.status_code < 400 else []
+        except ValueError:
+            return []
+        return value if isinstance(value, list) else []
+
     def stream(
         self,
         messages: list[dict[str, Any]],

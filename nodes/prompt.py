@@ -70,17 +70,22 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def assemble(outputs: dict[str, SourceOutput]) -> Prompt:
-    """Assemble the sources' outputs stable-first into chat messages."""
+def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
+    """Assemble the sources' outputs stable-first into chat messages, the `salt` first of all.
+
+    The salt (the digest of the persona's adapter set) makes two adapter sets share at most its bytes of
+    prefix, so no model server cache can hand one set the KV computed under another.
+    """
     by_tier: dict[str, list[SourceOutput]] = {tier: [] for tier in TIER_ORDER}
     for output in outputs.values():
         by_tier[output.tier].append(output)
     for tier in TIER_ORDER:
         by_tier[tier].sort(key=lambda o: o.name)
 
-    system_sections: list[str] = []
+    system_sections: list[str] = [salt] if salt else []
     middle: list[dict[str, Any]] = []
     tier_text: dict[str, list[str]] = {tier: [] for tier in TIER_ORDER}
+    tier_text["invariant"] = [salt] if salt else []
     for tier in ("invariant", "semi_stable"):
         for output in by_tier[tier]:
             tier_text[tier].append(output.canonical)
@@ -117,7 +122,7 @@ def assemble(outputs: dict[str, SourceOutput]) -> Prompt:
     )
 
 
-def assemble_naive(outputs: dict[str, SourceOutput], now_iso: str, shuffle_seed: int) -> Prompt:
+def assemble_naive(outputs: dict[str, SourceOutput], now_iso: str, shuffle_seed: int, salt: str = "") -> Prompt:
     """The baseline most voice pipelines use: sections in completion order, a timestamp on top of the system prompt.
 
     Completion order is simulated by a seeded shuffle per turn (sources that run concurrently finish in
@@ -127,7 +132,7 @@ def assemble_naive(outputs: dict[str, SourceOutput], now_iso: str, shuffle_seed:
 
     shuffled = list(outputs.values())
     random.Random(shuffle_seed).shuffle(shuffled)
-    system_sections = [f"Timestamp: {now_iso}"]
+    system_sections = [salt, f"Timestamp: {now_iso}"] if salt else [f"Timestamp: {now_iso}"]
     middle: list[dict[str, Any]] = []
     volatile_text: list[str] = []
     volatile_messages: list[dict[str, Any]] = []

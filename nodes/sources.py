@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from turnflow.adapters import AdapterSet
 from turnflow.nodes.text import canonical_json, neutralise_control_tokens
 from turnflow.recipe import Persona, Recipe
 from turnflow.store import Participant, StoredMessage, UserContent
@@ -40,11 +41,15 @@ def participants(room_participants: list[Participant]) -> str:
     return "\n".join(["In the room, in order of arrival:", *lines])
 
 
-def active_adapters(persona: Persona) -> str:
-    """The voice and skill adapters resident for this persona."""
-    voice = persona.voice.adapter or f"tts:{persona.voice.tts.engine}/{persona.voice.tts.voice}"
-    skills = ", ".join(f"{s.adapter} at {s.scale:.2f}" for s in persona.skills) or "none"
-    return f"Active adapters: voice {voice}; skills {skills}."
+def active_adapters(adapter_set: AdapterSet) -> str:
+    """The adapters applied to this persona's replies: ids, kinds and scales, and nothing else."""
+    parts = []
+    voice = adapter_set.voice
+    if voice is not None:
+        how = f"LoRA at {voice.scale:.2f}" if voice.manifest.format == "lora" else "TTS voice profile"
+        parts.append(f"voice {voice.id} ({how})")
+    parts += [f"skill {a.id} (LoRA at {a.scale:.2f})" for a in adapter_set.skills]
+    return "Active adapters: " + ("; ".join(parts) if parts else "none") + "."
 
 
 def conversation_history(room_messages: list[StoredMessage], persona_id: str, hears: bool) -> list[dict[str, Any]]:

@@ -13,6 +13,10 @@ out="build/demo"
 mkdir -p "$out"
 trap '$tf server down >/dev/null 2>&1 || true' EXIT   # stops every embedded server
 
+echo "== the example personas' voice and skill adapters (generated LoRAs) into the registry"
+TURNFLOW=$tf ./scripts/example-adapters.sh
+$tf adapters list
+
 echo "== validate"
 $tf validate recipes/
 
@@ -37,6 +41,11 @@ import json, sys
 from turnflow.cli import summary_line
 report = json.load(open(sys.argv[1]))
 print(summary_line(report))
+adapters = report["adapters"]
+applied = [adapters["voice"] or "-"] + [f"{s['id']}@{s['scale']}" for s in adapters["skills"]]
+paged = f", paged in {', '.join(adapters['paged_in'])} in {adapters['page_ms']:.0f} ms" if adapters["paged_in"] else ""
+fp = report["speech"].get("voice_fingerprint") or {}
+print(f"  adapters: {' '.join(applied)}{paged}; voice F0 {fp.get('f0_hz')} Hz")
 if report.get("transcript"):
     print(f"  (STT bridge heard: {report['transcript']!r})")
 PY

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +26,46 @@ def llama_server_or_skip() -> str:
         pytest.skip(f"needs the embedded llama-server: {exc}")
 
 
+@pytest.fixture(scope="session")
+def example_adapters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A registry holding the example personas' adapters, added through the CLI as `make demo` adds them."""
+    template = tmp_path_factory.mktemp("adapters-home")
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "TURNFLOW_HOME": str(template), "TURNFLOW": str(bin_dir / "turnflow"),
+           "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}"}
+    subprocess.run([str(REPO / "scripts" / "example-adapters.sh")], env=env, check=True, capture_output=True)
+    return template / "adapters"
+
+
+def add_example_adapters(home: Path, registry: Path) -> None:
+    """Give a turnflow home the example adapters (a copy of the session's registry)."""
+    shutil.copytree(registry, home / "adapters", dirs_exist_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _default_home(tmp_path_factory: pytest.TempPathFactory, example_adapters: Path) -> Iterator[None]:
+    """No test touches the user's own turnflow home: the default one is a throw-away with the example adapters."""
+    path = tmp_path_factory.mktemp("default-home")
+    add_example_adapters(path, example_adapters)
+    previous = os.environ.get("TURNFLOW_HOME")
+    os.environ["TURNFLOW_HOME"] = str(path)
+    try:
+        yield
+    finally:
+        for name, spec in load_backends(default_backends_path()).items():
+            if spec.kind == "embedded":
+                EmbeddedServer(name, spec).down()
+        if previous is None:
+            os.environ.pop("TURNFLOW_HOME", None)
+        else:
+            os.environ["TURNFLOW_HOME"] = previous
+
+
 @pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """A fresh TURNFLOW_HOME for the module; every embedded server started in it is stopped afterwards."""
+def home(tmp_path_factory: pytest.TempPathFactory, example_adapters: Path) -> Iterator[Path]:
+    """A fresh TURNFLOW_HOME for the module, with the example adapters; its embedded servers stop afterwards."""
     path = tmp_path_factory.mktemp("turnflow-home")
+    add_example_adapters(path, example_adapters)
     previous = os.environ.get("TURNFLOW_HOME")
     os.environ["TURNFLOW_HOME"] = str(path)
     try:
@@ -62,3 +100,14 @@ def _server_tests_need_llama_server(request: pytest.FixtureRequest) -> None:
     """Tests marked `server` are skipped, visibly, where llama-server is not installed."""
     if request.node.get_closest_marker("server") is not None:
         llama_server_or_skip()
+
+
+def without_adapters(recipe: Path, persona_id: str) -> None:
+    """Drop a persona's LoRA adapters in a copied recipe folder (for stand-in servers that load none)."""
+    import yaml
+
+    path = recipe.parent / "personas" / f"{persona_id}.yaml"
+    data = yaml.safe_load(path.read_text())
+    data["voice"].pop("adapter", None)
+    data["skills"] = []
+    path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import RECIPE, copy_recipe_folder, llama_server_or_skip
+from conftest import RECIPE, copy_recipe_folder, llama_server_or_skip, without_adapters
 
 from turnflow.nodes.images import ImageError, load_image
 from turnflow.recipe import default_backends_path, load_backends
@@ -105,6 +105,7 @@ def test_bad_images_are_refused_clearly(source: bytes | str, words: str) -> None
 
 def test_model_that_sees_gets_image_url_parts(tmp_path: Path, vision_stub: str) -> None:
     recipe = copy_recipe_folder(tmp_path)
+    without_adapters(recipe, "maya")  # the stand-in loads no LoRA files
     (recipe.parent / "backends.yaml").write_text(f"backends:\n  seer:\n    kind: openai\n    url: {vision_stub}\n")
     with Session(recipe, backend="seer", state_dir=tmp_path / "state") as session:
         result = session.turn(persona="maya", room="r", text="What do you make of this?", images=[png_bytes()])

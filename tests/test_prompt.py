@@ -60,14 +60,15 @@ def test_layout_is_stable_first(tmp_path: Path) -> None:
     roles = [m["role"] for m in prompt.messages]
     assert roles == ["system", "user", "assistant", "user", "user"]
     system = prompt.messages[0]["content"]
-    # invariant sections (sorted by name) come before the semi-stable ones
-    assert system.index("You are Maya") < system.index("Tools you can call") < system.index("Active adapters")
-    assert system.index("Active adapters") < system.index("In the room")
+    # the adapter set's salt first, then the invariant sections (sorted by name), then the semi-stable ones
+    assert system.startswith("[adapter-set ")
+    assert system.index("Active adapters") < system.index("You are Maya") < system.index("Tools you can call")
+    assert system.index("Tools you can call") < system.index("In the room")
     assert prompt.messages[3]["content"] == "Helper: It is sunny."  # another persona's words, as user
     last = prompt.messages[-1]["content"]
     assert last.startswith("Current time: Tuesday 24 November 2026, 09:30 UTC.")
     assert last.endswith("alice: What is blocked?")
-    assert prompt.order[:3] == ["persona_identity", "recipe_rules", "tool_definitions"]
+    assert prompt.order[:4] == ["active_adapters", "persona_identity", "recipe_rules", "tool_definitions"]
 
 
 def test_tool_definitions_are_canonical(tmp_path: Path) -> None:

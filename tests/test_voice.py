@@ -12,9 +12,7 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from conftest import RECIPE, copy_recipe_folder, llama_server_or_skip
+from stubs import speaking_model
 
+from turnflow.adapters import AdapterRegistry
 from turnflow.nodes.media import Audio, AudioError
 from turnflow.nodes.speech import EspeakTts, TtsVoice
 from turnflow.recipe import default_backends_path, load_backends
@@ -173,66 +173,27 @@ def test_cli_speaks_to_a_wav_file(servers: None, home: Path, utterances: list[Pa
 # ------------------------------------------------------------------ the model that speaks (stub server)
 
 
-class _SpeakingModel(BaseHTTPRequestHandler):
-    """Stand-in for a model server that hears and speaks (OpenAI audio models; none runs here)."""
-
-    requests: list[dict[str, Any]] = []
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        if self.path == "/v1/models":
-            body = {"data": [{"id": "speaker", "architecture": {"input_modalities": ["text", "audio"],
-                                                                  "output_modalities": ["text", "audio"]}}]}
-            self._send(200, json.dumps(body).encode(), "application/json")
-        else:
-            self._send(404, b"{}", "application/json")
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _SpeakingModel.requests.append(body)
-        tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(4800) / 24000) * 32767).astype("<i2").tobytes()
-        chunks = [
-            {"choices": [{"delta": {"audio": {"id": "a1", "transcript": "Hello there. "}}}]},
-            *[{"choices": [{"delta": {"audio": {"data": base64.b64encode(tone).decode()}}}]} for _ in range(5)],
-            {"choices": [{"delta": {"audio": {"transcript": "Bye."}}, "finish_reason": "stop"}],
-             "usage": {"prompt_tokens": 120, "completion_tokens": 9,
-                       "prompt_tokens_details": {"cached_tokens": 100}}},
-        ]
-        payload = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
-        self._send(200, payload, "text/event-stream")
-
-    def _send(self, status: int, payload: bytes, kind: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", kind)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-
-def test_model_that_speaks_is_played_without_tts(tmp_path: Path, utterances: list[Path]) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _SpeakingModel)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+def test_model_that_speaks_is_played_without_tts(home: Path, tmp_path: Path, utterances: list[Path]) -> None:
+    registry = AdapterRegistry()
+    maya_files = [registry.path(registry.get(a)) for a in ("maya-voice", "standup-facilitation", "incident-comms")]
+    with speaking_model(loaded_adapters=maya_files) as (url, requests):
         recipe = copy_recipe_folder(tmp_path)
-        (recipe.parent / "backends.yaml").write_text(
-            f"backends:\n  speaker:\n    kind: openai\n    url: http://127.0.0.1:{server.server_port}/v1\n"
-        )
+        (recipe.parent / "backends.yaml").write_text(f"backends:\n  speaker:\n    kind: openai\n    url: {url}\n")
         with Session(recipe, backend="speaker", state_dir=tmp_path / "state") as session:
             assert session.backend.capabilities.audio_in and session.backend.capabilities.audio_out
             chunks: list[Audio] = []
             result = session.turn(persona="maya", room="r", audio=utterances[0], audio_sink=chunks.append)
-    finally:
-        server.shutdown()
     report = result.report
     assert report["route"] == {"audio_in": "native", "audio_out": "native", "images_in": "none"}
     assert report["invocations"] == {"stt": 0, "tts": 0, "llm": 1, "describe": 0}
     assert result.reply == "Hello there. Bye."
     assert len(chunks) == 5 and all(c.sample_rate == 24000 for c in chunks)
     assert abs(result.audio.duration_s - 1.0) < 1e-6
-    sent = _SpeakingModel.requests[-1]
+    sent = requests[-1]
     assert sent["modalities"] == ["text", "audio"] and sent["audio"]["format"] == "pcm16"
+    assert sent["audio"]["voice"] == "en-us+f3"  # the persona's voice
+    # the persona's voice LoRA (and its skills) are applied to what the model speaks
+    assert sent["lora"] == [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.6}, {"id": 2, "scale": 0.3}]
     parts = sent["messages"][-1]["content"]
     assert any(p.get("type") == "input_audio" and p["input_audio"]["format"] == "wav" for p in parts)
     assert report["llm"]["prompt_tokens_cached"] == 100

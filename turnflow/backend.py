@@ -8,12 +8,15 @@ DAG's branches, so one built driver is cached per capability profile.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from turnflow.adapters import AdapterError, AdapterSet, BaseModelRef, resolve_base
 from turnflow.nodes.llm import ChatClient
 from turnflow.recipe import BackendSpec
-from turnflow.server import EmbeddedServer, ServerError
+from turnflow.server import EmbeddedServer, LoraFile, ServerError, lora_field
 
 
 @dataclass(frozen=True)
@@ -66,17 +69,87 @@ def probe(client: ChatClient, overrides: dict[str, bool] | None = None) -> Capab
     )
 
 
+@dataclass
+class AdapterLease:
+    """A persona's adapters on the backend for one turn: the request's `lora` list and what was resident."""
+
+    lora: list[dict[str, Any]] | None
+    resident: list[str]
+    paged_in: list[str] = field(default_factory=list)
+    page_ms: float = 0.0
+    release: Callable[[], None] = lambda: None
+
+
 class Backend:
     """A named model server ready for turns."""
 
-    def __init__(self, name: str, spec: BackendSpec, url: str):
+    def __init__(self, name: str, spec: BackendSpec, url: str, server: EmbeddedServer | None = None):
         self.name = name
         self.spec = spec
         self.url = url
-        api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
-        model = spec.model if spec.kind == "openai" else None
-        self.client = ChatClient(url, model=model, api_key=api_key)
+        self.server = server
+        self._api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
+        self.client = self._client(url)
         self.capabilities = probe(self.client, spec.capabilities)
+        self._base_model: BaseModelRef | None | bool = False
+        self._loaded_adapters: list[dict[str, Any]] | None = None
+
+    def _client(self, url: str) -> ChatClient:
+        return ChatClient(url, model=self.spec.model if self.spec.kind == "openai" else None, api_key=self._api_key)
+
+    @property
+    def base_model(self) -> BaseModelRef | None:
+        """The model the backend runs (architecture, sha256 of the GGUF), when turnflow knows its file."""
+        if self._base_model is False:
+            self._base_model = None
+            if self.spec.kind == "embedded":
+                self._base_model = resolve_base(self.spec.model or "generated:tiny")[0]
+        return self._base_model if isinstance(self._base_model, BaseModelRef) else None
+
+    def lease_adapters(self, adapters: AdapterSet, slot: int | None) -> AdapterLease:
+        """Make the persona's LoRA adapters resident for this turn and give the request's `lora` list.
+
+        An embedded server pages missing adapters in (a restart that keeps every slot's KV); a server of
+        the user's own must already have loaded them (`GET /lora-adapters`), else the turn fails here,
+        before the model call. Release the lease once the reply has been read.
+        """
+        scales = {a.key: a.scale for a in adapters.loras}
+        if self.server is not None:
+            needed = [LoraFile(a.key, a.id, str(a.path)) for a in adapters.loras]
+            try:
+                lease = self.server.lease(needed, slot=slot, slot_set=sorted(scales.items()))
+            except ServerError as exc:
+                raise AdapterError(str(exc)) from None
+            if lease.url != self.url:  # the page-in restart moved to another port
+                self.client.close()
+                self.url = lease.url
+                self.client = self._client(lease.url)
+            names = {entry["key"]: entry["id"] for entry in lease.resident}
+            return AdapterLease(
+                lora_field(lease.lora_ids(), scales), [names[k] for k in lease.lora_ids()], lease.paged_in,
+                lease.page_ms, lease.release,
+            )
+        loaded = self._server_adapters(refresh=False)
+        ids = _match_loaded(adapters, loaded)
+        if len(ids) < len(adapters.loras):
+            ids = _match_loaded(adapters, self._server_adapters(refresh=True))
+        missing = [a.id for a in adapters.loras if a.key not in ids]
+        if missing:
+            have = ", ".join(Path(str(e.get("path", "?"))).name for e in self._loaded_adapters or []) or "none"
+            raise AdapterError(
+                f"backend {self.name!r} at {self.url} has not loaded adapter(s) {', '.join(missing)} "
+                f"(it has: {have}); start it with --lora FILE,... --lora-init-without-apply"
+            )
+        by_id = {ids[key]: scale for key, scale in scales.items()}
+        loaded = self._loaded_adapters or []
+        lora = [{"id": int(e["id"]), "scale": float(by_id.get(int(e["id"]), 0.0))} for e in loaded] or None
+        return AdapterLease(lora, [Path(str(e.get("path", ""))).name for e in loaded])
+
+    def _server_adapters(self, *, refresh: bool) -> list[dict[str, Any]]:
+        if self._loaded_adapters is None or refresh:
+            data = self.client.get_json_list("/lora-adapters")
+            self._loaded_adapters = [e for e in data if isinstance(e, dict) and "id" in e]
+        return self._loaded_adapters
 
     @property
     def key(self) -> str:
@@ -108,7 +181,19 @@ def open_backend(name: str, spec: BackendSpec, *, start: bool = True) -> Backend
             if not status.get("running"):
                 raise ServerError(f"embedded backend {name!r} is not running; start it with `turnflow server up`")
             url = status["url"]
-        return Backend(name, spec, url)
+        return Backend(name, spec, url, server)
     if not spec.url:
         raise ServerError(f"backend {name!r} has no url in backends.yaml")
     return Backend(name, spec, spec.url)
+
+
+def _match_loaded(adapters: AdapterSet, loaded: list[dict[str, Any]]) -> dict[str, int]:
+    """Adapter key -> the server's id, matching the server's loaded files by path or file name."""
+    ids: dict[str, int] = {}
+    for adapter in adapters.loras:
+        for entry in loaded:
+            path = str(entry.get("path", ""))
+            if path == str(adapter.path) or Path(path).name == adapter.path.name:
+                ids[adapter.key] = int(entry["id"])
+                break
+    return ids

@@ -384,6 +384,7 @@ def backend_spec(options: BenchOptions, *, ctx_per_slot: int, audio: bool) -> Ba
         mmproj=model if (audio and generated) else None,
         slots=options.personas,
         ctx_per_slot=ctx_per_slot,
+        max_resident_adapters=max(8, 3 * options.personas),  # every persona's adapters stay resident
     )
 
 
@@ -409,6 +410,7 @@ def write_recipe_folder(folder: Path, options: BenchOptions, spec: BackendSpec, 
         counted = count_tokens(url, _invariant_text(doc, rules, padding[doc["persona"]]))
         if counted:
             padding[doc["persona"]] = max(0, padding[doc["persona"]] + int((target_tokens - counted) * ratio))
+    documents = _with_bench_adapters(documents, spec)
     (folder / "personas").mkdir(parents=True, exist_ok=True)
     for doc in documents:
         _dump_yaml(folder / "personas" / f"{doc['persona']}.yaml", doc, "# Written by `turnflow bench`.\n")
@@ -434,6 +436,29 @@ def write_recipe_folder(folder: Path, options: BenchOptions, spec: BackendSpec, 
     backend = spec.model_dump(mode="json", exclude_defaults=True)
     _dump_yaml(folder / "backends.yaml", {"backends": {BACKEND_NAME: backend}}, "# Written by `turnflow bench`.\n")
     return path
+
+
+def _with_bench_adapters(documents: list[dict[str, Any]], spec: BackendSpec) -> list[dict[str, Any]]:
+    """The personas' voice and skill adapters made for the bench's generated model (a variant of each id in
+    the bench's registry); for any other model the personas run without adapters."""
+    from turnflow.adapters import AdapterRegistry
+    from turnflow.modelgen import MODEL_KINDS
+
+    model = (spec.model or "").removeprefix("generated:")
+    if spec.kind != "embedded" or model not in MODEL_KINDS:
+        return [{**doc, "voice": {k: v for k, v in doc.get("voice", {}).items() if k != "adapter"}, "skills": []}
+                for doc in documents]
+    wanted: dict[str, str] = {}
+    for doc in documents:
+        voice = doc.get("voice", {}).get("adapter")
+        if voice:
+            wanted[voice] = "voice"
+        wanted.update({skill["adapter"]: "skill" for skill in doc.get("skills", [])})
+    registry = AdapterRegistry()
+    for adapter_id, kind in wanted.items():
+        registry.add(f"generated:{model}/{adapter_id}", kind=kind, adapter_id=adapter_id,  # type: ignore[arg-type]
+                     authors=("turnflow bench",))
+    return documents
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -700,6 +725,22 @@ def _run_mode(
     run.wall_s[mode] = round(time.perf_counter() - started, 2)
 
 
+def _preload_adapters(server: Any, recipe: Any) -> str:
+    """Page every persona's adapters in before the clock starts (one restart), so the run measures turns only."""
+    from turnflow.adapters import AdapterRegistry, resolve_base, resolve_set
+    from turnflow.server import LoraFile
+
+    registry, base = AdapterRegistry(), resolve_base(server.spec.model or "generated:tiny")[0]
+    needed: dict[str, LoraFile] = {}
+    for persona_id in recipe.personas or ():
+        voice, skills = find_persona(recipe, persona_id).adapter_refs
+        for adapter in resolve_set(voice, skills, registry, base).loras:
+            needed[adapter.key] = LoraFile(adapter.key, adapter.id, str(adapter.path))
+    lease = server.lease(list(needed.values()))
+    lease.release()
+    return str(lease.url)
+
+
 def _played(audio: Any) -> None:
     """Where the bench plays the replies' audio: nowhere (time to first audio is what it measures)."""
 
@@ -731,10 +772,11 @@ def run_bench(options: BenchOptions) -> BenchSummary:
         server = EmbeddedServer(BACKEND_NAME, spec) if spec.kind == "embedded" else None
         try:
             url = server.up() if server else str(spec.url)
-            if server:
-                run.server_pid = server.status().get("pid")
             recipe_path = write_recipe_folder(out / "recipe", options, spec, url, ctx_per_slot)
             recipe = load_recipe(recipe_path)
+            if server:
+                url = _preload_adapters(server, recipe)
+                run.server_pid = server.status().get("pid")
             names = [(pid, find_persona(recipe, pid).name) for pid in recipe.personas or ()]
             script = conversation_script(
                 names, options.turns, audio=audio, rooms=options.rooms

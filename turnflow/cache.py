@@ -27,6 +27,7 @@ _SCOPES_OF_KEY: dict[str, tuple[str, ...]] = {
     "room_id": ("room",),
     "participants_version": ("room", "participants"),
     "history_tail_msg_ids": ("room", "messages"),
+    "adapter_set_digest": ("persona",),
 }
 _SCOPE_VALUE_FIELD = {"persona": "persona_id", "room": "room_id", "participants": "room_id", "messages": "room_id"}
 _LEDGER_TTL_S = 30 * 24 * 3600.0

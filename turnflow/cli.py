@@ -177,6 +177,58 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_adapters(args: argparse.Namespace) -> int:
+    from turnflow.adapters import AdapterError, AdapterRegistry
+
+    registry = AdapterRegistry()
+    try:
+        if args.action == "add":
+            manifest = registry.add(
+                args.path, kind=args.kind, adapter_id=args.id, license=args.license, authors=args.author or (),
+                base=args.base, derived_from=args.derived_from or (),
+            )
+            print(f"added {manifest.id} ({manifest.kind} {manifest.format}, sha256 {manifest.sha256[:12]}, "
+                  f"{_base_text(manifest)}, license {manifest.license or 'none'})")
+            return 0
+        if args.action == "list":
+            manifests = registry.manifests()
+            if args.json:
+                print(json.dumps([m.public() for m in manifests], indent=2))
+                return 0
+            if not manifests:
+                print("no adapters; add one with `turnflow adapters add PATH --kind voice|skill`")
+            for m in manifests:
+                print(f"{m.id:32s} {m.kind:5s} {m.format:11s} {_base_text(m):34s} {m.license or 'unlicensed':12s} "
+                      f"{', '.join(m.authors) or '-'}")
+            return 0
+        if args.action == "show":
+            variants = registry.variants(args.id)
+            if args.json:
+                print(json.dumps([m.public() for m in variants], indent=2))
+                return 0
+            for m in variants:
+                print(f"{m.id}  ({m.kind} {m.format})")
+                print(f"  file:      {registry.path(m)}  ({m.size_bytes} bytes, sha256 {m.sha256})")
+                print(f"  base:      {_base_text(m).removeprefix('base ')}")
+                print(f"  license:   {m.license or 'none given'}")
+                print(f"  authors:   {', '.join(m.authors) or 'none given'}")
+                print(f"  source:    {m.source}" + (f" @ {m.revision}" if m.revision else ""))
+                if m.derived_from:
+                    print(f"  derived from: {', '.join(m.derived_from)}")
+            return 0
+        removed = registry.remove(args.id)
+        print(f"removed {args.id} ({removed} variant{'s' if removed != 1 else ''})")
+        return 0
+    except AdapterError as exc:
+        print(f"turnflow: {exc}", file=sys.stderr)
+        return 1
+
+
+def _base_text(manifest: Any) -> str:
+    base = manifest.base_model
+    return "any model (voice profile)" if base is None else f"base {base.short}"
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from turnflow.serve import LiveKitCredentials, MissingCredentialsError, run_room_agent
 
@@ -247,6 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="per-persona (default): each persona in its own room; shared: all in one room, one shared history",
     )
     bench.set_defaults(fn=_cmd_bench)
+
+    adapters = sub.add_parser("adapters", help="the adapter registry: voice and skill adapters of personas")
+    actions = adapters.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="add a LoRA GGUF or a TTS voice profile (YAML/JSON)")
+    add.add_argument("path", help="a .gguf LoRA, a .yaml/.json voice profile, or generated:<model>/<name>")
+    add.add_argument("--kind", required=True, choices=("voice", "skill"))
+    add.add_argument("--id", help="the id personas name it by (default: the file name)")
+    add.add_argument("--license", help="SPDX license id, e.g. Apache-2.0")
+    add.add_argument("--author", action="append", help="an author (repeatable)")
+    add.add_argument("--base", help="the base model of a LoRA: a GGUF file, generated:tiny, or an embedded backend")
+    add.add_argument("--derived-from", action="append", help="what the adapter derives from (repeatable)")
+    listing = actions.add_parser("list", help="the adapters in the registry")
+    listing.add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="one adapter: file, base model, license, authors, source")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true")
+    remove = actions.add_parser("remove", help="remove an adapter from the registry")
+    remove.add_argument("id")
+    adapters.set_defaults(fn=_cmd_adapters)
 
     serve = sub.add_parser("serve", help="join a LiveKit room as the personas and answer the people in it")
     serve.add_argument("recipe")

@@ -34,6 +34,7 @@ CACHE_KEYS: dict[str, str] = {
     "room_id": "the room",
     "participants_version": "who is in the room",
     "history_tail_msg_ids": "the newest messages of the room's history",
+    "adapter_set_digest": "the persona's adapter files and scales",
 }
 
 #: The DAG values a source function may take as parameters (Hamilton style: the name is the edge).
@@ -53,6 +54,8 @@ SOURCE_INPUTS: dict[str, str] = {
     "speaker": "who is speaking this turn",
     "user_content": "what the speaker said this turn (UserContent)",
     "hears": "whether the backend's model hears audio (decided when the driver is built)",
+    "adapter_set": "the persona's adapters as applied (AdapterSet: voice, skills, scales)",
+    "adapter_set_digest": "digest of the persona's adapter files and scales",
 }
 
 #: For each source input, the cache keys that must be declared for a cached result to follow it.
@@ -72,6 +75,8 @@ INPUT_COVERAGE: dict[str, tuple[str, ...]] = {
     "speaker": ("<per-turn>",),
     "user_content": ("<per-turn>",),
     "hears": (),  # fixed per driver; the cache namespace includes the capability profile
+    "adapter_set": ("adapter_set_digest",),
+    "adapter_set_digest": ("adapter_set_digest",),
 }
 
 
@@ -87,6 +92,7 @@ class _FromFile(_Strict):
 
     _path: Path | None = PrivateAttr(default=None)
     _digest: str = PrivateAttr(default="")
+    _document: Any = PrivateAttr(default=None)
 
     @property
     def path(self) -> Path | None:
@@ -210,17 +216,19 @@ class TtsProfile(_Strict):
 
 
 class VoiceSpec(_Strict):
-    """The persona's voice: a LoRA for models that speak, a TTS profile for the bridge."""
+    """The persona's voice: an adapter from the registry (a LoRA for its base model, or a TTS voice profile)
+    and the TTS profile the bridge speaks with (a voice-profile adapter overrides it)."""
 
     adapter: str | None = None
+    scale: float = Field(default=1.0, ge=0, le=2)
     tts: TtsProfile = TtsProfile()
 
 
 class SkillSpec(_Strict):
-    """A skill adapter (LoRA) and the scale it is applied at."""
+    """A skill adapter (a LoRA from the registry) and the scale it is applied at, 0 to 2."""
 
     adapter: str
-    scale: float = Field(default=1.0, ge=0)
+    scale: float = Field(default=1.0, ge=0, le=2)
 
 
 class Persona(_FromFile):
@@ -235,6 +243,16 @@ class Persona(_FromFile):
     voice: VoiceSpec = VoiceSpec()
     skills: tuple[SkillSpec, ...] = ()
 
+    @property
+    def adapter_refs(self) -> tuple[tuple[str, float] | None, tuple[tuple[str, float], ...]]:
+        """(voice adapter id and scale or None, skill adapter ids and scales), as the registry resolves them."""
+        voice = (self.voice.adapter, self.voice.scale) if self.voice.adapter else None
+        return voice, tuple((s.adapter, s.scale) for s in self.skills)
+
+    def line_of(self, *loc: str | int) -> int:
+        """The line in the persona's file of a key (e.g. `line_of("skills", 0, "adapter")`)."""
+        return self._document.line(loc) if self._document else 1
+
 
 class BackendSpec(_Strict):
     """A model server a recipe can name: started by turnflow (`embedded`) or reached by URL (`openai`)."""
@@ -247,6 +265,9 @@ class BackendSpec(_Strict):
     slots: int = Field(default=4, gt=0)
     ctx_per_slot: int = Field(default=32768, gt=0)
     lora: tuple[str, ...] = ()
+    """LoRA files loaded at start-up whatever the personas need (each request lists them, at scale 0 unless used)."""
+    max_resident_adapters: int = Field(default=8, ge=1)
+    """How many LoRA adapters an embedded server holds at once; others are paged in (least recently used out)."""
     extra_args: tuple[str, ...] = ()
     capabilities: dict[str, bool] = Field(default_factory=dict)
     request_defaults: dict[str, Any] = Field(default_factory=dict)
@@ -366,6 +387,8 @@ def _pydantic_problems(doc: _Document, exc: ValidationError, what: str) -> list[
             msg = f"unknown tier {value!r}{_did_you_mean(str(value), TIERS)}; a tier is one of {', '.join(TIERS)}"
         elif kind == "literal_error":
             msg = f"{field}: {value!r} is not allowed; {err['msg'].lower()}"
+        elif kind in ("less_than_equal", "greater_than_equal", "less_than", "greater_than"):
+            msg = f"{field}: {value!r} is out of range ({err['msg'].lower()})"
         elif kind == "string_pattern_mismatch" and field == "fn":
             msg = f"fn {value!r} must be 'module:function' (a module beside the recipe or importable)"
         elif kind == "string_pattern_mismatch":
@@ -461,6 +484,7 @@ def load_persona(path: str | Path) -> Persona:
         )
     persona._path = doc.path
     persona._digest = _canonical_digest(doc.data)
+    persona._document = doc
     return persona
 
 
@@ -521,7 +545,7 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
     recipe._path = doc.path.resolve()
     recipe._digest = _canonical_digest(doc.data)
     if check:
-        problems = [p for p in _check_recipe(recipe, doc) if p.severity == "error"]
+        problems = [p for p in _check_recipe(recipe, doc, adapters=False) if p.severity == "error"]
         if problems:
             raise RecipeError(problems)
     return recipe
@@ -634,11 +658,13 @@ def _returns_text_or_messages(annotation: Any) -> bool:
 
 
 def _check_recipe(
-    recipe: Recipe, doc: _Document, indexed: list[tuple[int, SourceSpec]] | None = None
+    recipe: Recipe, doc: _Document, indexed: list[tuple[int, SourceSpec]] | None = None, *, adapters: bool = True
 ) -> list[Problem]:
     """Problems beyond the schema: sources resolve, keys exist, personas and backend are found.
 
     `indexed` pairs each source with its position in the file (when some sources were dropped as invalid).
+    With `adapters`, the personas' adapters are looked up in the registry too (`turnflow validate` does;
+    loading a recipe for turns does not: a turn of a persona whose adapter is missing fails on its own).
     """
     file = str(doc.path)
     problems: list[Problem] = []
@@ -716,9 +742,12 @@ def _check_recipe(
                 )
                 continue
             try:
-                load_persona(persona_dir(recipe) / f"{persona_id}.yaml")
+                persona = load_persona(persona_dir(recipe) / f"{persona_id}.yaml")
             except RecipeError as exc:
                 problems.extend(exc.problems)
+            else:
+                if adapters:
+                    problems.extend(_adapter_base_problems(recipe, persona))
     try:
         backends = backends_for(recipe)
     except RecipeError as exc:
@@ -734,6 +763,58 @@ def _check_recipe(
                 )
             )
     return problems
+
+
+def persona_adapter_problems(persona: Persona, base: Any = None, backend: str | None = None) -> list[Problem]:
+    """Adapters a persona names that the registry lacks, of the wrong kind, or made for another base model.
+
+    `base` is the backend's model (a `BaseModelRef`), when known; `backend` its name, for the message.
+    """
+    from turnflow.adapters import AdapterError, AdapterRegistry
+
+    registry = AdapterRegistry()
+    file = str(persona.path or persona.persona)
+    voice, skills = persona.adapter_refs
+    wanted: list[tuple[tuple[Any, ...], str, str]] = []
+    if voice is not None:
+        wanted.append((("voice", "adapter", "<value>"), voice[0], "voice"))
+    wanted += [(("skills", i, "adapter", "<value>"), s[0], "skill") for i, s in enumerate(skills)]
+    problems = []
+    for loc, adapter_id, role in wanted:
+        try:
+            manifest = registry.get(adapter_id, base)
+        except AdapterError as exc:
+            message = str(exc)
+            if base is not None and backend:
+                message = message.replace("the backend's model", f"backend {backend!r}'s model")
+            problems.append(Problem(file, persona.line_of(*loc), message))
+            continue
+        if role == "voice" and manifest.kind != "voice":
+            problems.append(Problem(file, persona.line_of(*loc),
+                                    f"adapter {adapter_id!r} is a {manifest.kind} adapter; voice needs kind voice"))
+        if role == "skill" and manifest.format != "lora":
+            problems.append(Problem(file, persona.line_of(*loc),
+                                    f"adapter {adapter_id!r} is a TTS voice profile; a skill is a LoRA adapter"))
+    return problems
+
+
+def _adapter_base_problems(recipe: Recipe, persona: Persona) -> list[Problem]:
+    """A persona's adapter problems against the recipe's backend model (embedded backends: the GGUF is known)."""
+    if not persona.adapter_refs[0] and not persona.adapter_refs[1]:
+        return []
+    base = None
+    try:
+        spec = backends_for(recipe).get(recipe.backend)
+    except RecipeError:
+        spec = None
+    if spec is not None and spec.kind == "embedded":
+        from turnflow.adapters import AdapterError, resolve_base
+
+        try:
+            base = resolve_base(spec.model or "generated:tiny")[0]
+        except AdapterError:
+            base = None
+    return persona_adapter_problems(persona, base, recipe.backend)
 
 
 def _lint_source(file: str, line: int, spec: SourceSpec, params: list[str]) -> list[Problem]:
@@ -787,7 +868,7 @@ def validate_paths(paths: Iterable[str | Path]) -> list[Problem]:
             problems.append(Problem(str(path), 1, "file not found"))
     for path in files:
         problems.extend(sorted(_validate_file(path), key=lambda p: (p.file != str(path), p.file, p.line)))
-    return problems
+    return list(dict.fromkeys(problems))  # a persona's problem is found by its file and by each recipe using it
 
 
 def _validate_file(path: Path) -> list[Problem]:
@@ -808,8 +889,7 @@ def _validate_file(path: Path) -> list[Problem]:
         ]
     try:
         if kind == "persona":
-            load_persona(path)
-            return []
+            return persona_adapter_problems(load_persona(path))
         if kind == "backends":
             _parse(doc, "backends")
             return []

@@ -2,7 +2,14 @@
 
 `turnflow server up|down|status` and every turn on an `embedded` backend go through here. The server
 runs detached (its own session) so consecutive `turnflow run` commands reuse it and its warm KV cache;
-a pid file and a lock keep two processes from starting two servers.
+a pid file and a lock keep two processes from starting two servers. Its state is keyed by the backend's
+full spec, so two recipes that define `local` differently each get their own server.
+
+LoRA adapters are loaded by llama-server only at start-up, so the set of adapters a server holds (its
+*resident* set, at most `max_resident_adapters`) changes by a restart: `lease()` pages a missing adapter
+in by saving every slot's KV, restarting with the new resident set (least recently used out), priming
+each slot with the LoRA configuration its KV was computed under and restoring it. Turns hold a shared
+lease on the server while they talk to it; a page-in waits for them and takes it exclusively.
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -70,6 +78,15 @@ def resolve_model(ref: str, *, kind: str = "text") -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class LoraFile:
+    """An adapter file a server may hold: its sha256 (the key), registry id and path."""
+
+    key: str
+    id: str
+    path: str
+
+
 @dataclass
 class ServerState:
     """What the pid file records about a running server."""
@@ -81,6 +98,40 @@ class ServerState:
     config_digest: str
     started_at: float
     log: str
+    resident: list[dict[str, str]] = field(default_factory=list)
+    """The adapters loaded at start-up, in llama-server's id order: `{"key", "id", "path"}` each."""
+    slot_sets: dict[str, list[list[Any]]] = field(default_factory=dict)
+    """Slot -> the `[key, scale]` pairs its KV was last computed under (to prime it after a restart)."""
+    adapter_used: dict[str, float] = field(default_factory=dict)
+    """Adapter key -> when a turn last used it (least recently used adapters are paged out first)."""
+    binary: str = ""
+
+    @property
+    def resident_keys(self) -> list[str]:
+        """The resident adapters' keys, in id order."""
+        return [entry["key"] for entry in self.resident]
+
+
+@dataclass
+class Lease:
+    """A turn's hold on a running server: its URL, what is resident, and what this turn paged in."""
+
+    url: str
+    resident: list[dict[str, str]]
+    paged_in: list[str] = field(default_factory=list)
+    page_ms: float = 0.0
+    _handle: IO[str] | None = None
+
+    def lora_ids(self) -> dict[str, int]:
+        """Adapter key -> llama-server's adapter id on this server."""
+        return {entry["key"]: i for i, entry in enumerate(self.resident)}
+
+    def release(self) -> None:
+        """Let a page-in go ahead."""
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
 
 
 def _free_port() -> int:
@@ -103,11 +154,30 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _is_our_server(state: ServerState) -> bool:
+    """Whether `state.pid` still is the llama-server turnflow started (a pid can be reused after a reboot)."""
+    if not _alive(state.pid):
+        return False
+    try:
+        argv = Path(f"/proc/{state.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # no /proc: trust the pid
+    words = [a.decode(errors="replace") for a in argv if a]
+    binary = Path(state.binary).name if state.binary else "llama-server"
+    return bool(words) and Path(words[0]).name == binary and str(state.port) in words
+
+
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(url + "/health", timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def spec_digest(spec: BackendSpec) -> str:
+    """What identifies a server: everything in the spec that changes the process (not request defaults)."""
+    data = spec.model_dump(mode="json", exclude={"request_defaults", "capabilities", "api_key_env"})
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
 class EmbeddedServer:
@@ -118,13 +188,15 @@ class EmbeddedServer:
             raise ServerError(f"backend {name!r} is not embedded (kind: {spec.kind}); it is reached at {spec.url}")
         self.name = name
         self.spec = spec
-        self.state_file = servers_dir() / f"{name}.json"
-        self.lock_file = servers_dir() / f"{name}.lock"
-        self.log_file = servers_dir() / f"{name}.log"
-        self.slot_dir = servers_dir() / f"{name}-slots"
+        stem = f"{name}-{spec_digest(spec)}"
+        self.state_file = servers_dir() / f"{stem}.json"
+        self.lock_file = servers_dir() / f"{stem}.lock"
+        self.use_file = servers_dir() / f"{stem}.inuse"
+        self.log_file = servers_dir() / f"{stem}.log"
+        self.slot_dir = servers_dir() / f"{stem}-slots"
 
-    def command(self, port: int) -> list[str]:
-        """The llama-server command line for this backend."""
+    def command(self, port: int, resident: Sequence[dict[str, str]] = ()) -> list[str]:
+        """The llama-server command line for this backend, holding the `resident` adapters."""
         spec = self.spec
         model = resolve_model(spec.model or "generated:tiny")
         args = [
@@ -140,12 +212,24 @@ class EmbeddedServer:
         ]
         if spec.mmproj:
             args += ["--mmproj", str(resolve_model(spec.mmproj, kind="mmproj"))]
-        if spec.lora:  # one comma-separated flag: repeating --lora keeps only the last one
-            args += ["--lora", ",".join(str(resolve_model(lora, kind="lora")) for lora in spec.lora)]
-            args.append("--lora-init-without-apply")
+        loras = [entry["path"] for entry in resident]
+        if loras:  # one comma-separated flag: repeating --lora keeps only the last one
+            args += ["--lora", ",".join(loras), "--lora-init-without-apply"]
         return args + list(spec.extra_args)
 
-    def _digest(self, command: list[str]) -> str:
+    def static_adapters(self) -> list[dict[str, str]]:
+        """The backend's own `lora:` files, always resident, first in id order."""
+        from turnflow.adapters import file_sha256
+
+        entries = []
+        for ref in self.spec.lora:
+            path = resolve_model(ref, kind="lora")
+            entries.append({"key": file_sha256(path), "id": Path(path).name, "path": str(path)})
+        return entries
+
+    def _digest(self) -> str:
+        """The server's configuration without its port and its (changing) resident adapters."""
+        command = self.command(0)
         stable = [a for i, a in enumerate(command) if i == 0 or command[i - 1] != "--port"]
         return hashlib.sha256(json.dumps(stable).encode()).hexdigest()[:16]
 
@@ -158,16 +242,45 @@ class EmbeddedServer:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
+    @contextmanager
+    def _try_locked(self) -> Iterator[bool]:
+        with open(self.lock_file, "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def _no_turns_running(self) -> Iterator[None]:
+        """Wait until no turn holds a lease, and keep new ones out."""
+        with open(self.use_file, "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def _read_state(self) -> ServerState | None:
         try:
             return ServerState(**json.loads(self.state_file.read_text()))
         except (OSError, ValueError, TypeError):
             return None
 
+    def _write_state(self, state: ServerState) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.")
+        with os.fdopen(fd, "w") as handle:
+            json.dump(asdict(state), handle)
+        os.replace(tmp, self.state_file)
+
     def status(self) -> dict[str, Any]:
         """Whether the server runs, where, and whether it answers."""
         state = self._read_state()
-        if state is None or not _alive(state.pid):
+        if state is None or not _is_our_server(state):
             return {"name": self.name, "running": False}
         return {**asdict(state), "running": True, "healthy": _healthy(state.url)}
 
@@ -175,34 +288,64 @@ class EmbeddedServer:
         """Start the server unless an identical one already runs; return its URL."""
         with self._locked():
             state = self._read_state()
-            command = self.command(0)
-            digest = self._digest(command)
-            if state and _alive(state.pid):
+            digest = self._digest()
+            if state and _is_our_server(state):
                 if state.config_digest == digest and _healthy(state.url):
                     return state.url
                 self._stop(state)
-            port = _free_port()
-            command = self.command(port)
-            self.slot_dir.mkdir(parents=True, exist_ok=True)
+            # after a crash, come back with the adapters the server held
+            resident = state.resident if state and state.config_digest == digest else self.static_adapters()
+            return self._start(resident, timeout_s=timeout_s, previous=state).url
+
+    def _start(
+        self, resident: list[dict[str, str]], *, timeout_s: float = 180.0, previous: ServerState | None = None,
+        port: int | None = None,
+    ) -> ServerState:
+        """Start llama-server (the lock held); retry on another port when the chosen one is taken first."""
+        self.slot_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(4):
+            chosen = port if (port and attempt == 0) else _free_port()
+            command = self.command(chosen, resident)
             with open(self.log_file, "wb") as log:
                 process = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
                 )
-            url = f"http://127.0.0.1:{port}"
-            state = ServerState(self.name, process.pid, port, url, digest, time.time(), str(self.log_file))
-            deadline = time.monotonic() + timeout_s
-            while time.monotonic() < deadline:
-                if process.poll() is not None:
-                    raise ServerError(
-                        f"llama-server for {self.name!r} exited with code {process.returncode} while starting; "
-                        f"last lines of {self.log_file}:\n{self._log_tail()}"
-                    )
-                if _healthy(url):
-                    self.state_file.write_text(json.dumps(asdict(state)))
-                    return url
-                time.sleep(0.1)
-            self._stop(state)
-            raise ServerError(f"llama-server for {self.name!r} did not become healthy in {timeout_s:.0f} s")
+            url = f"http://127.0.0.1:{chosen}"
+            state = ServerState(
+                self.name, process.pid, chosen, url, self._digest(), time.time(), str(self.log_file),
+                resident=list(resident),
+                adapter_used=dict(previous.adapter_used) if previous else {},
+                binary=command[0],
+            )
+            try:
+                outcome = self._wait_healthy(process, url, timeout_s)
+            except BaseException:  # Ctrl-C during the wait: no orphan server
+                _kill_group(process.pid)
+                raise
+            if outcome == "healthy":
+                self._write_state(state)
+                return state
+            if outcome == "port-taken":
+                continue
+            _kill_group(process.pid)
+            raise ServerError(outcome)
+        raise ServerError(f"llama-server for {self.name!r} could not bind a free port after 4 attempts")
+
+    def _wait_healthy(self, process: subprocess.Popen[bytes], url: str, timeout_s: float) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                tail = self._log_tail()
+                if "bind" in tail.lower() or "address already in use" in tail.lower():
+                    return "port-taken"
+                return (
+                    f"llama-server for {self.name!r} exited with code {process.returncode} while starting; "
+                    f"last lines of {self.log_file}:\n{tail}"
+                )
+            if _healthy(url):
+                return "healthy"
+            time.sleep(0.1)
+        return f"llama-server for {self.name!r} did not become healthy in {timeout_s:.0f} s"
 
     def down(self) -> bool:
         """Stop the server; True when one was running."""
@@ -210,24 +353,13 @@ class EmbeddedServer:
             state = self._read_state()
             if state is None:
                 return False
-            running = _alive(state.pid)
+            running = _is_our_server(state)
             self._stop(state)
             return running
 
     def _stop(self, state: ServerState) -> None:
-        if _alive(state.pid):
-            try:
-                os.killpg(state.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
-            deadline = time.monotonic() + 10
-            while _alive(state.pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(state.pid):
-                try:
-                    os.killpg(state.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+        if _is_our_server(state):
+            _kill_group(state.pid)
         self.state_file.unlink(missing_ok=True)
 
     def _log_tail(self, lines: int = 15) -> str:
@@ -235,3 +367,178 @@ class EmbeddedServer:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+    # -- adapters
+
+    def lease(
+        self, needed: Sequence[LoraFile], *, slot: int | None = None, slot_set: Sequence[tuple[str, float]] = ()
+    ) -> Lease:
+        """Hold the running server for one turn with every `needed` adapter resident, paging them in first.
+
+        `slot_set` is the (key, scale) set the turn runs with on `slot`, remembered so the slot's KV can be
+        primed and restored after a later page-in. Release the lease when the turn has finished talking to
+        the server.
+        """
+        keys = [lora.key for lora in needed]
+        limit = self.spec.max_resident_adapters + len(self.spec.lora)
+        if len(set(keys)) > self.spec.max_resident_adapters:
+            raise ServerError(
+                f"a persona needs {len(set(keys))} adapters but backend {self.name!r} holds at most "
+                f"{self.spec.max_resident_adapters} (max_resident_adapters in backends.yaml)"
+            )
+        paged: list[str] = []
+        page_ms = 0.0
+        for _ in range(8):
+            handle = open(self.use_file, "a+")
+            fcntl.flock(handle, fcntl.LOCK_SH)
+            state = self._read_state()
+            if state and _alive(state.pid) and set(keys) <= set(state.resident_keys):
+                self._remember_use(state, keys, slot, slot_set)
+                return Lease(state.url, list(state.resident), paged, round(page_ms, 2), handle)
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            handle.close()
+            started = time.perf_counter()
+            paged += self._page_in(list(needed), limit)
+            page_ms += (time.perf_counter() - started) * 1000
+        raise ServerError(f"adapters for backend {self.name!r} kept being paged out by other turns; try again")
+
+    def _remember_use(
+        self, state: ServerState, keys: list[str], slot: int | None, slot_set: Sequence[tuple[str, float]]
+    ) -> None:
+        """Note when the adapters were used and which set the slot now holds (written only when it changes)."""
+        now = time.time()
+        wanted = [[k, s] for k, s in slot_set]
+        stale = any(now - state.adapter_used.get(k, 0) > 5.0 for k in keys)
+        slot_changed = slot is not None and state.slot_sets.get(str(slot), []) != wanted
+        if not (stale or slot_changed):
+            return
+        with self._try_locked() as locked:  # never wait here: a page-in may hold the lock, waiting for us
+            if not locked:
+                return
+            fresh = self._read_state()
+            if fresh is None or fresh.pid != state.pid:
+                return
+            fresh.adapter_used.update({k: now for k in keys})
+            if slot is not None:
+                fresh.slot_sets[str(slot)] = wanted
+            self._write_state(fresh)
+
+    def _page_in(self, needed: list[LoraFile], limit: int) -> list[str]:
+        """Restart with the needed adapters resident, keeping every slot's KV; returns the ids paged in."""
+        with self._locked(), self._no_turns_running():
+            state = self._read_state()
+            running = state is not None and _is_our_server(state) and _healthy(state.url)
+            current = list(state.resident) if state and running else self.static_adapters()
+            have = {entry["key"] for entry in current}
+            missing = [lora for lora in needed if lora.key not in have]
+            if running and not missing:
+                return []
+            for lora in missing:
+                if not Path(lora.path).is_file():
+                    raise ServerError(f"adapter {lora.id!r}: file {lora.path} is missing")
+            used = dict(state.adapter_used) if state else {}
+            static = {e["key"] for e in self.static_adapters()}
+            wanted = {lora.key for lora in needed}
+            keep = list(current)
+            while len(keep) + len(missing) > limit:
+                evictable = [e for e in keep if e["key"] not in wanted and e["key"] not in static]
+                victim = min(evictable, key=lambda e: used.get(e["key"], 0.0))
+                keep.remove(victim)
+            resident = keep + [asdict(lora) for lora in missing]
+            saved = self._save_slots(state) if state and running else {}
+            port = state.port if state and running else None
+            if state is not None:
+                self._stop(state)
+            fresh = self._start(resident, previous=state, port=port)
+            fresh.slot_sets = self._restore_slots(fresh, saved, state.slot_sets if state else {})
+            self._write_state(fresh)
+            return [lora.id for lora in missing]
+
+    def _save_slots(self, state: ServerState) -> dict[int, Path]:
+        """Save every slot that holds a prompt; slot -> file."""
+        saved: dict[int, Path] = {}
+        try:
+            slots = httpx.get(state.url + "/slots", timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return saved
+        for slot in slots if isinstance(slots, list) else []:
+            if int(slot.get("n_prompt_tokens") or 0) <= 1:
+                continue
+            name = f"page-{slot['id']}.bin"
+            try:
+                answer = httpx.post(
+                    f"{state.url}/slots/{slot['id']}?action=save", json={"filename": name}, timeout=60
+                )
+            except httpx.HTTPError:
+                continue
+            if answer.status_code == 200:
+                saved[int(slot["id"])] = self.slot_dir / name
+        return saved
+
+    def _restore_slots(
+        self, state: ServerState, saved: dict[int, Path], slot_sets: dict[str, list[list[Any]]]
+    ) -> dict[str, list[list[Any]]]:
+        """Put saved KV back into its slots, each primed with the LoRA set it was computed under first.
+
+        llama-server drops a slot's cache when a request's LoRA set differs from the slot's last one; a
+        restored slot starts with none applied, so without the priming request its KV would be thrown away
+        on the persona's next turn. A slot whose set lost an adapter is not restored.
+        """
+        ids = {entry["key"]: i for i, entry in enumerate(state.resident)}
+        kept: dict[str, list[list[Any]]] = {}
+        for slot, path in saved.items():
+            pairs = slot_sets.get(str(slot), [])
+            try:
+                if all(key in ids for key, _ in pairs):
+                    lora = lora_field(ids, {key: float(scale) for key, scale in pairs})
+                    prime(state.url, slot, lora)
+                    answer = httpx.post(
+                        f"{state.url}/slots/{slot}?action=restore", json={"filename": path.name}, timeout=60
+                    )
+                    if answer.status_code == 200:
+                        kept[str(slot)] = pairs
+            except httpx.HTTPError:
+                pass
+            finally:
+                path.unlink(missing_ok=True)
+        return kept
+
+
+def lora_field(ids: dict[str, int], scales: dict[str, float]) -> list[dict[str, Any]] | None:
+    """The request's `lora` list: every loaded adapter id, with the set's scale or 0.
+
+    None when the server holds no adapters (the field is left out). An adapter missing from an explicit
+    list runs at 0; a request without the field would run at the server's global scales, so the list is
+    always complete.
+    """
+    if not ids:
+        return None
+    return [{"id": i, "scale": float(scales.get(key, 0.0))} for key, i in sorted(ids.items(), key=lambda kv: kv[1])]
+
+
+def prime(url: str, slot: int, lora: list[dict[str, Any]] | None) -> None:
+    """Set a slot's LoRA configuration with a one-token request (before a restore into that slot)."""
+    if not lora:
+        return
+    body = {"prompt": " ", "n_predict": 0, "id_slot": slot, "cache_prompt": True, "lora": lora}
+    httpx.post(url + "/completion", json=body, timeout=60).raise_for_status()
+
+
+def _kill_group(pid: int) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left after 10 s."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

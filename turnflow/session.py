@@ -14,11 +14,13 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from turnflow.adapters import AdapterError, AdapterRegistry
 from turnflow.backend import Backend, Capabilities, open_backend
 from turnflow.cache import CompositionCache, Event
 from turnflow.dataflows.turn import TierViolationError
@@ -76,6 +78,7 @@ class Session:
         root = Path(state_dir) if state_dir else home()
         self.store = ConversationStore(root / "rooms.sqlite3")
         self.cache = CompositionCache(root / "composition-cache")
+        self.adapters = AdapterRegistry()
         backends = backends_for(self.recipe)
         self.backend_name = backend or self.recipe.backend
         if self.backend_name not in backends:
@@ -229,6 +232,8 @@ class Session:
             "store": self.store,
             "composition_cache": self.cache if self.assembly == "stable_first" else None,
             "speech_bridges": self.bridges,
+            "adapter_registry": self.adapters,
+            "backend": self._backend,  # None until connected: prompts can be assembled without a server
         }
 
     def preview(
@@ -271,12 +276,14 @@ class Session:
         started = time.perf_counter()
         setup_ms = (started - setup_started) * 1000
         sink, wav = _audio_sink(out, audio_sink)
+        resources = ExitStack()
         inputs = {
             **self._inputs(persona, room, text, speaker, now, audio, images, transcript),
             "backend": backend,
             "on_text": on_text,
             "audio_sink": sink,
             "turn_started": started,
+            "turn_resources": resources,
         }
         turn_no = inputs["turn"]
         timings, token = collect_node_timings()
@@ -284,7 +291,7 @@ class Session:
             outputs = dr.execute(["turn_report", "prompt", "reply", "speech", "user_content"], inputs=inputs)
         except (AudioError, ImageError):
             raise
-        except (BackendError, TierViolationError) as exc:
+        except (BackendError, TierViolationError, AdapterError) as exc:
             if isinstance(exc, BackendError):
                 self._drop_backend()
             raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
@@ -293,6 +300,7 @@ class Session:
                 f"turn {turn_no} in room {room!r} failed; history unchanged: {type(exc).__name__}: {exc}"
             ) from exc
         finally:
+            resources.close()  # the adapter lease: a page-in for another persona may go ahead
             stop_collecting(token)
             if wav is not None:
                 wav.close()
@@ -307,7 +315,9 @@ class Session:
         for violation in report["tier_violations"]:
             self._warn(f"turnflow: tier violation in {persona}/{room} turn {turn_no}: {violation['message']}")
         # the model stream is read (and spoken) inside `speech`; STT runs in `transcript`: not turnflow's own work
-        external_ms = timings.get("speech", 0.0) + timings.get("transcript", 0.0)
+        page_ms = report["adapters"]["page_ms"]  # a page-in restarts the model server: not turnflow's own work
+        external = ("speech", "transcript", "voice_fingerprint")
+        external_ms = sum(timings.get(name, 0.0) for name in external) + page_ms
         total_ms = (time.perf_counter() - started) * 1000
         speech = outputs["speech"]
         report["timings_ms"] = {
@@ -315,7 +325,8 @@ class Session:
             "first_audio": report["speech"]["first_audio_ms"],
             "model": round(reply.total_ms, 2),
             "stt": round(timings.get("transcript", 0.0), 2),
-            "speech": round(timings.get("speech", 0.0), 2),
+            "adapter_page": page_ms,
+            "speech": round(timings.get("speech", 0.0) + timings.get("voice_fingerprint", 0.0), 2),
             "turnflow": round(total_ms - external_ms, 2),
             "setup": round(setup_ms, 2),
             "nodes": {name: round(ms, 3) for name, ms in timings.items()},

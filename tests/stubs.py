@@ -1,0 +1,63 @@
+"""Stand-ins for servers that cannot run here, following what the real ones send (OpenAI's documented shapes)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextmanager
+def speaking_model(loaded_adapters: Sequence[Path] = ()) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A model server that hears and speaks (OpenAI audio models; none runs here), with LoRA files "loaded"
+    as llama-server lists them at `/lora-adapters`. Yields its `/v1` URL and the request bodies it got."""
+    requests: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/v1/models":
+                body: Any = {"data": [{"id": "speaker", "architecture": {"input_modalities": ["text", "audio"],
+                                                                       "output_modalities": ["text", "audio"]}}]}
+            elif self.path == "/lora-adapters":
+                body = [{"id": i, "path": str(path), "scale": 0.0} for i, path in enumerate(loaded_adapters)]
+            else:
+                self._send(404, b"{}", "application/json")
+                return
+            self._send(200, json.dumps(body).encode(), "application/json")
+
+        def do_POST(self) -> None:  # noqa: N802
+            requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            tone = (0.3 * np.sin(2 * np.pi * 220 * np.arange(4800) / 24000) * 32767).astype("<i2").tobytes()
+            chunks = [
+                {"choices": [{"delta": {"audio": {"id": "a1", "transcript": "Hello there. "}}}]},
+                *[{"choices": [{"delta": {"audio": {"data": base64.b64encode(tone).decode()}}}]} for _ in range(5)],
+                {"choices": [{"delta": {"audio": {"transcript": "Bye."}}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": 120, "completion_tokens": 9,
+                           "prompt_tokens_details": {"cached_tokens": 100}}},
+            ]
+            payload = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+            self._send(200, payload, "text/event-stream")
+
+        def _send(self, status: int, payload: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", requests
+    finally:
+        server.shutdown()

@@ -1,0 +1,657 @@
+"""The adapter registry: a persona's voice and skill adapters, with their manifests, under `$TURNFLOW_HOME`.
+
+An adapter is a LoRA GGUF (kind `voice` or `skill`) made for one base model, or a TTS voice profile (kind
+`voice`: a YAML/JSON file with `engine`, `voice`, `pitch`, `rate_wpm`, ...) that the TTS bridge speaks
+with. Each entry has a manifest: id, kind, format, the file's sha256, the base model (architecture and the
+sha256 of the base GGUF), license (SPDX id), authors, source and what it derives from.
+
+Layout (one folder per id and base model, so one id may carry a variant per base model)::
+
+    $TURNFLOW_HOME/adapters/
+        entries/<id>/<base>/manifest.json   + the adapter file, copied in (local files)
+        hub/models--OWNER--NAME/...          the Hugging Face cache layout (files pulled from the Hub)
+
+Only GGUF, YAML/JSON (and WAV previews) are ever accepted; nothing is unpickled; a file's sha256 is
+checked against its manifest whenever it is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from turnflow.paths import home
+
+AdapterKind = Literal["voice", "skill"]
+AdapterFormat = Literal["lora", "tts-profile"]
+
+LORA_SUFFIXES = (".gguf",)
+PROFILE_SUFFIXES = (".yaml", ".yml", ".json")
+PREVIEW_SUFFIXES = (".wav",)
+ACCEPTED = "a LoRA adapter in GGUF (.gguf) or a TTS voice profile (.yaml, .yml, .json)"
+"""What `adapters add` accepts, for error messages."""
+
+ID_PATTERN = re.compile(r"^(?:hf://[\w.-]+/[\w.-]+@[0-9a-f]{7,64}|[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)$")
+"""A registry id (`maya-voice`, `team/maya-voice`) or a pulled Hub adapter (`hf://OWNER/NAME@SHA`)."""
+
+MANIFEST = "manifest.json"
+_GGUF_MAGIC = b"GGUF"
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be added, found or loaded; the message says why and what would be right."""
+
+
+class BaseModelRef(BaseModel):
+    """The model an adapter was made for: its architecture and the sha256 of its GGUF file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    architecture: str
+    digest: str
+    name: str | None = None
+    hub_id: str | None = None
+    """The base model's Hugging Face Hub id, when known (it goes into a published card's `base_model`)."""
+
+    @property
+    def short(self) -> str:
+        """`architecture@digest12`, for messages."""
+        return f"{self.architecture}@{self.digest[:12]}" + (f" ({self.name})" if self.name else "")
+
+
+class AdapterManifest(BaseModel):
+    """What the registry knows about one adapter file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    kind: AdapterKind
+    format: AdapterFormat
+    file: str
+    """The file's name in its entry folder, or an absolute path (files in the Hugging Face cache)."""
+    sha256: str
+    size_bytes: int
+    base_model: BaseModelRef | None = None
+    """None for a TTS voice profile: it works with any model."""
+    license: str | None = None
+    authors: tuple[str, ...] = ()
+    source: str = ""
+    derived_from: tuple[str, ...] = ()
+    revision: str | None = None
+    """For a Hub adapter: the commit sha it was pulled at."""
+    added_at: str = ""
+
+    @property
+    def variant(self) -> str:
+        """The folder of this variant: the base model's digest, or `any` for a voice profile."""
+        return self.base_model.digest[:16] if self.base_model else "any"
+
+    def public(self) -> dict[str, Any]:
+        """The manifest as plain JSON data."""
+        return self.model_dump(mode="json")
+
+
+# --------------------------------------------------------------------------------------------- file facts
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) in this process."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    value = digest.hexdigest()
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = value
+    return value
+
+
+@dataclass(frozen=True)
+class GgufFacts:
+    """What an adapter or model GGUF says about itself."""
+
+    type: str
+    """`general.type`: `model`, `adapter` or `mmproj`."""
+    architecture: str
+    adapter_type: str | None
+    name: str | None
+    tensors: dict[str, tuple[int, ...]]
+    """Tensor name -> ggml shape (ne0 first)."""
+    base_hub_id: str | None = None
+
+
+_FACTS: dict[tuple[str, int, int], GgufFacts] = {}
+
+
+def gguf_facts(path: str | Path) -> GgufFacts:
+    """Read a GGUF file's header: type, architecture and tensor shapes (no weights are loaded)."""
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _FACTS:
+        return _FACTS[key]
+    with open(path, "rb") as handle:
+        if handle.read(4) != _GGUF_MAGIC:
+            raise AdapterError(f"{path} is not a GGUF file (it does not start with 'GGUF'); accepted: {ACCEPTED}")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # a truncated or corrupt header
+        raise AdapterError(f"{path} is not a readable GGUF file: {type(exc).__name__}: {exc}") from None
+
+    def text(name: str) -> str | None:
+        field = reader.get_field(name)
+        if field is None:
+            return None
+        try:
+            value = field.contents()
+        except Exception:
+            return None
+        return value if isinstance(value, str) else None
+
+    tensors = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    facts = GgufFacts(
+        type=text("general.type") or "model",
+        architecture=text("general.architecture") or "unknown",
+        adapter_type=text("adapter.type"),
+        name=text("general.name"),
+        tensors=tensors,
+        base_hub_id=text("general.base_model.0.repo_url") or text("general.base_model.0.name"),
+    )
+    _FACTS[key] = facts
+    return facts
+
+
+def base_model_ref(path: str | Path, *, hub_id: str | None = None) -> BaseModelRef:
+    """The identity of a base model GGUF: architecture, sha256, name."""
+    facts = gguf_facts(path)
+    if facts.type not in ("model", ""):
+        raise AdapterError(f"{path} is a GGUF {facts.type}, not a base model")
+    return BaseModelRef(architecture=facts.architecture, digest=file_sha256(path), name=facts.name, hub_id=hub_id)
+
+
+def resolve_base(ref: str | Path) -> tuple[BaseModelRef, Path]:
+    """A base model named as `generated:<kind>`, an embedded backend's name, or a GGUF path."""
+    from turnflow.server import ServerError, resolve_model
+
+    text = str(ref)
+    if not text.startswith("generated:") and not Path(os.path.expanduser(text)).exists():
+        from turnflow.recipe import default_backends_path, load_backends
+
+        backends = load_backends(default_backends_path(), Path("backends.yaml"))
+        spec = backends.get(text)
+        if spec is not None and spec.kind == "embedded":
+            text = spec.model or "generated:tiny"
+        elif spec is not None:
+            raise AdapterError(f"backend {text!r} is reached by URL; give the base model's GGUF file with --base")
+    try:
+        path = resolve_model(text)
+    except ServerError as exc:
+        raise AdapterError(f"base model {text!r}: {exc}") from None
+    return base_model_ref(path, hub_id=_known_hub_id(text)), path
+
+
+def _known_hub_id(ref: str) -> str | None:
+    return {"generated:gemma3-270m": "google/gemma-3-270m"}.get(ref)
+
+
+def check_lora_fits(lora: Path, base_path: Path, base: BaseModelRef) -> None:
+    """Refuse a LoRA GGUF that llama-server could not load on `base` (another architecture, other shapes)."""
+    facts = gguf_facts(lora)
+    if facts.type != "adapter" or (facts.adapter_type or "lora") != "lora":
+        raise AdapterError(
+            f"{lora} is a GGUF {facts.type}" + (f" ({facts.adapter_type})" if facts.adapter_type else "")
+            + "; a LoRA adapter GGUF has general.type 'adapter' and adapter.type 'lora' "
+            "(llama.cpp's convert_lora_to_gguf.py writes one)"
+        )
+    if facts.architecture != base.architecture:
+        raise AdapterError(
+            f"{lora.name} is a LoRA for the {facts.architecture!r} architecture, but the base model "
+            f"{base.short} is {base.architecture!r}; use an adapter made for {base.architecture!r}"
+        )
+    base_tensors = gguf_facts(base_path).tensors
+    for name, shape in facts.tensors.items():
+        target, _, part = name.rpartition(".")
+        if part not in ("lora_a", "lora_b"):
+            continue
+        base_shape = base_tensors.get(target)
+        if base_shape is None:
+            raise AdapterError(f"{lora.name} modifies {target!r}, which the base model {base.short} does not have")
+        # ggml shapes: lora_a (n_in, rank), lora_b (rank, n_out); base (n_in, n_out)
+        fits = shape[0] == base_shape[0] if part == "lora_a" else shape[-1] == base_shape[-1]
+        if not fits:
+            raise AdapterError(
+                f"{lora.name}: tensor {name} has shape {list(shape)}, which does not fit the base model's "
+                f"{target} {list(base_shape)} ({base.short}); the adapter was made for another model"
+            )
+
+
+def load_profile(path: Path) -> dict[str, Any]:
+    """A TTS voice profile file as data (YAML or JSON, safe loaders only), checked against the TTS schema."""
+    from turnflow.recipe import TtsProfile
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as exc:
+        raise AdapterError(f"{path}: not a readable voice profile: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("tts"), dict):  # a persona's `voice:` block pasted as is
+        data = data["tts"]
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path}: a voice profile is a mapping (engine, voice, pitch, rate_wpm, ...)")
+    try:
+        return TtsProfile.model_validate(data).model_dump(exclude_none=True)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise AdapterError(f"{path}: not a voice profile: {problems}") from None
+
+
+def refuse_unsafe(path: Path, *, allowed: Sequence[str] = LORA_SUFFIXES + PROFILE_SUFFIXES) -> None:
+    """Refuse any file type but GGUF, YAML/JSON (and WAV where allowed): no pickles, no raw tensors."""
+    suffix = path.suffix.lower()
+    if suffix not in allowed:
+        what = {
+            ".bin": "a PyTorch/raw weights file", ".pt": "a PyTorch pickle", ".pth": "a PyTorch pickle",
+            ".pkl": "a Python pickle", ".pickle": "a Python pickle", ".ckpt": "a checkpoint pickle",
+            ".safetensors": "a safetensors file (convert it with llama.cpp's convert_lora_to_gguf.py)",
+        }.get(suffix, f"a {suffix or 'suffix-less'} file")
+        raise AdapterError(f"{path.name} is {what}; refused. Accepted: {ACCEPTED}")
+
+
+# --------------------------------------------------------------------------------------------- the registry
+
+
+def registry_dir() -> Path:
+    """Where the registry lives: `$TURNFLOW_HOME/adapters`."""
+    path = home() / "adapters"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _slug(adapter_id: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", adapter_id.replace("hf://", "hf--").replace("@", "--"))
+
+
+class AdapterRegistry:
+    """Adapters by id; each id has one variant per base model (or one, `any`, for a voice profile)."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root else registry_dir()
+        self.entries = self.root / "entries"
+        self.hub_cache = self.root / "hub"
+        self.entries.mkdir(parents=True, exist_ok=True)
+        self._generation_file = self.root / "generation"
+        self._cache: tuple[str, dict[str, list[AdapterManifest]]] | None = None
+        self._verified: dict[tuple[str, int, int], str] = {}
+
+    # -- reading
+
+    def _generation(self) -> str:
+        try:
+            return self._generation_file.read_text()
+        except OSError:
+            return "0"
+
+    def _bump(self) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".generation.")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{datetime.now(UTC).isoformat()} {os.getpid()} {id(self)}")
+        os.replace(tmp, self._generation_file)
+
+    def _all(self) -> dict[str, list[AdapterManifest]]:
+        generation = self._generation()
+        if self._cache is not None and self._cache[0] == generation:
+            return self._cache[1]
+        found: dict[str, list[AdapterManifest]] = {}
+        for manifest_path in sorted(self.entries.glob(f"*/*/{MANIFEST}")):
+            try:
+                manifest = AdapterManifest.model_validate_json(manifest_path.read_text())
+            except (OSError, ValidationError):
+                continue  # a half-written or foreign folder is not an entry
+            found.setdefault(manifest.id, []).append(manifest)
+        self._cache = (generation, found)
+        return found
+
+    def manifests(self) -> list[AdapterManifest]:
+        """Every adapter variant, sorted by id."""
+        return [m for adapter_id in sorted(self._all()) for m in self._all()[adapter_id]]
+
+    def ids(self) -> list[str]:
+        """The ids in the registry."""
+        return sorted(self._all())
+
+    def variants(self, adapter_id: str) -> list[AdapterManifest]:
+        """The variants of one id (one per base model), or an AdapterError naming the ids there are."""
+        found = self._all().get(adapter_id)
+        if not found:
+            close = difflib.get_close_matches(adapter_id, self.ids(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            if adapter_id.startswith("hf://"):
+                hint += f"; pull it first: turnflow adapters pull {adapter_id[5:]}"
+            else:
+                hint += "; add it with `turnflow adapters add PATH --kind voice|skill --id ID`"
+            raise AdapterError(f"unknown adapter {adapter_id!r}{hint}")
+        return list(found)
+
+    def get(self, adapter_id: str, base: BaseModelRef | None = None) -> AdapterManifest:
+        """The variant of `adapter_id` for `base` (a voice profile fits every base)."""
+        variants = self.variants(adapter_id)
+        if base is None:
+            return variants[0]
+        for manifest in variants:
+            if manifest.base_model is None or manifest.base_model.digest == base.digest:
+                return manifest
+        have = ", ".join(m.base_model.short for m in variants if m.base_model)
+        raise AdapterError(
+            f"adapter {adapter_id!r} is made for {have}, not for the backend's model {base.short}; "
+            f"add a variant for it (turnflow adapters add ... --id {adapter_id} --base ...) or use that model"
+        )
+
+    def path(self, manifest: AdapterManifest) -> Path:
+        """Where the adapter's file is."""
+        file = Path(manifest.file)
+        return file if file.is_absolute() else self.entries / _slug(manifest.id) / manifest.variant / file
+
+    def verified_path(self, manifest: AdapterManifest) -> Path:
+        """The adapter's file, after checking its bytes still hash to the manifest's sha256."""
+        path = self.path(manifest)
+        try:
+            stat = path.stat()
+        except OSError:
+            raise AdapterError(
+                f"adapter {manifest.id!r}: its file {path} is missing; add it again or `turnflow adapters remove "
+                f"{manifest.id}`"
+            ) from None
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if self._verified.get(key) == manifest.sha256:
+            return path
+        actual = _hash_now(path)
+        if actual != manifest.sha256:
+            raise AdapterError(
+                f"adapter {manifest.id!r}: {path.name} has sha256 {actual[:16]}…, but its manifest says "
+                f"{manifest.sha256[:16]}…; the file changed or is corrupt, so it is refused"
+            )
+        self._verified[key] = actual
+        return path
+
+    def profile(self, manifest: AdapterManifest) -> dict[str, Any]:
+        """A voice profile adapter's settings (engine, voice, pitch, ...), sha256 checked."""
+        if manifest.format != "tts-profile":
+            raise AdapterError(f"adapter {manifest.id!r} is a {manifest.format}, not a TTS voice profile")
+        return load_profile(self.verified_path(manifest))
+
+    # -- writing
+
+    def add(
+        self,
+        source: str | Path,
+        *,
+        kind: AdapterKind,
+        adapter_id: str | None = None,
+        license: str | None = None,
+        authors: Iterable[str] = (),
+        base: str | Path | BaseModelRef | None = None,
+        derived_from: Iterable[str] = (),
+        revision: str | None = None,
+        source_label: str | None = None,
+        copy: bool = True,
+        expected_sha256: str | None = None,
+    ) -> AdapterManifest:
+        """Add (or replace) an adapter variant.
+
+        `source` is a GGUF LoRA, a voice profile, or `generated:<model>/<name>` (a random LoRA for a
+        generated model). `base` names the model a LoRA is for: `generated:<kind>`, an embedded backend's
+        name or a GGUF path (defaults to the generated model for `generated:` sources). With `copy=False`
+        the file stays where it is (files in the registry's Hugging Face cache).
+        """
+        if kind not in ("voice", "skill"):
+            raise AdapterError(f"kind {kind!r}: an adapter's kind is 'voice' or 'skill'")
+        text = str(source)
+        generated = text.startswith("generated:")
+        if generated:
+            path, base, name = _generate(text, base)
+            adapter_id = adapter_id or name
+            license = license or "CC0-1.0"
+            authors = tuple(authors) or ("turnflow modelgen",)
+        else:
+            path = Path(os.path.expanduser(text))
+            if not path.is_file():
+                raise AdapterError(f"{text}: no such file; accepted: {ACCEPTED}, or generated:<model>/<name>")
+            refuse_unsafe(path)
+            adapter_id = adapter_id or re.sub(r"[^\w.-]+", "-", path.stem)
+        if not ID_PATTERN.match(adapter_id):
+            raise AdapterError(
+                f"adapter id {adapter_id!r}: use letters, digits, '.', '_', '-', with at most one '/' (team/name)"
+            )
+        if license is not None:
+            license = check_spdx(license)
+        sha = file_sha256(path)
+        if expected_sha256 and sha != expected_sha256:
+            raise AdapterError(
+                f"{path.name} has sha256 {sha[:16]}…, but its manifest says {expected_sha256[:16]}…; refused"
+            )
+        fmt: AdapterFormat
+        base_ref: BaseModelRef | None
+        if path.suffix.lower() in PROFILE_SUFFIXES:
+            fmt, base_ref = "tts-profile", None
+            load_profile(path)
+            if kind != "voice":
+                raise AdapterError(f"{path.name} is a TTS voice profile; its kind is 'voice', not {kind!r}")
+        else:
+            fmt = "lora"
+            if base is None:
+                raise AdapterError(
+                    f"{path.name}: say which base model this LoRA is for with --base (a GGUF file, "
+                    f"generated:tiny, or an embedded backend's name)"
+                )
+            if isinstance(base, BaseModelRef):
+                base_ref = base
+                check_lora_fits_arch(path, base_ref)
+            else:
+                base_ref, base_path = resolve_base(base)
+                check_lora_fits(path, base_path, base_ref)
+        manifest = AdapterManifest(
+            id=adapter_id,
+            kind=kind,
+            format=fmt,
+            file=str(path) if not copy else path.name,
+            sha256=sha,
+            size_bytes=path.stat().st_size,
+            base_model=base_ref,
+            license=license,
+            authors=tuple(authors),
+            source=source_label or (text if generated else str(path.resolve())),
+            derived_from=tuple(derived_from),
+            revision=revision,
+            added_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
+        folder = self.entries / _slug(adapter_id) / manifest.variant
+        staging = Path(tempfile.mkdtemp(dir=self.entries, prefix=".adding-"))
+        try:
+            if copy:
+                shutil.copyfile(path, staging / path.name)
+                if file_sha256(staging / path.name) != sha:
+                    raise AdapterError(f"{path}: the file changed while it was being added; try again")
+            (staging / MANIFEST).write_text(json.dumps(manifest.public(), indent=2, sort_keys=True) + "\n")
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        self._bump()
+        return manifest
+
+    def remove(self, adapter_id: str, *, base_digest: str | None = None) -> int:
+        """Remove an adapter (every variant, or the one for `base_digest`); returns how many were removed."""
+        removed = 0
+        for manifest in self.variants(adapter_id):
+            if base_digest and (manifest.base_model is None or not manifest.base_model.digest.startswith(base_digest)):
+                continue
+            shutil.rmtree(self.entries / _slug(adapter_id) / manifest.variant, ignore_errors=True)
+            removed += 1
+        parent = self.entries / _slug(adapter_id)
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+        self._bump()
+        return removed
+
+
+def _hash_now(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_lora_fits_arch(lora: Path, base: BaseModelRef) -> None:
+    """The architecture check alone, for a LoRA whose base file is not on this machine (a Hub manifest)."""
+    facts = gguf_facts(lora)
+    if facts.type != "adapter":
+        raise AdapterError(f"{lora.name} is a GGUF {facts.type}, not a LoRA adapter")
+    if facts.architecture != base.architecture:
+        raise AdapterError(
+            f"{lora.name} is a LoRA for the {facts.architecture!r} architecture, but its manifest's base model "
+            f"{base.short} is {base.architecture!r}"
+        )
+
+
+def _generate(ref: str, base: str | Path | BaseModelRef | None) -> tuple[Path, str, str]:
+    """`generated:<model>/<name>`: write (once) a random LoRA for a generated model."""
+    from turnflow import modelgen
+
+    body = ref.split(":", 1)[1]
+    model, _, name = body.partition("/")
+    if not model or not name:
+        raise AdapterError(f"{ref!r}: write generated:<model>/<name>, e.g. generated:tiny/river")
+    try:
+        path = modelgen.ensure_lora(model, name)
+    except ValueError as exc:
+        raise AdapterError(f"{ref!r}: {exc}") from None
+    return path, str(base) if base and not isinstance(base, BaseModelRef) else f"generated:{model}", name
+
+
+_SPDX = re.compile(r"^(?:LicenseRef-[\w.-]+|[A-Za-z0-9][A-Za-z0-9.+-]*)$")
+KNOWN_LICENSES = (
+    "Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "CC0-1.0", "CC-BY-4.0", "CC-BY-SA-4.0", "CC-BY-NC-4.0",
+    "CC-BY-NC-SA-4.0", "GPL-3.0-only", "LGPL-3.0-only", "AGPL-3.0-only", "MPL-2.0", "OpenRAIL-M", "Unlicense",
+    "Gemma", "Llama-3.1", "Llama-3.2", "Other",
+)
+"""Common SPDX ids (plus the model licences the Hub knows by name); any `LicenseRef-...` is accepted too."""
+
+
+def check_spdx(license: str) -> str:
+    """An SPDX license id, spelled as SPDX spells it (`apache-2.0` becomes `Apache-2.0`)."""
+    by_lower = {known.lower(): known for known in KNOWN_LICENSES}
+    if license.lower() in by_lower:
+        return by_lower[license.lower()]
+    if not _SPDX.match(license):
+        raise AdapterError(f"license {license!r} is not an SPDX id (e.g. Apache-2.0, MIT, CC-BY-4.0)")
+    return license
+
+
+# --------------------------------------------------------------------------------------------- a persona's set
+
+
+@dataclass(frozen=True)
+class AppliedAdapter:
+    """One adapter of a persona's set: its manifest, its file, and the scale it is applied at."""
+
+    role: Literal["voice", "skill"]
+    manifest: AdapterManifest
+    path: Path
+    scale: float
+
+    @property
+    def id(self) -> str:
+        """The adapter's registry id."""
+        return self.manifest.id
+
+    @property
+    def key(self) -> str:
+        """What identifies the file on a model server: its sha256."""
+        return self.manifest.sha256
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    """The adapters a persona's turns run with on one base model; its digest salts the prompt."""
+
+    voice: AppliedAdapter | None = None
+    skills: tuple[AppliedAdapter, ...] = ()
+
+    @property
+    def loras(self) -> tuple[AppliedAdapter, ...]:
+        """The LoRA adapters of the set (the voice adapter too when it is a LoRA)."""
+        voice = (self.voice,) if self.voice is not None and self.voice.manifest.format == "lora" else ()
+        return voice + self.skills
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 over the set's LoRA files and scales: equal sets, equal digests; the empty set has one too."""
+        items = sorted((a.key, round(a.scale, 6)) for a in self.loras)
+        return hashlib.sha256(json.dumps(items).encode()).hexdigest()
+
+    @property
+    def salt(self) -> str:
+        """The first bytes of every prompt of this set: two sets share at most these bytes of prefix."""
+        return f"[adapter-set {self.digest[:16]}]"
+
+    def describe(self) -> dict[str, Any]:
+        """The set for the turn report: voice, skills with scales, and each adapter's license."""
+        def entry(a: AppliedAdapter) -> dict[str, Any]:
+            return {"id": a.id, "scale": a.scale, "format": a.manifest.format, "license": a.manifest.license,
+                    "authors": list(a.manifest.authors)}
+
+        return {
+            "voice": self.voice.id if self.voice else None,
+            "skills": [{"id": a.id, "scale": a.scale} for a in self.skills],
+            "licenses": {a.id: a.manifest.license for a in ((self.voice,) if self.voice else ()) + self.skills},
+            "detail": [entry(a) for a in ((self.voice,) if self.voice else ()) + self.skills],
+        }
+
+
+def resolve_set(
+    voice: tuple[str, float] | None, skills: Sequence[tuple[str, float]], registry: AdapterRegistry,
+    base: BaseModelRef | None,
+) -> AdapterSet:
+    """A persona's adapters (voice id and scale, skill ids and scales) resolved for a backend's base model."""
+    voice_adapter = None
+    if voice is not None:
+        manifest = registry.get(voice[0], base)
+        if manifest.kind != "voice":
+            raise AdapterError(f"adapter {voice[0]!r} is a {manifest.kind} adapter; a persona's voice needs kind voice")
+        voice_adapter = AppliedAdapter("voice", manifest, registry.verified_path(manifest), voice[1])
+    applied = []
+    for adapter_id, scale in skills:
+        manifest = registry.get(adapter_id, base)
+        if manifest.format != "lora":
+            raise AdapterError(f"adapter {adapter_id!r} is a TTS voice profile; a skill is a LoRA adapter")
+        applied.append(AppliedAdapter("skill", manifest, registry.verified_path(manifest), scale))
+    return AdapterSet(voice_adapter, tuple(applied))
