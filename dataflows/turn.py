@@ -15,12 +15,13 @@ from hamilton.function_modifiers import config
 
 from turnflow.adapters import AdapterRegistry, AdapterSet, resolve_set
 from turnflow.backend import AdapterLease, Backend
+from turnflow.kv import KvKey, KvPrepared, kv_source, page_out_idle, prepare_slot
 from turnflow.nodes.images import Image
 from turnflow.nodes.llm import ChatReply, ReplyStream
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
 from turnflow.nodes.speech import SpokenReply, TtsVoice
 from turnflow.recipe import Persona, Recipe
-from turnflow.store import ConversationStore, Participant, RoomState, StoredMessage
+from turnflow.store import ConversationStore, Participant, RoomState, SlotClaim, StoredMessage
 
 
 class TierViolationError(RuntimeError):
@@ -109,30 +110,86 @@ def composition_cache_stats(sections: dict[str, SourceOutput]) -> dict[str, Any]
 
 
 @config.when(assembly="naive")
-def slot__unpinned() -> int | None:
+def slot_claim__unpinned() -> SlotClaim | None:
     """Baseline for benchmarks: no slot pinning, the server picks a slot."""
     return None
 
 
 @config.when_not(assembly="naive")
-def slot__pinned(persona_id: str, backend: Backend, store: ConversationStore) -> int | None:
-    """The persona's pinned slot on the backend (None when the server has no slots to pin)."""
+def slot_claim__pinned(
+    persona_id: str, backend: Backend, store: ConversationStore, turn_resources: ExitStack
+) -> SlotClaim | None:
+    """The slot this turn holds: the persona's own while it keeps its KV, else (with KV paging) a free or the
+    least recently used one; None when the server has no slots to pin."""
     slots = backend.capabilities.total_slots
     if not slots:
         return None
-    return store.slot_for(backend.key, persona_id, slots)
+    claim = store.claim_slot(backend.key, slots, persona_id, paging=backend.kv_paging)
+    turn_resources.callback(store.release_slot, claim)
+    return claim
 
 
-def adapters(adapter_set: AdapterSet, slot: int | None, backend: Backend, turn_resources: ExitStack) -> AdapterLease:
-    """The persona's LoRA adapters resident on the backend for this turn (paged in when missing)."""
-    lease = backend.lease_adapters(adapter_set, slot)
+def slot(slot_claim: SlotClaim | None) -> int | None:
+    """The llama-server slot the turn runs on (`id_slot`)."""
+    return slot_claim.slot if slot_claim is not None else None
+
+
+def adapters(
+    adapter_set: AdapterSet, slot_claim: SlotClaim | None, prompt: Prompt, backend: Backend, recipe: Recipe,
+    store: ConversationStore, turn_resources: ExitStack,
+) -> AdapterLease:
+    """The persona's LoRA adapters resident on the backend for this turn (paged in when missing), on a KV pool
+    big enough for what the slots will hold (turns in flight included)."""
+    need = backend.estimate_tokens(prompt) + recipe.generation.max_tokens
+    held = store.reserve_tokens(slot_claim, need) if slot_claim is not None else 0
+    lease = backend.lease_adapters(adapter_set, slot_claim.slot if slot_claim else None, pool_needed=held + need)
     turn_resources.callback(lease.release)
     return lease
 
 
+def kv(
+    slot_claim: SlotClaim | None, adapters: AdapterLease, prompt: Prompt, adapter_set: AdapterSet, persona_id: str,
+    backend: Backend, store: ConversationStore, recipe: Recipe,
+) -> KvPrepared:
+    """The persona's KV in its slot before the model call: already there, restored from disk, or recomputed."""
+    if slot_claim is None or not backend.kv_paging:
+        return KvPrepared("slot" if slot_claim is not None and slot_claim.own else "none")
+    model = backend.model_digest
+    files = backend.kv_files
+    key = KvKey(model, persona_id, adapter_set.digest, prompt.invariant_sha256)
+    prepared = prepare_slot(backend.url, slot_claim, key, adapters.lora, files, model=model)
+    if backend.kv_budgeted and adapters.pool_tokens:
+        need = backend.estimate_tokens(prompt) + recipe.generation.max_tokens
+        paged, written = page_out_idle(backend.url, store, slot_claim, need, adapters.pool_tokens, files, model=model)
+        prepared.paged_out, prepared.saved_bytes = paged, prepared.saved_bytes + written
+    return prepared
+
+
+def kv_report(
+    kv: KvPrepared, reply: ChatReply, slot_claim: SlotClaim | None, prompt: Prompt, adapter_set: AdapterSet,
+    persona_id: str, adapters: AdapterLease, backend: Backend,
+) -> dict[str, Any]:
+    """Where the prompt's KV came from (`slot`, `host-cache`, `disk`, `recomputed`) and what the pool holds."""
+    if slot_claim is not None:  # what the slot holds now, for the next turn that takes it
+        slot_claim.persona_id, slot_claim.adapters = persona_id, adapter_set.digest
+        slot_claim.prefix = prompt.invariant_sha256
+        slot_claim.tokens = (reply.prompt_tokens or 0) + (reply.completion_tokens or 0)
+        backend.note_kv_usage(sum(o.tokens for o in slot_claim.others) + slot_claim.tokens)
+    backend.learn_token_size(prompt, reply.prompt_tokens)
+    return {
+        "source": kv_source(kv, reply.prompt_tokens, reply.prompt_tokens_cached),
+        "restore_ms": kv.restore_ms,
+        "saved_bytes": kv.saved_bytes,
+        "paged_out": kv.paged_out or [],
+        "bytes_per_token": backend.kv_bytes_per_token,
+        "pool_tokens": adapters.pool_tokens or backend.capabilities.n_ctx,
+        **({"not_restored": kv.note} if kv.note and kv.before == "none" else {}),
+    }
+
+
 def reply_stream(
     prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
-    audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice,
+    audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice, kv: KvPrepared,
 ) -> ReplyStream:
     """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on."""
     generation = recipe.generation
@@ -170,6 +227,7 @@ def turn_report(
     adapter_set: AdapterSet,
     adapters: AdapterLease,
     voice_fingerprint: dict[str, Any] | None,
+    kv_report: dict[str, Any],
 ) -> dict[str, Any]:
     """Everything measured about this turn (the session adds total timings)."""
     spoken = speech.audio
@@ -224,6 +282,7 @@ def turn_report(
             "page_ms": adapters.page_ms,
             "salt": adapter_set.salt,
         },
+        "kv": kv_report,
         "composition_cache": composition_cache_stats,
         "tier_violations": tier_violations,
         "reply": reply.text,
@@ -242,5 +301,6 @@ RESERVED_NODE_NAMES = frozenset(
         "reply_stream", "reply", "turn_report", "sections", "persona_id", "persona", "recipe", "room_id",
         "room_state", "turn", "now", "speaker", "text_in", "strict", "backend", "store", "composition_cache", "on_text",
         "adapter_set", "adapter_set_digest", "adapters", "adapter_registry", "turn_resources", "voice_fingerprint",
+        "slot_claim", "kv", "kv_report",
     }
 )

@@ -96,6 +96,15 @@ class ChatClient:
             return []
         return value if isinstance(value, list) else []
 
+    def count_tokens(self, text: str) -> int | None:
+        """How many tokens the server's tokenizer makes of `text` (llama-server's `/tokenize`), or None."""
+        try:
+            response = self._http.post(self.url + "/tokenize", json={"content": text}, timeout=30.0)
+            tokens = response.json().get("tokens") if response.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        return len(tokens) if isinstance(tokens, list) else None
+
     def stream(
         self,
         messages: list[dict[str, Any]],

@@ -8,13 +8,17 @@ DAG's branches, so one built driver is cached per capability profile.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from turnflow.adapters import AdapterError, AdapterSet, BaseModelRef, resolve_base
+from turnflow.kv import KvFiles
 from turnflow.nodes.llm import ChatClient
+from turnflow.nodes.prompt import Prompt
+from turnflow.nodes.text import message_text
 from turnflow.recipe import BackendSpec
 from turnflow.server import EmbeddedServer, LoraFile, ServerError, lora_field
 
@@ -78,6 +82,8 @@ class AdapterLease:
     paged_in: list[str] = field(default_factory=list)
     page_ms: float = 0.0
     release: Callable[[], None] = lambda: None
+    pool_tokens: int = 0
+    """The KV pool the server has (embedded servers), after any growth this turn."""
 
 
 class Backend:
@@ -93,6 +99,63 @@ class Backend:
         self.capabilities = probe(self.client, spec.capabilities)
         self._base_model: BaseModelRef | None | bool = False
         self._loaded_adapters: list[dict[str, Any]] | None = None
+        self._bytes_per_token: float | None = None  # prompt bytes per server token, learned from each turn
+        self._kv_files: KvFiles | None = None
+        self._swap = threading.Lock()
+        self._retired: list[ChatClient] = []
+
+    # -- KV
+
+    @property
+    def kv_paging(self) -> bool:
+        """Whether turnflow saves and restores personas' KV (embedded servers, unless turned off)."""
+        if self.server is None:
+            return False
+        return self.spec.kv_paging is not False
+
+    @property
+    def kv_budgeted(self) -> bool:
+        """Whether the KV pool has a fixed budget (idle personas are paged out rather than the pool grown)."""
+        return self.server is not None and self.server.budgeted
+
+    @property
+    def kv_files(self) -> KvFiles:
+        """The saved KV files of this server's model and cache type."""
+        if self._kv_files is None:
+            assert self.server is not None
+            self._kv_files = KvFiles(self.server.slot_dir, self.spec.kv_disk_budget_mb)
+        return self._kv_files
+
+    @property
+    def model_digest(self) -> str:
+        """SHA-256 of the model file (embedded servers; empty for a server reached by URL)."""
+        return self.server.model_digest if self.server is not None else ""
+
+    @property
+    def kv_bytes_per_token(self) -> float | None:
+        """KV bytes per token of context, from the model file (embedded servers)."""
+        return self.server.bytes_per_token() if self.server is not None else None
+
+    def estimate_tokens(self, prompt: Prompt) -> int:
+        """About how many tokens a prompt is: its bytes over the bytes per token seen so far (the first time,
+        the server counts the prompt's text with `/tokenize`)."""
+        size = prompt.invariant_bytes + prompt.semi_stable_bytes + prompt.volatile_bytes
+        if self._bytes_per_token is None:
+            text = "".join(message_text(m) for m in prompt.messages)
+            counted = self.client.count_tokens(text) if self.capabilities.server == "llama.cpp" else None
+            self._bytes_per_token = max(0.5, len(text.encode()) / counted) if counted else 3.0
+        return int(size / self._bytes_per_token) + 16
+
+    def learn_token_size(self, prompt: Prompt, prompt_tokens: int | None) -> None:
+        """Refine the bytes-per-token estimate from a turn the server counted."""
+        size = prompt.invariant_bytes + prompt.semi_stable_bytes + prompt.volatile_bytes
+        if prompt_tokens and size:
+            self._bytes_per_token = max(0.5, size / prompt_tokens)
+
+    def note_kv_usage(self, tokens_in_slots: int) -> None:
+        """Tell an embedded server how much KV its slots hold (its next start sizes the pool from the peak)."""
+        if self.server is not None:
+            self.server.note_usage(tokens_in_slots)
 
     def _client(self, url: str) -> ChatClient:
         return ChatClient(url, model=self.spec.model if self.spec.kind == "openai" else None, api_key=self._api_key)
@@ -106,7 +169,7 @@ class Backend:
                 self._base_model = resolve_base(self.spec.model or "generated:tiny")[0]
         return self._base_model if isinstance(self._base_model, BaseModelRef) else None
 
-    def lease_adapters(self, adapters: AdapterSet, slot: int | None) -> AdapterLease:
+    def lease_adapters(self, adapters: AdapterSet, slot: int | None, *, pool_needed: int = 0) -> AdapterLease:
         """Make the persona's LoRA adapters resident for this turn and give the request's `lora` list.
 
         An embedded server pages missing adapters in (a restart that keeps every slot's KV); a server of
@@ -117,17 +180,18 @@ class Backend:
         if self.server is not None:
             needed = [LoraFile(a.key, a.id, str(a.path)) for a in adapters.loras]
             try:
-                lease = self.server.lease(needed, slot=slot, slot_set=sorted(scales.items()))
+                lease = self.server.lease(needed, slot=slot, slot_set=sorted(scales.items()), pool_needed=pool_needed)
             except ServerError as exc:
                 raise AdapterError(str(exc)) from None
-            if lease.url != self.url:  # the page-in restart moved to another port
-                self.client.close()
-                self.url = lease.url
-                self.client = self._client(lease.url)
+            with self._swap:
+                if lease.url != self.url:  # the restart moved to another port; other turns may still hold the old
+                    self._retired.append(self.client)
+                    self.url = lease.url
+                    self.client = self._client(lease.url)
             names = {entry["key"]: entry["id"] for entry in lease.resident}
             return AdapterLease(
                 lora_field(lease.lora_ids(), scales), [names[k] for k in lease.lora_ids()], lease.paged_in,
-                lease.page_ms, lease.release,
+                lease.page_ms, lease.release, lease.pool_tokens,
             )
         loaded = self._server_adapters(refresh=False)
         ids = _match_loaded(adapters, loaded)
@@ -163,7 +227,8 @@ class Backend:
 
     def close(self) -> None:
         """Close the client."""
-        self.client.close()
+        for client in (*self._retired, self.client):
+            client.close()
 
     def describe(self) -> dict[str, Any]:
         """Name, URL and capabilities, for reports and the CLI."""

@@ -264,6 +264,22 @@ class BackendSpec(_Strict):
     api_key_env: str | None = None
     slots: int = Field(default=4, gt=0)
     ctx_per_slot: int = Field(default=32768, gt=0)
+    """The most context one slot may need; the KV pool is sized to what the slots use, up to slots x this."""
+    kv_unified: bool = True
+    """One KV pool shared by the slots (`--kv-unified`), sized from need, instead of slots x ctx_per_slot."""
+    kv_budget_tokens: int | None = Field(default=None, gt=0)
+    """A fixed KV pool size in tokens; when the slots need more, idle personas' KV is paged out to disk."""
+    kv_budget_mb: float | None = Field(default=None, gt=0)
+    """The same as a memory budget in MB (converted with the model's KV bytes per token)."""
+    kv_cache_type: Literal["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"] = "f16"
+    """The KV cache's data type (`-ctk`/`-ctv`): q8_0 halves the memory of f16."""
+    cache_ram_mb: int | None = Field(default=None, ge=0)
+    """llama-server's host prompt cache (`--cache-ram`) in MiB; default twice the KV pool, at most 8192; 0 off."""
+    kv_paging: bool | None = None
+    """Save a slot's KV to disk before another persona takes it and restore it when its persona returns
+    (default: on for embedded servers, off for servers reached by URL)."""
+    kv_disk_budget_mb: float = Field(default=4096.0, gt=0)
+    """Disk space for saved KV files; least recently used ones go first."""
     lora: tuple[str, ...] = ()
     """LoRA files loaded at start-up whatever the personas need (each request lists them, at scale 0 unless used)."""
     max_resident_adapters: int = Field(default=8, ge=1)

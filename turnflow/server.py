@@ -105,6 +105,8 @@ class ServerState:
     adapter_used: dict[str, float] = field(default_factory=dict)
     """Adapter key -> when a turn last used it (least recently used adapters are paged out first)."""
     binary: str = ""
+    pool_tokens: int = 0
+    """Tokens of KV the server allocated (one pool shared by the slots, or slots x ctx_per_slot)."""
 
     @property
     def resident_keys(self) -> list[str]:
@@ -120,6 +122,8 @@ class Lease:
     resident: list[dict[str, str]]
     paged_in: list[str] = field(default_factory=list)
     page_ms: float = 0.0
+    pool_tokens: int = 0
+    resized: bool = False
     _handle: IO[str] | None = None
 
     def lora_ids(self) -> dict[str, int]:
@@ -188,28 +192,108 @@ class EmbeddedServer:
             raise ServerError(f"backend {name!r} is not embedded (kind: {spec.kind}); it is reached at {spec.url}")
         self.name = name
         self.spec = spec
-        stem = f"{name}-{spec_digest(spec)}"
+        self.stem = stem = f"{name}-{spec_digest(spec)}"
         self.state_file = servers_dir() / f"{stem}.json"
         self.lock_file = servers_dir() / f"{stem}.lock"
         self.use_file = servers_dir() / f"{stem}.inuse"
         self.log_file = servers_dir() / f"{stem}.log"
-        self.slot_dir = servers_dir() / f"{stem}-slots"
+        self.usage_file = servers_dir() / f"{stem}.kv-usage"
+        self._slot_dir: Path | None = None
 
-    def command(self, port: int, resident: Sequence[dict[str, str]] = ()) -> list[str]:
+    @property
+    def model_path(self) -> Path:
+        """The model file the server runs."""
+        return resolve_model(self.spec.model or "generated:tiny")
+
+    @property
+    def model_digest(self) -> str:
+        """SHA-256 of the model file (remembered per file in this process)."""
+        from turnflow.adapters import file_sha256
+
+        return file_sha256(self.model_path)
+
+    @property
+    def slot_dir(self) -> Path:
+        """`--slot-save-path`: one folder per model and KV cache type, so saved KV outlives a server."""
+        if self._slot_dir is None:
+            self._slot_dir = servers_dir() / f"kv-{self.model_digest[:12]}-{self.spec.kv_cache_type}"
+        return self._slot_dir
+
+    def bytes_per_token(self) -> float:
+        """KV bytes per token of context for this model and cache type."""
+        return _kv_shape(self.model_path).bytes_per_token(self.spec.kv_cache_type)
+
+    def max_pool_tokens(self) -> int:
+        """The most KV the server may hold: the budget, else slots x ctx_per_slot."""
+        spec = self.spec
+        if spec.kv_budget_tokens:
+            return spec.kv_budget_tokens
+        if spec.kv_budget_mb:
+            return max(1024, int(spec.kv_budget_mb * 1e6 / max(1.0, self.bytes_per_token())) // 256 * 256)
+        return spec.slots * spec.ctx_per_slot
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether the KV pool has a declared budget (then idle personas are paged out instead of growing it)."""
+        return bool(self.spec.kv_budget_tokens or self.spec.kv_budget_mb)
+
+    def pool_tokens(self, needed: int = 0) -> int:
+        """The KV pool to start with: what the slots were seen to use (plus a quarter), at least `needed`.
+
+        Without a budget the pool starts from the peak the slots used before (remembered per backend), grows
+        (a restart that keeps every slot's KV) when a turn needs more, and never exceeds slots x ctx_per_slot.
+        """
+        spec = self.spec
+        if not spec.kv_unified:
+            return spec.slots * spec.ctx_per_slot
+        if self.budgeted:
+            return self.max_pool_tokens()
+        learned = self._peak_tokens()
+        floor = spec.slots * min(spec.ctx_per_slot, 4096)
+        wanted = max(floor, int(1.25 * max(learned, needed)))
+        return min(self.max_pool_tokens(), -(-wanted // 1024) * 1024)
+
+    def _peak_tokens(self) -> int:
+        try:
+            return int(json.loads(self.usage_file.read_text()).get("peak_tokens", 0))
+        except (OSError, ValueError, AttributeError):
+            return 0
+
+    def note_usage(self, tokens_in_slots: int) -> None:
+        """Remember the most KV the slots held at once (the next start sizes the pool from it)."""
+        if tokens_in_slots > 1.05 * self._peak_tokens():
+            tmp = self.usage_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"peak_tokens": tokens_in_slots, "at": time.time()}))
+            os.replace(tmp, self.usage_file)
+
+    def cache_ram_mb(self, pool_tokens: int) -> int:
+        """The host prompt cache: as configured, else twice the KV pool (at most 8192 MiB, at least 64)."""
+        if self.spec.cache_ram_mb is not None:
+            return self.spec.cache_ram_mb
+        pool_mb = pool_tokens * self.bytes_per_token() / 2**20
+        return int(min(8192, max(64, 2 * pool_mb)))
+
+    def command(self, port: int, resident: Sequence[dict[str, str]] = (), pool_tokens: int | None = None) -> list[str]:
         """The llama-server command line for this backend, holding the `resident` adapters."""
         spec = self.spec
-        model = resolve_model(spec.model or "generated:tiny")
+        pool = pool_tokens or self.pool_tokens()
         args = [
             llama_server_binary(),
-            "--model", str(model),
+            "--model", str(self.model_path),
             "--host", "127.0.0.1",
             "--port", str(port),
             "--parallel", str(spec.slots),
-            "--ctx-size", str(spec.slots * spec.ctx_per_slot),
+            "--ctx-size", str(pool),
             "--slot-save-path", str(self.slot_dir),
+            "--cache-type-k", spec.kv_cache_type,
+            "--cache-type-v", spec.kv_cache_type,
+            "--cache-ram", str(self.cache_ram_mb(pool)),
             "--no-webui",
             "--jinja",
         ]
+        if spec.kv_unified:
+            # idle slots keep their KV in the pool: by default llama-server would clear them on every new task
+            args += ["--kv-unified", "--no-cache-idle-slots"]
         if spec.mmproj:
             args += ["--mmproj", str(resolve_model(spec.mmproj, kind="mmproj"))]
         loras = [entry["path"] for entry in resident]
@@ -228,9 +312,10 @@ class EmbeddedServer:
         return entries
 
     def _digest(self) -> str:
-        """The server's configuration without its port and its (changing) resident adapters."""
-        command = self.command(0)
-        stable = [a for i, a in enumerate(command) if i == 0 or command[i - 1] != "--port"]
+        """The server's configuration without its port, its pool size and its (changing) resident adapters."""
+        command = self.command(0, pool_tokens=1)
+        changing = ("--port", "--ctx-size", "--cache-ram")
+        stable = [a for i, a in enumerate(command) if i == 0 or command[i - 1] not in changing]
         return hashlib.sha256(json.dumps(stable).encode()).hexdigest()[:16]
 
     @contextmanager
@@ -299,13 +384,14 @@ class EmbeddedServer:
 
     def _start(
         self, resident: list[dict[str, str]], *, timeout_s: float = 180.0, previous: ServerState | None = None,
-        port: int | None = None,
+        port: int | None = None, pool_tokens: int | None = None,
     ) -> ServerState:
         """Start llama-server (the lock held); retry on another port when the chosen one is taken first."""
         self.slot_dir.mkdir(parents=True, exist_ok=True)
+        pool = pool_tokens or self.pool_tokens()
         for attempt in range(4):
             chosen = port if (port and attempt == 0) else _free_port()
-            command = self.command(chosen, resident)
+            command = self.command(chosen, resident, pool)
             with open(self.log_file, "wb") as log:
                 process = subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
@@ -316,6 +402,7 @@ class EmbeddedServer:
                 resident=list(resident),
                 adapter_used=dict(previous.adapter_used) if previous else {},
                 binary=command[0],
+                pool_tokens=pool,
             )
             try:
                 outcome = self._wait_healthy(process, url, timeout_s)
@@ -371,13 +458,15 @@ class EmbeddedServer:
     # -- adapters
 
     def lease(
-        self, needed: Sequence[LoraFile], *, slot: int | None = None, slot_set: Sequence[tuple[str, float]] = ()
+        self, needed: Sequence[LoraFile], *, slot: int | None = None, slot_set: Sequence[tuple[str, float]] = (),
+        pool_needed: int = 0,
     ) -> Lease:
         """Hold the running server for one turn with every `needed` adapter resident, paging them in first.
 
         `slot_set` is the (key, scale) set the turn runs with on `slot`, remembered so the slot's KV can be
-        primed and restored after a later page-in. Release the lease when the turn has finished talking to
-        the server.
+        primed and restored after a later page-in. `pool_needed` is the KV the slots will hold once this
+        turn is done: an unbudgeted pool smaller than that grows first (a restart that keeps every slot's KV).
+        Release the lease when the turn has finished talking to the server.
         """
         keys = [lora.key for lora in needed]
         limit = self.spec.max_resident_adapters + len(self.spec.lora)
@@ -388,17 +477,24 @@ class EmbeddedServer:
             )
         paged: list[str] = []
         page_ms = 0.0
+        resized = False
+        grow_to = min(self.max_pool_tokens(), pool_needed) if not self.budgeted and self.spec.kv_unified else 0
         for _ in range(8):
             handle = open(self.use_file, "a+")
             fcntl.flock(handle, fcntl.LOCK_SH)
             state = self._read_state()
-            if state and _alive(state.pid) and set(keys) <= set(state.resident_keys):
+            if (state and _alive(state.pid) and set(keys) <= set(state.resident_keys)
+                    and (state.pool_tokens or 0) >= grow_to):
                 self._remember_use(state, keys, slot, slot_set)
-                return Lease(state.url, list(state.resident), paged, round(page_ms, 2), handle)
+                return Lease(state.url, list(state.resident), paged, round(page_ms, 2), state.pool_tokens,
+                             resized, handle)
             fcntl.flock(handle, fcntl.LOCK_UN)
             handle.close()
             started = time.perf_counter()
-            paged += self._page_in(list(needed), limit)
+            before = state.pool_tokens if state else 0
+            paged += self._page_in(list(needed), limit, grow_to)
+            after = self._read_state()
+            resized = resized or bool(before and after and after.pool_tokens > before)
             page_ms += (time.perf_counter() - started) * 1000
         raise ServerError(f"adapters for backend {self.name!r} kept being paged out by other turns; try again")
 
@@ -423,15 +519,17 @@ class EmbeddedServer:
                 fresh.slot_sets[str(slot)] = wanted
             self._write_state(fresh)
 
-    def _page_in(self, needed: list[LoraFile], limit: int) -> list[str]:
-        """Restart with the needed adapters resident, keeping every slot's KV; returns the ids paged in."""
+    def _page_in(self, needed: list[LoraFile], limit: int, pool_needed: int = 0) -> list[str]:
+        """Restart with the needed adapters resident and a pool of at least `pool_needed` tokens, keeping every
+        slot's KV; returns the ids paged in."""
         with self._locked(), self._no_turns_running():
             state = self._read_state()
             running = state is not None and _is_our_server(state) and _healthy(state.url)
             current = list(state.resident) if state and running else self.static_adapters()
             have = {entry["key"] for entry in current}
             missing = [lora for lora in needed if lora.key not in have]
-            if running and not missing:
+            pool = state.pool_tokens if state and running else 0
+            if running and not missing and pool >= pool_needed:
                 return []
             for lora in missing:
                 if not Path(lora.path).is_file():
@@ -449,7 +547,8 @@ class EmbeddedServer:
             port = state.port if state and running else None
             if state is not None:
                 self._stop(state)
-            fresh = self._start(resident, previous=state, port=port)
+            grown = self.pool_tokens(pool_needed) if pool < pool_needed or not pool else pool
+            fresh = self._start(resident, previous=state, port=port, pool_tokens=grown)
             fresh.slot_sets = self._restore_slots(fresh, saved, state.slot_sets if state else {})
             self._write_state(fresh)
             return [lora.id for lora in missing]
@@ -464,7 +563,7 @@ class EmbeddedServer:
         for slot in slots if isinstance(slots, list) else []:
             if int(slot.get("n_prompt_tokens") or 0) <= 1:
                 continue
-            name = f"page-{slot['id']}.bin"
+            name = f"page-{self.stem}-{slot['id']}.bin"
             try:
                 answer = httpx.post(
                     f"{state.url}/slots/{slot['id']}?action=save", json={"filename": name}, timeout=60
@@ -502,6 +601,31 @@ class EmbeddedServer:
             finally:
                 path.unlink(missing_ok=True)
         return kept
+
+
+_SHAPES: dict[str, Any] = {}
+
+
+def _kv_shape(path: Path) -> Any:
+    from turnflow.kv import KvShape
+
+    key = str(path)
+    if key not in _SHAPES:
+        _SHAPES[key] = KvShape.of(path)
+    return _SHAPES[key]
+
+
+def slot_action(url: str, slot: int, action: str, filename: str | None = None) -> dict[str, Any]:
+    """`POST /slots/N?action=save|restore|erase`; the server's answer, or a ServerError saying why not."""
+    body = {"filename": filename} if filename else {}
+    try:
+        answer = httpx.post(f"{url}/slots/{slot}?action={action}", json=body, timeout=120)
+    except httpx.HTTPError as exc:
+        raise ServerError(f"slot {slot} {action} failed: {type(exc).__name__}: {exc}") from None
+    if answer.status_code != 200:
+        raise ServerError(f"slot {slot} {action} refused (HTTP {answer.status_code}): {answer.text[:300]}")
+    data = answer.json()
+    return data if isinstance(data, dict) else {}
 
 
 def lora_field(ids: dict[str, int], scales: dict[str, float]) -> list[dict[str, Any]] | None:

@@ -12,6 +12,7 @@ it was.
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -86,6 +87,8 @@ class Session:
         self._backend_spec = backends[self.backend_name]
         self._backend: Backend | None = None
         self._personas: dict[str, Persona] = {}
+        self._lock = threading.RLock()  # a Session may be shared by threads, each running its own turns
+        self._retired: list[Backend] = []
         speech = self.recipe.speech
         self.bridges = SpeechBridges(speech.stt, speech.tts, speech.describe)
         recipe_id = self.recipe.recipe
@@ -96,21 +99,23 @@ class Session:
     @property
     def backend(self) -> Backend:
         """The backend, connected (and for embedded backends, started) on first use."""
-        if self._backend is None:
-            self._backend = open_backend(self.backend_name, self._backend_spec)
-        return self._backend
+        with self._lock:
+            if self._backend is None:
+                self._backend = open_backend(self.backend_name, self._backend_spec)
+            return self._backend
 
     def _drop_backend(self) -> None:
         """Forget the connection after a failure: the next turn reconnects and asks the server again what it
         can do (an embedded server that died is started again)."""
-        if self._backend is not None:
-            self._backend.close()
-            self._backend = None
+        with self._lock:
+            if self._backend is not None:  # closed with the session: other threads' turns may still use it
+                self._retired.append(self._backend)
+                self._backend = None
 
     def close(self) -> None:
         """Close the store, the cache and the backend client (an embedded server keeps running)."""
-        if self._backend is not None:
-            self._backend.close()
+        for backend in (*self._retired, *([self._backend] if self._backend else [])):
+            backend.close()
         self.store.close()
         self.cache.close()
 
@@ -137,6 +142,10 @@ class Session:
 
     def persona(self, persona_id: str) -> Persona:
         """Load a persona beside the recipe (once per session)."""
+        with self._lock:
+            return self._load_persona(persona_id)
+
+    def _load_persona(self, persona_id: str) -> Persona:
         if persona_id not in self._personas:
             if self.recipe.personas is not None and persona_id not in self.recipe.personas:
                 raise ValueError(
@@ -308,7 +317,7 @@ class Session:
         speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
         persona_who = Participant(persona, "persona", persona_model.name)
         said = outputs["user_content"].transcript or text or ""
-        self.store.commit_turn(
+        report["turn"] = self.store.commit_turn(
             room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, reply.text
         )
         self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])

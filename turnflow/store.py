@@ -11,6 +11,7 @@ import json
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,25 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
+CREATE TABLE IF NOT EXISTS turns (
+    room_id TEXT NOT NULL REFERENCES rooms(room_id),
+    turn INTEGER NOT NULL,
+    committed_at REAL NOT NULL,
+    PRIMARY KEY (room_id, turn)
+);
+CREATE TABLE IF NOT EXISTS slot_owners (
+    backend TEXT NOT NULL,
+    total_slots INTEGER NOT NULL,
+    slot INTEGER NOT NULL,
+    persona_id TEXT,
+    adapters TEXT NOT NULL DEFAULT '',
+    prefix TEXT NOT NULL DEFAULT '',
+    tokens INTEGER NOT NULL DEFAULT 0,
+    last_used REAL NOT NULL DEFAULT 0,
+    busy_token TEXT,
+    busy_until REAL NOT NULL DEFAULT 0,
+    PRIMARY KEY (backend, total_slots, slot)
+);
 CREATE TABLE IF NOT EXISTS slot_assignments (
     backend TEXT NOT NULL,
     total_slots INTEGER NOT NULL,
@@ -56,6 +76,40 @@ CREATE TABLE IF NOT EXISTS slot_assignments (
     PRIMARY KEY (backend, total_slots, persona_id)
 );
 """
+
+
+@dataclass(frozen=True)
+class SlotOwner:
+    """Whose KV a slot holds: the persona, its adapter-set digest and prefix digest, and how many tokens."""
+
+    slot: int
+    persona_id: str | None
+    adapters: str
+    prefix: str
+    tokens: int
+    last_used: float
+    busy: bool
+
+
+@dataclass
+class SlotClaim:
+    """A turn's hold on one slot of a backend: which slot, whose KV it held, and what it holds after the turn."""
+
+    backend: str
+    total_slots: int
+    slot: int
+    token: str
+    previous: SlotOwner | None
+    """Who held the slot's KV before this turn (None: nobody, or this persona itself)."""
+    own: bool
+    """The slot held this persona's KV already."""
+    others: list[SlotOwner] = field(default_factory=list)
+    """The backend's other slots as they were when the claim was made."""
+    persona_id: str | None = None
+    adapters: str = ""
+    prefix: str = ""
+    tokens: int = 0
+    """Set by the turn: the persona's KV the slot holds once the turn is done (left empty when it failed)."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +212,19 @@ class ConversationStore:
     def _ensure_room(self, db: sqlite3.Connection, room_id: str) -> None:
         db.execute("INSERT OR IGNORE INTO rooms (room_id, created_at) VALUES (?, ?)", (room_id, time.time()))
 
-    def room(self, room_id: str, *, tail: int = 2) -> RoomState:
-        """The room's visible history (since the last compaction), participants and counters."""
+    @contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every read inside sees the same committed state (no write lock is taken)."""
         with self._lock:
+            self._db.execute("BEGIN DEFERRED")
+            try:
+                yield self._db
+            finally:
+                self._db.execute("COMMIT")
+
+    def room(self, room_id: str, *, tail: int = 2) -> RoomState:
+        """The room's visible history (since the last compaction), participants and counters, read at once."""
+        with self._snapshot():
             row = self._db.execute(
                 "SELECT participants_version, history_floor_id, compaction_epoch FROM rooms WHERE room_id = ?",
                 (room_id,),
@@ -256,14 +320,23 @@ class ConversationStore:
         user_text: str,
         persona: Participant,
         reply_text: str,
-    ) -> tuple[int, int]:
-        """Commit the speaker's message and the persona's reply together; returns their ids."""
+    ) -> int:
+        """Commit the speaker's message and the persona's reply together; returns the turn's number.
+
+        The number is `turn` unless another turn in the room (another thread or process) committed it
+        first: then it is the next free one. Numbers are unique per room (the `turns` table's key).
+        """
         with self._transaction() as db:
             self._join(db, room_id, speaker)
             self._join(db, room_id, persona)
-            user_id = self._insert(db, room_id, turn, speaker, user_content, user_text)
-            reply_id = self._insert(db, room_id, turn, persona, reply_text, reply_text)
-        return user_id, reply_id
+            last = db.execute(
+                "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
+            ).fetchone()[0]
+            turn = max(turn, int(last) + 1)
+            db.execute("INSERT INTO turns (room_id, turn, committed_at) VALUES (?, ?, ?)", (room_id, turn, time.time()))
+            self._insert(db, room_id, turn, speaker, user_content, user_text)
+            self._insert(db, room_id, turn, persona, reply_text, reply_text)
+        return turn
 
     def compact(self, room_id: str, keep: int) -> int:
         """Hide all but the newest `keep` messages from prompts (one large block); returns how many were hidden."""
@@ -282,12 +355,124 @@ class ConversationStore:
             )
             return len(ids) - keep
 
+    def claim_slot(
+        self, backend: str, total_slots: int, persona_id: str, *, paging: bool, wait_s: float = 900.0,
+        lease_s: float = 900.0,
+    ) -> SlotClaim:
+        """Hold a slot for one turn of `persona_id`.
+
+        With `paging`, the slot that holds the persona's KV if there is one, else an empty slot, else the one
+        used least recently (its KV is saved to disk by the turn before it is overwritten). Without, the
+        persona's pinned slot (`slot_for`). A slot another turn holds is waited for; a hold expires after
+        `lease_s` (a process that died mid-turn).
+        """
+        deadline = time.monotonic() + wait_s
+        pinned = None if paging else self.slot_for(backend, persona_id, total_slots)
+        while True:
+            with self._transaction() as db:
+                now = time.time()
+                owners = {o.slot: o for o in self._owners(db, backend, total_slots, now)}
+                free = [s for s in range(total_slots) if not (owners.get(s) and owners[s].busy)]
+                choice: int | None = None
+                if pinned is not None:
+                    choice = pinned if pinned in free else None
+                elif free:
+                    mine = [s for s in free if owners.get(s) and owners[s].persona_id == persona_id]
+                    empty = [s for s in free if not owners.get(s) or owners[s].persona_id is None]
+                    choice = (mine or empty or sorted(free, key=lambda s: owners[s].last_used))[0]
+                if choice is not None:
+                    token = uuid.uuid4().hex
+                    before = owners.get(choice)
+                    db.execute(
+                        "INSERT INTO slot_owners (backend, total_slots, slot) VALUES (?, ?, ?) "
+                        "ON CONFLICT (backend, total_slots, slot) DO NOTHING",
+                        (backend, total_slots, choice),
+                    )
+                    db.execute(
+                        "UPDATE slot_owners SET busy_token = ?, busy_until = ? "
+                        "WHERE backend = ? AND total_slots = ? AND slot = ?",
+                        (token, now + lease_s, backend, total_slots, choice),
+                    )
+                    own = before is not None and before.persona_id == persona_id
+                    previous = before if before is not None and before.persona_id and not own else None
+                    others = [o for s, o in sorted(owners.items()) if s != choice]
+                    claim = SlotClaim(backend, total_slots, choice, token, previous, own, others)
+                    if own and before is not None:  # a turn that fails before the model call leaves the KV as is
+                        claim.persona_id, claim.adapters = persona_id, before.adapters
+                        claim.prefix, claim.tokens = before.prefix, before.tokens
+                    return claim
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no free slot on {backend} after {wait_s:.0f} s (all {total_slots} busy)")
+            time.sleep(0.02)
+
+    def _owners(self, db: sqlite3.Connection, backend: str, total_slots: int, now: float) -> list[SlotOwner]:
+        rows = db.execute(
+            "SELECT slot, persona_id, adapters, prefix, tokens, last_used, busy_token, busy_until FROM slot_owners "
+            "WHERE backend = ? AND total_slots = ?",
+            (backend, total_slots),
+        ).fetchall()
+        return [SlotOwner(slot, persona, adapters, prefix, tokens, last_used, bool(token) and until > now)
+                for slot, persona, adapters, prefix, tokens, last_used, token, until in rows]
+
+    def release_slot(self, claim: SlotClaim) -> None:
+        """Let the slot go; it now holds what the turn set on the claim (nothing known when the turn failed)."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE slot_owners SET persona_id = ?, adapters = ?, prefix = ?, tokens = ?, last_used = ?, "
+                "busy_token = NULL, busy_until = 0 WHERE backend = ? AND total_slots = ? AND slot = ? "
+                "AND busy_token = ?",
+                (claim.persona_id, claim.adapters, claim.prefix, claim.tokens, time.time(), claim.backend,
+                 claim.total_slots, claim.slot, claim.token),
+            )
+
+    def reserve_tokens(self, claim: SlotClaim, tokens: int) -> int:
+        """Count `tokens` of KV for the claimed slot (a turn in flight); returns what the other slots hold."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE slot_owners SET tokens = MAX(tokens, ?) WHERE backend = ? AND total_slots = ? AND slot = ? "
+                "AND busy_token = ?",
+                (tokens, claim.backend, claim.total_slots, claim.slot, claim.token),
+            )
+            held = db.execute(
+                "SELECT COALESCE(SUM(tokens), 0) FROM slot_owners WHERE backend = ? AND total_slots = ? AND slot != ?",
+                (claim.backend, claim.total_slots, claim.slot),
+            ).fetchone()[0]
+        return int(held)
+
+    def take_idle_slot(self, backend: str, total_slots: int, slot: int, lease_s: float = 120.0) -> str | None:
+        """Hold an idle slot briefly (to page its KV out); its hold token, or None when it is busy."""
+        with self._transaction() as db:
+            token = uuid.uuid4().hex
+            now = time.time()
+            updated = db.execute(
+                "UPDATE slot_owners SET busy_token = ?, busy_until = ? WHERE backend = ? AND total_slots = ? "
+                "AND slot = ? AND (busy_token IS NULL OR busy_until <= ?)",
+                (token, now + lease_s, backend, total_slots, slot, now),
+            ).rowcount
+            return token if updated else None
+
+    def clear_slot(self, backend: str, total_slots: int, slot: int, token: str) -> None:
+        """An idle slot whose KV was paged out: it holds nothing now."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE slot_owners SET persona_id = NULL, adapters = '', prefix = '', tokens = 0, busy_token = NULL, "
+                "busy_until = 0 WHERE backend = ? AND total_slots = ? AND slot = ? AND busy_token = ?",
+                (backend, total_slots, slot, token),
+            )
+
     def slot_for(self, backend: str, persona_id: str, total_slots: int) -> int:
         """The persona's slot on `backend`: assigned once, the same ever after.
 
         A new persona takes a free slot (trying its hash-preferred one first) so personas share a slot
-        only when they outnumber the slots.
+        only when they outnumber the slots. Reading an existing assignment takes no write lock.
         """
+        with self._snapshot() as db:
+            known = db.execute(
+                "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ? AND persona_id = ?",
+                (backend, total_slots, persona_id),
+            ).fetchone()
+        if known:
+            return int(known[0])
         with self._transaction() as db:
             row = db.execute(
                 "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ? AND persona_id = ?",

@@ -1,0 +1,186 @@
+"""KV memory and KV paging on a real llama-server: bytes per token, personas outnumbering slots, bad files,
+concurrent turns."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from conftest import copy_recipe_folder
+
+from turnflow.kv import QWEN3_4B, KvShape, reference_arithmetic
+from turnflow.modelgen import ensure_text_model
+from turnflow.recipe import BackendSpec
+from turnflow.server import EmbeddedServer
+from turnflow.session import Session
+
+pytestmark = pytest.mark.server
+
+NAMES = ["Ada", "Bea", "Cal", "Dov", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kai", "Lia", "Max", "Nia"]
+
+
+def _recipe_with_personas(tmp_path: Path, count: int, backend: str, spec: str) -> Path:
+    """The example recipe with `count` personas without adapters (distinct names and prompts) and a backend."""
+    recipe = copy_recipe_folder(tmp_path)
+    text = recipe.read_text().replace("personas: [maya, helper, teacher, codereview]\n", "")
+    recipe.write_text(text.replace("backend: local\n", f"backend: {backend}\n"))
+    examples = ["maya", "helper", "teacher", "codereview"]
+    for i in range(count):
+        data = yaml.safe_load((recipe.parent / "personas" / f"{examples[i % 4]}.yaml").read_text())
+        old_name = data["name"]
+        data.update(persona=f"p{i}", name=NAMES[i], skills=[])
+        data["system_prompt"] = data["system_prompt"].replace(old_name, NAMES[i])
+        data["voice"].pop("adapter", None)
+        (recipe.parent / "personas" / f"p{i}.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    (recipe.parent / "backends.yaml").write_text(f"backends:\n  {backend}:\n{spec}")
+    return recipe
+
+
+def _spec(slots: int, **extra: Any) -> str:
+    lines = {"kind": "embedded", "model": "generated:tiny", "slots": slots, "ctx_per_slot": 32768, **extra}
+    return "".join(f"    {k}: {v}\n" for k, v in lines.items())
+
+
+def test_kv_bytes_per_token_come_from_the_model_file(home: Path, tmp_path: Path) -> None:
+    tiny, bench = KvShape.of(ensure_text_model("tiny")), KvShape.of(ensure_text_model("bench"))
+    assert tiny.bytes_per_token("f16") == 2 * 2 * 2 * 16 * 2  # layers x KV heads x (K + V) x head dim x 2 bytes
+    assert bench.bytes_per_token("f16") == 8 * 4 * 2 * 64 * 2
+    assert bench.bytes_per_token("q8_0") == pytest.approx(8192 * 34 / 64)
+    assert QWEN3_4B.bytes_per_token("f16") == 144 * 1024
+    numbers = reference_arithmetic(6, 8192)["by_cache_type"]
+    print("\nQwen3-4B-class, 6 personas x 8k tokens:", numbers)
+    assert numbers["q8_0"]["kv_gb_sized"] < numbers["f16"]["kv_gb_sized"] < numbers["f16"]["kv_gb_full_slots"]
+    # a slot the server saves holds about bytes_per_token per token (plus the tokens themselves)
+    spec = BackendSpec.model_validate(yaml.safe_load(_spec(1).replace("    ", "")))
+    server = EmbeddedServer("bytes", spec)
+    url = server.up()
+    try:
+        text = "measure the cache " * 200  # well inside the first pool (4096 tokens for one slot)
+        answer = httpx.post(url + "/completion", json={"prompt": text, "n_predict": 1, "id_slot": 0,
+                                                        "cache_prompt": True}, timeout=60).json()
+        assert answer["timings"]["prompt_n"] > 1000
+        saved = httpx.post(url + "/slots/0?action=save", json={"filename": "measure.bin"}, timeout=60).json()
+    finally:
+        server.down()
+    measured = saved["n_written"] / saved["n_saved"]
+    print(f"saved {saved['n_saved']} tokens in {saved['n_written']} bytes: {measured:.1f} B/token "
+          f"(model file says {tiny.bytes_per_token():.0f} of KV)")
+    assert tiny.bytes_per_token() <= measured <= tiny.bytes_per_token() + 32
+
+
+def test_eight_personas_on_two_slots_page_their_kv_to_disk(home: Path, tmp_path: Path) -> None:
+    recipe = _recipe_with_personas(tmp_path, 8, "two-slots", _spec(2, cache_ram_mb=0))
+    reports: list[dict[str, Any]] = []
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        try:
+            for round_no in range(4):
+                for i in range(8):
+                    reports.append(session.turn(persona=f"p{i}", room=f"room-{i}",
+                                                text=f"Round {round_no}, what is next?").report)
+        finally:
+            session.backend.server.down()
+    print("\npersona turn slot processed/prompt source restore_ms saved_bytes")
+    for r in reports:
+        kv, llm = r["kv"], r["llm"]
+        print(f"{r['persona']:3s} {r['turn']:2d} {llm['slot']} {llm['prompt_tokens_processed']:6d}/"
+              f"{llm['prompt_tokens']:6d} {kv['source']:10s} {kv['restore_ms']} {kv['saved_bytes']}")
+    steady = [r for r in reports if r["turn"] >= 3]
+    assert len(steady) == 16
+    for r in steady:
+        llm = r["llm"]
+        assert r["kv"]["source"] in ("disk", "slot"), r["kv"]
+        assert llm["prompt_tokens_cached"] >= 0.9 * llm["prompt_tokens"], (r["persona"], r["turn"], llm)
+    restores = [r["kv"]["restore_ms"] for r in steady if r["kv"]["source"] == "disk"]
+    print(f"restores: {len(restores)}, median {sorted(restores)[len(restores) // 2]:.1f} ms; "
+          f"pool {reports[-1]['kv']['pool_tokens']} tokens x {reports[-1]['kv']['bytes_per_token']} B")
+    assert reports[-1]["kv"]["bytes_per_token"] == 256.0
+    assert reports[-1]["kv"]["pool_tokens"] <= 2 * 32768
+
+
+def _files(folder: Path, persona: str) -> list[Path]:
+    return sorted(p for p in folder.glob(f"kv-*-{persona}-*.bin"))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated", "other-adapter-set"])
+def test_a_bad_kv_file_is_never_restored(home: Path, tmp_path: Path, damage: str) -> None:
+    recipe = _recipe_with_personas(tmp_path, 2, "one-slot", _spec(1, cache_ram_mb=0))
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        try:
+            session.turn(persona="p0", room="r0", text="first")
+            session.turn(persona="p1", room="r1", text="first")  # takes the slot: p0's KV goes to disk
+            folder = session.backend.kv_files.folder
+            (saved,) = _files(folder, "p0")
+            if damage == "corrupt":
+                data = bytearray(saved.read_bytes())
+                data[len(data) // 2] ^= 0xFF
+                saved.write_bytes(bytes(data))
+            elif damage == "truncated":
+                saved.write_bytes(saved.read_bytes()[: saved.stat().st_size // 2])
+            else:  # p0 now runs with a skill adapter: the saved KV belongs to another adapter set
+                from turnflow.adapters import AdapterRegistry
+
+                AdapterRegistry().add("generated:tiny/kv-skill", kind="skill", adapter_id="kv-skill")
+                path = recipe.parent / "personas" / "p0.yaml"
+                data_yaml = yaml.safe_load(path.read_text())
+                data_yaml["skills"] = [{"adapter": "kv-skill", "scale": 1.0}]
+                path.write_text(yaml.safe_dump(data_yaml, sort_keys=False))
+                session._personas.pop("p0")  # as a new process would, read the edited persona again
+            again = session.turn(persona="p0", room="r0", text="second")
+            untouched = session.turn(persona="p1", room="r1", text="second")
+        finally:
+            session.backend.server.down()
+    kv = again.report["kv"]
+    print(f"\n{damage}: {kv}")
+    assert kv["source"] == "recomputed"
+    assert again.report["llm"]["prompt_tokens_processed"] > 0.9 * again.report["llm"]["prompt_tokens"]
+    reason = kv["not_restored"]
+    expected = {"corrupt": "bytes changed", "truncated": "truncated", "other-adapter-set": "no saved KV"}[damage]
+    assert expected in reason, reason
+    assert untouched.report["kv"]["source"] == "disk"  # the other persona's good file still restores
+    assert again.report["reply"] and again.report["turn"] == 2
+
+
+def test_fourteen_personas_take_concurrent_turns_without_cross_talk(home: Path, tmp_path: Path) -> None:
+    recipe = _recipe_with_personas(tmp_path, 14, "four-slots", _spec(4, cache_ram_mb=0))
+    errors: list[BaseException] = []
+    results: dict[str, list[dict[str, Any]]] = {f"p{i}": [] for i in range(14)}
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        assert session.backend.kv_paging  # connected once before the threads start
+
+        def talk(i: int) -> None:
+            try:
+                for n in range(5):
+                    result = session.turn(persona=f"p{i}", room=f"room-{i}", speaker=f"user{i}",
+                                          text=f"Message {n} for {NAMES[i]}.")
+                    results[f"p{i}"].append(result.report)
+            except BaseException as exc:  # the assertion below names it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=talk, args=(i,)) for i in range(14)]
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=900)
+            histories = {i: session.store.history(f"room-{i}") for i in range(14)}
+            owners = session.store._owners(session.store._db, session.backend.key, 4, 0)
+        finally:
+            session.backend.server.down()
+    assert not errors, errors
+    for i in range(14):
+        history = histories[i]
+        assert len(history) == 10, [m.text for m in history]
+        assert [m.turn for m in history] == [n for n in range(1, 6) for _ in (0, 1)]
+        assert {m.speaker for m in history} == {f"p{i}", f"user{i}"}
+        assert [m.text for m in history if m.speaker == f"user{i}"] == [
+            f"Message {n} for {NAMES[i]}." for n in range(5)]
+        assert [r["turn"] for r in results[f"p{i}"]] == [1, 2, 3, 4, 5]
+    assert not any(o.busy for o in owners)
+    held = [o.persona_id for o in owners if o.persona_id]
+    assert len(held) == len(set(held))  # no persona's KV in two slots
+    sources = [r["kv"]["source"] for rs in results.values() for r in rs]
+    print("\nkv sources over 70 concurrent turns:", {s: sources.count(s) for s in set(sources)})
