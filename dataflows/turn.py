@@ -58,6 +58,11 @@ def compaction_epoch(room_state: RoomState) -> int:
     return room_state.compaction_epoch
 
 
+def history_start(room_state: RoomState) -> int:
+    """The id of the first visible message: who joined before it is listed, who joined after is a history event."""
+    return room_state.history_start
+
+
 def history_tail_msg_ids(room_state: RoomState) -> str:
     """Ids of the newest messages: changes whenever the history grows."""
     return room_state.history_tail_msg_ids
@@ -189,9 +194,10 @@ def kv_report(
 
 def reply_stream(
     prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
-    audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice, kv: KvPrepared,
+    audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice, kv: KvPrepared, cancel: Any,
 ) -> ReplyStream:
-    """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on."""
+    """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on, once
+    the slot's KV is in place (`kv`); setting `cancel` stops it."""
     generation = recipe.generation
     speaks = route_audio_out == "native" and audio_sink is not None
     stream = backend.client.stream(
@@ -205,6 +211,7 @@ def reply_stream(
         extra=backend.spec.request_defaults,
     )
     stream.on_delta = on_text
+    stream.cancel = cancel
     return stream
 
 
@@ -291,16 +298,3 @@ def turn_report(
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
-
-
-#: Names of the fixed nodes and inputs: recipe sources may not take them.
-RESERVED_NODE_NAMES = frozenset(
-    {
-        "persona_version", "recipe_id", "room_messages", "room_participants", "participants_version",
-        "history_tail_msg_ids", "user_content", "prompt", "tier_violations", "composition_cache_stats", "slot",
-        "reply_stream", "reply", "turn_report", "sections", "persona_id", "persona", "recipe", "room_id",
-        "room_state", "turn", "now", "speaker", "text_in", "strict", "backend", "store", "composition_cache", "on_text",
-        "adapter_set", "adapter_set_digest", "adapters", "adapter_registry", "turn_resources", "voice_fingerprint",
-        "slot_claim", "kv", "kv_report",
-    }
-)

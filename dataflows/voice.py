@@ -89,7 +89,8 @@ def image_parts__describe(images: list[Image], speech_bridges: SpeechBridges) ->
             "add speech: {describe: {url: ..., model: ...}} or use a backend that sees"
         )
     return tuple(
-        {"type": "text", "text": f"[image {image.name}: {neutralise_control_tokens(describer.describe(image))}]"}
+        {"type": "text", "text": f"[image {neutralise_control_tokens(image.name)}: "
+                                 f"{neutralise_control_tokens(describer.describe(image))}]"}
         for image in images
     )
 
@@ -153,9 +154,9 @@ def speech__tts(
                        streamed_chars=reply_stream.streamed_chars)
 
     for delta in reply_stream:
-        if audio_sink is not None and delta.text:
+        if audio_sink is not None and delta.text and not reply_stream.cancelled:
             speak(splitter.feed(delta.text))
-    if audio_sink is not None:
+    if audio_sink is not None and not reply_stream.cancelled:  # a cut reply says nothing more
         speak(splitter.flush())
     return spoken
 

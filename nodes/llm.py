@@ -8,6 +8,7 @@ tokens were processed (`prompt_n`) and how many came from the cache (`cache_n`).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -96,10 +97,13 @@ class ChatClient:
             return []
         return value if isinstance(value, list) else []
 
-    def count_tokens(self, text: str) -> int | None:
-        """How many tokens the server's tokenizer makes of `text` (llama-server's `/tokenize`), or None."""
+    def count_tokens(self, text: str, *, special: bool = False) -> int | None:
+        """How many tokens the server's tokenizer makes of `text` (llama-server's `/tokenize`), or None.
+
+        With `special`, control-token text counts as the control token (`parse_special`)."""
         try:
-            response = self._http.post(self.url + "/tokenize", json={"content": text}, timeout=30.0)
+            body = {"content": text, "parse_special": special}
+            response = self._http.post(self.url + "/tokenize", json=body, timeout=30.0)
             tokens = response.json().get("tokens") if response.status_code == 200 else None
         except (httpx.HTTPError, ValueError, AttributeError):
             return None
@@ -156,6 +160,13 @@ class ReplyStream:
         """Characters of reply text yielded so far."""
         self._done = False
         self.on_delta: Callable[[str], None] | None = None
+        self.cancel: threading.Event | None = None
+        """Set it to stop the reply (barge-in): the stream ends, the connection closes, the server stops."""
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether the reply was stopped before the model finished it."""
+        return self.reply.finish_reason == "cancelled"
 
     def __iter__(self) -> Iterator[Delta]:
         if self._done:
@@ -182,6 +193,9 @@ class ReplyStream:
                         f"(HTTP {response.status_code}): {response.text[:500]}"
                     )
                 for line in response.iter_lines():
+                    if self.cancel is not None and self.cancel.is_set():
+                        reply.finish_reason = "cancelled"  # leaving the block closes the connection
+                        break
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()

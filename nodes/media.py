@@ -306,7 +306,7 @@ def _check_duration(duration_s: float, max_duration_s: float) -> None:
     if duration_s > max_duration_s:
         raise AudioError(
             f"audio is {duration_s:.1f} s long; the limit is {max_duration_s:.1f} s "
-            "(set media.max_duration_s to raise it)"
+            "(set media.max_audio_s in the recipe to raise it)"
         )
 
 

@@ -35,10 +35,19 @@ def tool_definitions(persona: Persona) -> str:
     return "Tools you can call (OpenAI function definitions, one per line):\n" + "\n".join(lines)
 
 
-def participants(room_participants: list[Participant]) -> str:
-    """Who is in the room, one line each in order of arrival (so a newcomer only appends a line)."""
-    lines = [f"- {p.display_name} ({p.kind})" for p in room_participants]
+def participants(room_participants: list[Participant], history_start: int) -> str:
+    """Who was in the room when its visible history began, one line each in order of arrival.
+
+    Who joins later is an event in the history (`[Bob joined the room]`), so a join appends to the prompt
+    instead of changing the section every persona's cached history follows.
+    """
+    lines = [f"- {neutralise_control_tokens(p.display_name)} ({p.kind})"
+             for p in room_participants if _listed(p, history_start)]
     return "\n".join(["In the room, in order of arrival:", *lines])
+
+
+def _listed(participant: Participant, history_start: int) -> bool:
+    return not history_start or participant.joined_after < history_start
 
 
 def active_adapters(adapter_set: AdapterSet) -> str:
@@ -52,9 +61,23 @@ def active_adapters(adapter_set: AdapterSet) -> str:
     return "Active adapters: " + ("; ".join(parts) if parts else "none") + "."
 
 
-def conversation_history(room_messages: list[StoredMessage], persona_id: str, hears: bool) -> list[dict[str, Any]]:
-    """The room's history as this persona sees it: its own words as assistant, everyone else's as user."""
-    return [message.as_seen_by(persona_id, hears=hears) for message in room_messages]
+def conversation_history(
+    room_messages: list[StoredMessage], persona_id: str, hears: bool, room_participants: list[Participant],
+    history_start: int,
+) -> list[dict[str, Any]]:
+    """The room's history as this persona sees it: its own words as assistant, everyone else's as user, and who
+    joined after the history began, where they joined."""
+    joins: dict[int, list[Participant]] = {}
+    for participant in room_participants:
+        if not _listed(participant, history_start):
+            joins.setdefault(participant.joined_after, []).append(participant)
+    seen = []
+    for message in room_messages:
+        seen.append(message.as_seen_by(persona_id, hears=hears))
+        for joined in joins.get(message.id, ()):
+            name = neutralise_control_tokens(joined.display_name)
+            seen.append({"role": "user", "content": f"[{name} joined the room]"})
+    return seen
 
 
 def current_time(now: datetime) -> str:

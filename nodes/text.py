@@ -1,9 +1,19 @@
-"""Canonical text: the serialisation rules that keep prompt bytes identical across turns, and user-text hygiene."""
+"""Canonical text: the serialisation rules that keep prompt bytes identical across turns, and user-text hygiene.
+
+What people say (and their names, transcripts, image captions and file names), and what personas reply before
+it enters the history, has its chat-template control tokens defused: a WORD JOINER goes inside each one, so
+no tokenizer reads it as a control token and nothing is lost. The control tokens are the model's own (its
+tokenizer's special tokens, set for the turn with `control_tokens_for`), plus the common template families'.
+"""
 
 from __future__ import annotations
 
+import contextvars
+import hashlib
 import json
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 # Chat-template control tokens of the common template families (ChatML, Llama 3, Gemma, Mistral, Phi,
@@ -19,9 +29,58 @@ _CONTROL_TOKEN = re.compile(
 _ZWJ = "\u2060"  # WORD JOINER: invisible, and splits the token text so no tokenizer reads it as a control token
 
 
+_MARKUP = re.compile(r"<[^<>\s]{1,96}>|\[[^\[\]\s]{1,96}\]|\{[^{}\s]{1,96}\}")
+"""Where a model's control tokens usually are: `<...>`, `[...]`, `{...}` spans (checked against its token set)."""
+
+
+class ControlTokens:
+    """A model's control tokens, and how to defuse them in text."""
+
+    def __init__(self, tokens: Iterable[str] = ()):
+        self.tokens = frozenset(t for t in tokens if len(t) > 1 and not t.isspace())
+        loose = sorted((t for t in self.tokens if not _MARKUP.fullmatch(t)), key=len, reverse=True)
+        self._loose = re.compile("|".join(re.escape(t) for t in loose)) if loose else None
+        self.digest = hashlib.sha256("\n".join(sorted(self.tokens)).encode()).hexdigest()[:12]
+
+    def neutralise(self, text: str) -> str:
+        """`text` with every control token (the model's and the common families') defused."""
+        if not text:
+            return text
+        text = _CONTROL_TOKEN.sub(_defuse, text)
+        if self.tokens:
+            text = _MARKUP.sub(lambda m: _defuse(m) if m.group(0) in self.tokens else m.group(0), text)
+        if self._loose is not None:
+            text = self._loose.sub(_defuse, text)
+        return text
+
+
+def _defuse(match: re.Match[str]) -> str:
+    token = match.group(0)
+    if len(token) == 2:
+        return token[0] + _ZWJ + token[1]
+    return token[0] + _ZWJ + token[1:-1] + _ZWJ + token[-1]
+
+
+_NO_MODEL = ControlTokens()
+_ACTIVE: contextvars.ContextVar[ControlTokens] = contextvars.ContextVar("control_tokens", default=_NO_MODEL)
+
+
+@contextmanager
+def control_tokens_for(tokens: ControlTokens) -> Iterator[None]:
+    """Defuse this model's control tokens in everything neutralised inside the block (one turn)."""
+    reset = _ACTIVE.set(tokens)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(reset)
+
+
 def neutralise_control_tokens(text: str) -> str:
-    """`text` with chat-template control tokens defused: `<|im_start|>` becomes `<\u2060|im_start|\u2060>`."""
-    return _CONTROL_TOKEN.sub(lambda m: m.group(0)[0] + _ZWJ + m.group(0)[1:-1] + _ZWJ + m.group(0)[-1], text)
+    """`text` with chat-template control tokens defused: `<|im_start|>` becomes `<\u2060|im_start|\u2060>`.
+
+    The tokens are the common template families' and, inside `control_tokens_for`, the turn's model's own.
+    """
+    return _ACTIVE.get().neutralise(text)
 
 
 def canonical_json(value: Any) -> str:

@@ -61,3 +61,40 @@ def speaking_model(loaded_adapters: Sequence[Path] = ()) -> Iterator[tuple[str, 
         yield f"http://127.0.0.1:{server.server_port}/v1", requests
     finally:
         server.shutdown()
+
+
+@contextmanager
+def echo_model(reply: str) -> Iterator[str]:
+    """An OpenAI-compatible chat server whose every reply is `reply`, streamed in a few pieces. Yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = json.dumps({"data": [{"id": "echo"}]}).encode() if self.path == "/v1/models" else b"{}"
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            pieces = [reply[i:i + 7] for i in range(0, len(reply), 7)]
+            chunks = [{"choices": [{"delta": {"content": p}}]} for p in pieces]
+            chunks.append({"choices": [{"delta": {}, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 10, "completion_tokens": len(pieces)}})
+            payload = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()

@@ -202,9 +202,10 @@ def test_cli_turn_failure_is_one_clear_line(home: Path, tmp_path: Path) -> None:
     (recipe.parent / "backends.yaml").write_text("backends:\n  gone:\n    kind: openai\n    url: http://127.0.0.1:9\n")
     result = _cli("run", str(recipe), "--persona", "maya", "--backend", "gone", "--text", "hi",
                   env={**os.environ, "TURNFLOW_HOME": str(tmp_path / "h")})
-    assert result.returncode != 0
+    assert result.returncode == 3  # like any failed turn
     assert "Traceback" not in result.stderr
     assert "cannot reach the model server at http://127.0.0.1:9" in result.stderr
+    assert "history unchanged" in result.stderr
 
 
 def test_server_up_status_down(tmp_path: Path) -> None:

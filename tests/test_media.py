@@ -157,7 +157,7 @@ def test_ten_minute_wav_is_refused_before_decoding(tmp_path: Path) -> None:
     with pytest.raises(AudioError) as raised:
         load_audio(path)
     message = str(raised.value)
-    assert "600.0 s long" in message and "limit is 60.0 s" in message and "max_duration_s" in message
+    assert "600.0 s long" in message and "limit is 60.0 s" in message and "media.max_audio_s" in message
     assert load_audio(path, max_duration_s=601).duration_s == pytest.approx(600.0)
 
 

@@ -34,6 +34,8 @@ def seed_room(session: Session, room: str) -> None:
     alice = Participant("alice", "person", "Alice")
     maya = Participant("maya", "persona", "Maya")
     helper = Participant("helper", "persona", "Helper")
+    for who in (alice, maya, helper):  # everyone is in the room before anyone speaks
+        session.store.join(room, who)
     session.store.add_message(room, 1, alice, "alice: Morning all, standup in five.", "Morning all, standup in five.")
     session.store.add_message(room, 1, maya, "Morning Alice. I have the board ready.", "Morning Alice.")
     session.store.add_message(room, 2, helper, "It is sunny, nineteen degrees.", "It is sunny.")
@@ -119,8 +121,9 @@ def test_composition_cache_hits_and_event_invalidation(tmp_path: Path) -> None:
         missed = {n for n, o in _cache_outcomes(session).items() if o == "miss"}
         assert missed == {"persona_identity", "tool_definitions", "active_adapters", "conversation_history"}
 
-        session.publish(Event.participants_changed("standup"))
-        assert {n for n, o in _cache_outcomes(session).items() if o == "miss"} == {"participants"}
+        session.publish(Event.participants_changed("standup"))  # the history shows who joined after it began
+        assert {n for n, o in _cache_outcomes(session).items() if o == "miss"} == {"participants",
+                                                                                    "conversation_history"}
 
         session.publish(Event.message_added("standup"))
         assert {n for n, o in _cache_outcomes(session).items() if o == "miss"} == {"conversation_history"}

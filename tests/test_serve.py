@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -176,7 +177,9 @@ class ScriptedSession(Session):
         super().__init__(*args, **kwargs)
         self.fake_backend = SimpleNamespace(capabilities=Capabilities(audio_in=hears), close=lambda: None)
         self.replies = replies
+        self.sentence_gap_s = 0.0
         self.turns: list[dict[str, Any]] = []
+        self.turns_cancelled: list[int | None] = []  # the sentence a turn stopped at when cut
         self.reply_audio: list[Audio] = []
 
     @property  # type: ignore[override]
@@ -185,7 +188,7 @@ class ScriptedSession(Session):
         return self.fake_backend
 
     def turn(self, *, persona: str, room: str = "default", audio: Any = None, speaker: str = "user",
-             audio_sink: Any = None, transcript: str | None = None, **_: Any) -> Any:
+             audio_sink: Any = None, transcript: str | None = None, cancel: Any = None, **_: Any) -> Any:
         """Say the next scripted reply."""
         assert threading.current_thread() is not threading.main_thread()
         if self.fake_backend.capabilities.audio_in:
@@ -193,15 +196,21 @@ class ScriptedSession(Session):
         elif transcript is None:  # like the DAG's STT node: transcribe only when not given a transcript
             transcript = self.bridges.stt.transcribe(media(audio, self.recipe))
         chunks = []
-        for sentence in self.replies[len(self.turns)]:
+        self.cancelled_after: int | None = None
+        for n, sentence in enumerate(self.replies[len(self.turns)]):
+            if cancel is not None and cancel.is_set():  # like the DAG: a cut reply makes no more speech
+                self.cancelled_after = n
+                break
             chunk = replace(TTS.synthesize(sentence, TtsVoice("en-us")), caption=sentence)  # as SpokenReply does
             chunks.append(chunk)
             audio_sink(chunk)
+            time.sleep(self.sentence_gap_s)  # the model writing the next sentence
         number = len(self.turns) + 1
         said = transcript or "(audio)"
+        written = " ".join(self.replies[number - 1][: len(chunks)])  # what was written before any cut
         self.store.commit_turn(  # the turn's atomic commit, as the real one makes it
             room, number, Participant(speaker, "person", speaker), said, said,
-            Participant(persona, "persona", self.persona(persona).name), " ".join(self.replies[number - 1]),
+            Participant(persona, "persona", self.persona(persona).name), written,
         )
         report = {
             "persona": persona, "room": room, "turn": number, "transcript": transcript,
@@ -210,8 +219,9 @@ class ScriptedSession(Session):
             "timings_ms": {"first_audio": 42.0},
         }
         self.turns.append({"persona": persona, "speaker": speaker, "transcript": transcript})
+        self.turns_cancelled.append(self.cancelled_after)
         self.reply_audio.append(Audio(np.concatenate([c.samples for c in chunks]), chunks[0].sample_rate))
-        return SimpleNamespace(reply=" ".join(self.replies[number - 1]), report=report, audio=None)
+        return SimpleNamespace(reply=written, report=report, audio=None)
 
 
 def scripted(tmp_path: Path, *, hears: bool, replies: list[list[str]]) -> ScriptedSession:
@@ -340,6 +350,7 @@ def test_a_person_talking_over_a_reply_cuts_it(tmp_path: Path) -> None:
         "Finally, the release is still planned for Thursday afternoon.",
     ]
     session = scripted(tmp_path, hears=True, replies=[long_reply, ["Sure."]])
+    session.sentence_gap_s = 2.5  # each sentence takes the model a while: bob cuts in while maya is still writing
     frames, lines, rooms = Frames(), list[str](), list[Any]()
     said = spoken("Wait, stop for a moment please.").resampled(16000)
     bob = frame_events(Audio(np.concatenate([said.samples, silence(1.0, 16000)]), 16000))
@@ -369,9 +380,11 @@ def test_a_person_talking_over_a_reply_cuts_it(tmp_path: Path) -> None:
 
     asyncio.run(scenario())
     assert "bob barged in: cut maya" in lines
+    # the cut stopped the reply being made: no sentence was spoken after it, the last one never was
+    assert session.turns_cancelled[0] in (1, 2), session.turns_cancelled  # stopped before the last sentence
     # far less than the reply was sent (up to a second queued ahead of what was played, then cut);
     # bob's own utterance then got its turn, from the last persona addressed
-    assert frames.seconds("maya") < 4.0 + session.reply_audio[1].duration_s < session.reply_audio[0].duration_s
+    assert frames.seconds("maya") < 4.0 + session.reply_audio[1].duration_s
     assert [(t["persona"], t["speaker"]) for t in session.turns] == [("maya", "alice"), ("maya", "bob")]
     # the history only grew: the reply as written, then a note quoting the last words the room heard
     history = rooms[0]

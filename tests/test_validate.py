@@ -120,6 +120,16 @@ def test_example_recipes_are_valid() -> None:
             ["unknown backend 'nowhere'"],
             id="unknown-backend",
         ),
+        *[
+            pytest.param(
+                GOOD_SOURCES.replace("sources:\n", f"recipe: x\nsources:\n  - {{name: {name}, tier: volatile, "
+                                                    f"fn: 'my_mod:f'}}\n"),
+                3,
+                [f"source name {name!r} is taken by a node of the turn DAG"],
+                id=f"reserved-{name}",
+            )
+            for name in ("media", "speech", "transcript", "images", "kv")
+        ],
     ],
 )
 def test_malformed_recipe_names_file_line_and_fix(tmp_path: Path, body: str, line: int, words: list[str]) -> None:

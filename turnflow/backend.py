@@ -8,6 +8,7 @@ DAG's branches, so one built driver is cached per capability profile.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from turnflow.adapters import AdapterError, AdapterSet, BaseModelRef, resolve_ba
 from turnflow.kv import KvFiles
 from turnflow.nodes.llm import ChatClient
 from turnflow.nodes.prompt import Prompt
-from turnflow.nodes.text import message_text
+from turnflow.nodes.text import ControlTokens, message_text
 from turnflow.recipe import BackendSpec
 from turnflow.server import EmbeddedServer, LoraFile, ServerError, lora_field
 
@@ -102,7 +103,27 @@ class Backend:
         self._bytes_per_token: float | None = None  # prompt bytes per server token, learned from each turn
         self._kv_files: KvFiles | None = None
         self._swap = threading.Lock()
+        self._control_tokens: ControlTokens | None = None
         self._retired: list[ChatClient] = []
+
+    @property
+    def control_tokens(self) -> ControlTokens:
+        """The model's own control tokens: its GGUF's special tokens (embedded servers), else those its chat
+        template writes, as the server's tokenizer confirms them (`/props`, `/tokenize`)."""
+        if self._control_tokens is None:
+            found: list[str] = []
+            if self.server is not None:
+                found = gguf_special_tokens(self.server.model_path)
+            elif self.capabilities.server == "llama.cpp":
+                found = self._template_tokens()
+            self._control_tokens = ControlTokens(found)
+        return self._control_tokens
+
+    def _template_tokens(self) -> list[str]:
+        props = self.client.get_json("/props", root=True) or {}
+        template = str(props.get("chat_template") or "")
+        candidates = sorted(set(_MARKUP_IN_TEMPLATE.findall(template)))
+        return [c for c in candidates if self.client.count_tokens(c, special=True) == 1]
 
     # -- KV
 
@@ -262,3 +283,28 @@ def _match_loaded(adapters: AdapterSet, loaded: list[dict[str, Any]]) -> dict[st
                 ids[adapter.key] = int(entry["id"])
                 break
     return ids
+
+
+_MARKUP_IN_TEMPLATE = re.compile(r"<[^<>\s'\"{}]{1,64}>|\[[A-Z_/]{2,32}\]")
+
+_SPECIAL: dict[str, list[str]] = {}
+
+
+def gguf_special_tokens(path: Path) -> list[str]:
+    """The special tokens of a GGUF model's tokenizer: control, user-defined, unknown and unused ones."""
+    import gguf
+
+    key = str(path)
+    if key not in _SPECIAL:
+        reader = gguf.GGUFReader(key)
+        tokens, types = reader.get_field("tokenizer.ggml.tokens"), reader.get_field("tokenizer.ggml.token_type")
+        special = []
+        if tokens is not None and types is not None:
+            kinds = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNKNOWN),
+                     int(gguf.TokenType.UNUSED)}
+            type_list = [int(types.parts[i][0]) for i in types.data]
+            for index, kind in zip(tokens.data, type_list, strict=False):
+                if kind in kinds:
+                    special.append(bytes(tokens.parts[index]).decode("utf-8", errors="replace"))
+        _SPECIAL[key] = special
+    return _SPECIAL[key]

@@ -11,6 +11,7 @@ under each key, kept longer than the entries themselves.
 from __future__ import annotations
 
 import hashlib
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,21 @@ _SCOPES_OF_KEY: dict[str, tuple[str, ...]] = {
 }
 _SCOPE_VALUE_FIELD = {"persona": "persona_id", "room": "room_id", "participants": "room_id", "messages": "room_id"}
 _LEDGER_TTL_S = 30 * 24 * 3600.0
+
+
+class JsonOnlyDisk(diskcache.JSONDisk):
+    """diskcache's JSON disk that also refuses to read a pickle: `JSONDisk` itself would still unpickle a row
+    stored with diskcache's pickle mode, so a foreign row in a shared cache could run code here."""
+
+    def get(self, key: Any, raw: bool) -> Any:
+        if not raw:
+            raise ValueError("refusing a pickled cache key")
+        return super().get(key, raw)
+
+    def fetch(self, mode: int, filename: str, value: Any, read: bool) -> Any:
+        if mode == diskcache.core.MODE_PICKLE:
+            raise ValueError("refusing a pickled cache value")
+        return super().fetch(mode, filename, value, read)
 
 
 @dataclass(frozen=True)
@@ -101,7 +117,8 @@ class CompositionCache:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
-        self._store = diskcache.Cache(str(self.directory), size_limit=2**30)
+        # JSON on disk, never pickles: a shared $TURNFLOW_HOME cannot make this process run code
+        self._store = diskcache.Cache(str(self.directory), size_limit=2**30, disk=JsonOnlyDisk)
         self._epochs: dict[str, int] | None = None
 
     def close(self) -> None:
@@ -113,14 +130,14 @@ class CompositionCache:
     def publish(self, event: Event) -> None:
         """Invalidate every entry whose key depends on the event's scope."""
         with self._store.transact():
-            epochs = dict(self._store.get("epochs", {}))
+            epochs = dict(self._read("epochs", {}))
             epochs[event.scope] = epochs.get(event.scope, 0) + 1
             self._store.set("epochs", epochs)
         self._epochs = epochs
 
     def begin_turn(self) -> None:
         """Read the epochs once for the turn, so events published by other processes are seen."""
-        self._epochs = dict(self._store.get("epochs", {}))
+        self._epochs = dict(self._read("epochs", {}))
 
     def _epoch(self, scope: str) -> int:
         if self._epochs is None:
@@ -130,12 +147,21 @@ class CompositionCache:
 
     # -- entries
 
-    def key(self, recipe_id: str, recipe_digest: str, source: str, key_values: dict[str, Any]) -> str:
-        """The entry key for a source under its declared key values and the epochs of their scopes."""
+    def key(
+        self, recipe_id: str, recipe_digest: str, source: str, key_values: dict[str, Any],
+        scope_values: dict[str, Any] | None = None,
+    ) -> str:
+        """The entry key for a source under its declared key values and the epochs of their scopes.
+
+        `scope_values` are the turn's `persona_id` and `room_id`: a key field that follows a room (its
+        history, its participants) is scoped to the turn's room even when `room_id` is not a declared key,
+        so an event about that room reaches exactly the entries it makes stale.
+        """
+        values = {**(scope_values or {}), **key_values}
         scopes = {f"recipe:{recipe_id}"}
         for field in key_values:
             for scope in _SCOPES_OF_KEY.get(field, ()):
-                scopes.add(f"{scope}:{key_values.get(_SCOPE_VALUE_FIELD[scope], '*')}")
+                scopes.add(f"{scope}:{values.get(_SCOPE_VALUE_FIELD[scope], '*')}")
         epochs = {scope: self._epoch(scope) for scope in sorted(scopes)}
         blob = canonical_json(
             {"recipe": [recipe_id, recipe_digest], "source": source, "key": key_values, "epochs": epochs}
@@ -144,8 +170,23 @@ class CompositionCache:
 
     def get(self, key: str) -> tuple[bool, Any]:
         """(True, value) on a hit, (False, None) on a miss or an expired entry."""
-        value = self._store.get(key, default=_MISSING)
+        value = self._read(key, _MISSING)
         return (False, None) if value is _MISSING else (True, value)
+
+    def _read(self, key: str, default: Any = None) -> Any:
+        """A stored value; a pickled or undecodable row is never read: it counts as absent (and is rewritten)."""
+        try:
+            return self._store.get(key, default=default)
+        except (ValueError, zlib.error):
+            return default
+
+    def marker(self, name: str) -> Any:
+        """A small value the session keeps beside the entries (e.g. the digest of a file it last saw)."""
+        return self._read(f"marker:{name}")
+
+    def set_marker(self, name: str, value: Any) -> None:
+        """Keep a small value beside the entries."""
+        self._store.set(f"marker:{name}", value)
 
     def set(self, key: str, value: Any, ttl_s: float) -> None:
         """Store a source's output for `ttl_s` seconds."""
@@ -162,7 +203,7 @@ class CompositionCache:
         """
         key = f"ledger:inv:{source}:{ledger_key}"
         now = digest or fingerprint(text)
-        before = self._store.get(key)
+        before = self._read(key)
         self._store.set(key, now, expire=_LEDGER_TTL_S)
         if before is not None and before != now:
             return Violation(
@@ -182,7 +223,7 @@ class CompositionCache:
         `digest` is `fingerprint(text)` when the caller has it already.
         """
         key = f"ledger:semi:{source}:{ledger_key}"
-        before = self._store.get(key)
+        before = self._read(key)
         digest = digest or fingerprint(text)
         self._store.set(key, (len(text), digest), expire=_LEDGER_TTL_S)
         if before is None:

@@ -23,7 +23,7 @@ from turnflow.cache import CompositionCache, Violation, fingerprint
 from turnflow.dataflows import turn as turn_dataflow
 from turnflow.dataflows import voice as voice_dataflow
 from turnflow.nodes.prompt import SourceOutput, canonical_text
-from turnflow.recipe import Recipe, SourceSpec, resolve_source_fn, source_parameters
+from turnflow.recipe import Recipe, SourceSpec, code_digest, resolve_source_fn, source_parameters, source_params
 
 # A failed turn is reported once, as a TurnError; Hamilton's own error banner is for its logs, not stderr.
 logging.getLogger("hamilton").addHandler(logging.NullHandler())
@@ -83,22 +83,25 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
         needs.append("compaction_epoch")
     params = impl_params + [p for p in dict.fromkeys(needs) if p not in impl_params]
     ttl_s = recipe.cache.ttl_s
-    # what a source renders may follow the profile (history of a model that hears keeps audio parts)
-    namespace = recipe.digest + "|" + ",".join(f"{k}={v}" for k, v in sorted(profile.items()))
+    # what a source renders may follow the profile, and its code and data files (an edit is never served stale)
+    namespace = "|".join([recipe.digest, ",".join(f"{k}={v}" for k, v in sorted(profile.items())),
+                          code_digest(recipe, spec)])
     user_defined = spec.fn is not None
+    bound = source_params(recipe, spec)
 
     def render(**kwargs: Any) -> SourceOutput:
         cache: CompositionCache | None = kwargs["composition_cache"]
         if cache is None:  # caching off (the naive baseline)
-            value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
+            value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **bound))
             return SourceOutput(spec.name, spec.tier, value, "off", user_defined)
         key_values = {k: kwargs[k] for k in spec.cache_key}
-        key = cache.key(recipe.recipe, namespace, spec.name, key_values) if spec.cached else None
+        scope_values = {"persona_id": kwargs["persona_id"], "room_id": kwargs["room_id"]}
+        key = cache.key(recipe.recipe, namespace, spec.name, key_values, scope_values) if spec.cached else None
         if key is not None:
             hit, value = cache.get(key)
             if hit:
                 return SourceOutput(spec.name, spec.tier, value, "hit", user_defined)
-        value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **spec.params))
+        value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **bound))
         text = canonical_text(value)
         violations = _check_tier(cache, spec, key, kwargs, text, namespace)
         if key is not None:
@@ -153,12 +156,33 @@ def _sections_node(names: list[str]) -> Callable[..., dict[str, SourceOutput]]:
     return sections
 
 
-_DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...]], driver.Driver] = {}
+_RESERVED: frozenset[str] | None = None
+
+
+def reserved_node_names() -> frozenset[str]:
+    """The names the turn DAG's own nodes and inputs take (every route), which a recipe's source may not take."""
+    global _RESERVED
+    if _RESERVED is None:
+        names: set[str] = set()
+        for audio_in in ("native", "stt"):
+            for audio_out in ("native", "tts"):
+                for images_in in ("native", "describe"):
+                    for assembly in ("stable_first", "naive"):
+                        config = {"route_audio_in": audio_in, "route_audio_out": audio_out,
+                                  "route_images_in": images_in, "assembly": assembly}
+                        built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
+                        names.update(v.name for v in built.build().list_available_variables())
+        names.add("composition_cache")  # an input only the generated source nodes take
+        _RESERVED = frozenset(names)
+    return _RESERVED
+
+
+_DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...], str], driver.Driver] = {}
 
 
 def build_driver(recipe: Recipe, profile: dict[str, str]) -> driver.Driver:
     """The turn DAG for `recipe` and a capability profile (cached)."""
-    cache_key = (recipe.digest, str(recipe.folder), tuple(sorted(profile.items())))
+    cache_key = (recipe.digest, str(recipe.folder), tuple(sorted(profile.items())), code_digest(recipe))
     built = _DRIVERS.get(cache_key)
     if built is not None:
         return built

@@ -49,6 +49,7 @@ SOURCE_INPUTS: dict[str, str] = {
     "participants_version": "changes whenever someone joins or leaves",
     "room_messages": "the room's history, list of StoredMessage",
     "history_tail_msg_ids": "ids of the newest messages of the room",
+    "history_start": "id of the first visible message of the room (changes when the history is compacted)",
     "turn": "the turn's number in the room (1, 2, ...)",
     "now": "the turn's timestamp (timezone-aware datetime)",
     "speaker": "who is speaking this turn",
@@ -70,6 +71,7 @@ INPUT_COVERAGE: dict[str, tuple[str, ...]] = {
     "participants_version": ("participants_version",),
     "room_messages": ("room_id", "history_tail_msg_ids"),
     "history_tail_msg_ids": ("history_tail_msg_ids",),
+    "history_start": ("room_id", "participants_version"),  # compaction bumps participants_version
     "turn": ("<per-turn>",),
     "now": ("<per-turn>",),
     "speaker": ("<per-turn>",),
@@ -571,10 +573,11 @@ def load_recipe(path: str | Path, *, check: bool = True) -> Recipe:
 
 
 def _import_from(folder: Path, module_name: str) -> ModuleType:
-    """Import `module_name`, looking in the recipe's folder first."""
+    """Import `module_name`, looking in the recipe's folder first (a module there that changed is imported anew)."""
     local = folder / (module_name.replace(".", "/") + ".py")
     if local.exists():
-        unique = f"turnflow_user_{abs(hash(str(local)))}_{module_name.replace('.', '_')}"
+        version = file_digest(local)[:12]
+        unique = f"turnflow_user_{abs(hash(str(local)))}_{module_name.replace('.', '_')}_{version}"
         if unique in sys.modules:
             return sys.modules[unique]
         spec = importlib.util.spec_from_file_location(unique, local)
@@ -588,6 +591,59 @@ def _import_from(folder: Path, module_name: str) -> ModuleType:
             raise
         return module
     return importlib.import_module(module_name)
+
+
+_FILE_DIGESTS: dict[str, tuple[int, int, str]] = {}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read again only when its size or modification time changed."""
+    import hashlib
+
+    stat = path.stat()
+    known = _FILE_DIGESTS.get(str(path))
+    if known and known[:2] == (stat.st_size, stat.st_mtime_ns):
+        return known[2]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    _FILE_DIGESTS[str(path)] = (stat.st_size, stat.st_mtime_ns, digest)
+    return digest
+
+
+def source_params(recipe: Recipe, spec: SourceSpec) -> dict[str, Any]:
+    """A source's `params`, with relative paths of files beside the recipe made absolute."""
+    params = dict(spec.params)
+    for name, value in params.items():
+        if isinstance(value, str) and value and not Path(value).is_absolute() and "\n" not in value:
+            candidate = recipe.folder / value
+            if candidate.is_file():
+                params[name] = str(candidate)
+    return params
+
+
+def source_files(recipe: Recipe, spec: SourceSpec) -> list[Path]:
+    """The files a source's output follows: its own module (for `fn` sources) and the files its params name."""
+    files = []
+    if spec.fn:
+        module_name = spec.fn.partition(":")[0]
+        local = recipe.folder / (module_name.replace(".", "/") + ".py")
+        if local.exists():
+            files.append(local)
+        else:
+            found = importlib.util.find_spec(module_name.split(".")[0]) if module_name else None
+            origin = getattr(found, "origin", None) if found else None
+            if origin and origin.endswith(".py") and "site-packages" not in origin:
+                files.append(Path(origin))
+    files += [Path(v) for v in source_params(recipe, spec).values() if isinstance(v, str) and Path(v).is_file()]
+    return files
+
+
+def code_digest(recipe: Recipe, spec: SourceSpec | None = None) -> str:
+    """Digest of the files the recipe's sources (or one source) follow: edits to them are never served stale."""
+    import hashlib
+
+    specs = [spec] if spec is not None else list(recipe.sources)
+    parts = [f"{s.name}:{p}:{file_digest(p)}" for s in specs for p in source_files(recipe, s)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else ""
 
 
 def resolve_source_fn(recipe: Recipe, spec: SourceSpec) -> Callable[..., Any]:
@@ -698,9 +754,9 @@ def _check_recipe(
             )
             continue
         seen[spec.name] = i
-        from turnflow.dataflows.turn import RESERVED_NODE_NAMES
+        from turnflow.driver import reserved_node_names
 
-        if spec.name in RESERVED_NODE_NAMES:
+        if spec.name in reserved_node_names():
             problems.append(
                 Problem(
                     file,

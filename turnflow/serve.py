@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -305,6 +306,7 @@ class _Voice:
         self.generation = 0  # bumped on barge-in: audio of older generations is dropped
         self.first_audio_at: float | None = None
         self.cut_heard: str | None = None  # what was heard of a reply cut while its turn still ran
+        self.cancel = threading.Event()  # set on barge-in: the turn stops the model stream and the TTS
         self._captioned: list[tuple[float, str]] = []  # the current reply's audio: (seconds, words) per chunk
         self._reply_started_s = 0.0  # the publisher's captured seconds when the current reply began
         self._log = log
@@ -322,6 +324,7 @@ class _Voice:
         """A new reply: its generation and the sink the worker thread hands audio chunks to."""
         generation = self.generation
         self.replying = True
+        self.cancel = threading.Event()
         self.first_audio_at = None
         self.cut_heard = None
         self._captioned = []
@@ -354,7 +357,8 @@ class _Voice:
         return heard
 
     def interrupt(self) -> None:
-        """Drop the reply's queued and unplayed audio, and whatever it still produces."""
+        """Stop the reply being made, and drop its queued and unplayed audio."""
+        self.cancel.set()
         self.generation += 1
         while not self._queue.empty():
             self._queue.get_nowait()
@@ -499,7 +503,7 @@ class RoomAgent:
             try:
                 result = await asyncio.to_thread(
                     self.session.turn, persona=persona_id, room=self.room, audio=utterance, speaker=speaker,
-                    transcript=transcript, audio_sink=sink,
+                    transcript=transcript, audio_sink=sink, cancel=voice.cancel,
                 )
             except AudioError as error:
                 voice.interrupt()

@@ -32,9 +32,10 @@ from turnflow.nodes.media import Audio, AudioError
 from turnflow.nodes.prompt import Prompt
 from turnflow.nodes.publish import WavSink
 from turnflow.nodes.speech import SpeechBridges
-from turnflow.nodes.text import canonical_json, neutralise_control_tokens
+from turnflow.nodes.text import canonical_json, control_tokens_for, neutralise_control_tokens
 from turnflow.paths import home
 from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
+from turnflow.server import ServerError
 from turnflow.store import ConversationStore, Participant
 
 
@@ -78,7 +79,7 @@ class Session:
         self._warn = warn or (lambda message: print(message, file=sys.stderr))
         root = Path(state_dir) if state_dir else home()
         self.store = ConversationStore(root / "rooms.sqlite3")
-        self.cache = CompositionCache(root / "composition-cache")
+        self.cache = CompositionCache(root / "composition-cache.json")
         self.adapters = AdapterRegistry()
         backends = backends_for(self.recipe)
         self.backend_name = backend or self.recipe.backend
@@ -134,11 +135,11 @@ class Session:
     def _publish_if_changed(self, what: str, digest: str, event: Event) -> None:
         """Publish `event` when a file's content differs from what this state directory saw last."""
         marker = f"digest:{what}"
-        seen = self.cache._store.get(marker)
+        seen = self.cache.marker(marker)
         if seen != digest:
             if seen is not None:
                 self.publish(event)
-            self.cache._store.set(marker, digest)
+            self.cache.set_marker(marker, digest)
 
     def persona(self, persona_id: str) -> Persona:
         """Load a persona beside the recipe (once per session)."""
@@ -159,7 +160,8 @@ class Session:
 
     def join(self, room: str, participant: str, *, kind: str = "person", display_name: str | None = None) -> None:
         """Add a person (or persona) to a room."""
-        who = Participant(participant, "persona" if kind == "persona" else "person", display_name or participant)
+        who = Participant(participant, "persona" if kind == "persona" else "person",
+                          neutralise_control_tokens(display_name or participant))
         if self.store.join(room, who):
             self.publish(Event.participants_changed(room))
 
@@ -208,6 +210,7 @@ class Session:
             keep += 1
         if self.store.compact(room, keep=keep):
             self.publish(Event.message_added(room))
+            self.publish(Event.participants_changed(room))  # who is listed vs joined in the history moved
 
     def driver(self, *, connect: bool = True) -> Any:
         """The built Hamilton driver for this recipe and the backend's capability profile.
@@ -215,7 +218,10 @@ class Session:
         Without `connect`, a backend not yet connected is assumed text-only (enough to assemble prompts).
         """
         caps = self.backend.capabilities if connect or self._backend else Capabilities()
-        return build_driver(self.recipe, {**caps.profile, "assembly": self.assembly})
+        profile = {**caps.profile, "assembly": self.assembly}
+        if connect or self._backend:  # what sources defuse follows the model's control tokens
+            profile["control_tokens"] = self.backend.control_tokens.digest
+        return build_driver(self.recipe, profile)
 
     def _inputs(
         self, persona: str, room: str, text: str | None, speaker: str, now: datetime | None, audio: Any = None,
@@ -266,6 +272,7 @@ class Session:
         audio_sink: Callable[[Audio], None] | None = None,
         on_text: Callable[[str], None] | None = None,
         now: datetime | None = None,
+        cancel: threading.Event | None = None,
     ) -> TurnResult:
         """Run one turn: `speaker` says `text` or `audio` to `persona` in `room`.
 
@@ -275,13 +282,19 @@ class Session:
         run again). The reply is spoken when `out` (a WAV file) or `audio_sink`
         (called with each chunk of reply audio as soon as it exists) is given. Bad audio raises `AudioError`;
         bad images `ImageError`; a failed turn raises `TurnError`. Either way the room's history is unchanged.
+        Setting `cancel` (a person talking over the reply) stops the model and the TTS bridge: the turn ends
+        with what was written so far (`llm.finish_reason: cancelled`).
         """
         if text is None and audio is None and not images:
             raise ValueError("a turn needs text=, audio= or images= (what the speaker said or showed)")
         setup_started = time.perf_counter()
         persona_model = self.persona(persona)
-        backend = self.backend
-        dr = self.driver()
+        try:
+            backend = self.backend
+            dr = self.driver()
+        except (BackendError, ServerError) as exc:  # an unreachable server fails the turn like any other failure
+            self._drop_backend()
+            raise TurnError(f"turn in room {room!r} failed; history unchanged: {exc}") from exc
         started = time.perf_counter()
         setup_ms = (started - setup_started) * 1000
         sink, wav = _audio_sink(out, audio_sink)
@@ -293,11 +306,13 @@ class Session:
             "audio_sink": sink,
             "turn_started": started,
             "turn_resources": resources,
+            "cancel": cancel,
         }
         turn_no = inputs["turn"]
         timings, token = collect_node_timings()
         try:
-            outputs = dr.execute(["turn_report", "prompt", "reply", "speech", "user_content"], inputs=inputs)
+            with control_tokens_for(backend.control_tokens):
+                outputs = dr.execute(["turn_report", "prompt", "reply", "speech", "user_content"], inputs=inputs)
         except (AudioError, ImageError):
             raise
         except (BackendError, TierViolationError, AdapterError) as exc:
@@ -314,11 +329,13 @@ class Session:
             if wav is not None:
                 wav.close()
         report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]
-        speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
+        with control_tokens_for(backend.control_tokens):  # nothing enters the history with a live control token
+            speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
+            said = neutralise_control_tokens(outputs["user_content"].transcript or text or "")
+            replied = neutralise_control_tokens(reply.text)
         persona_who = Participant(persona, "persona", persona_model.name)
-        said = outputs["user_content"].transcript or text or ""
         report["turn"] = self.store.commit_turn(
-            room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, reply.text
+            room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, replied
         )
         self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])
         for violation in report["tier_violations"]:

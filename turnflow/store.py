@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS participants (
     display_name TEXT NOT NULL,
     joined_at REAL NOT NULL,
     seq INTEGER NOT NULL,
+    joined_after INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (room_id, participant)
 );
 CREATE TABLE IF NOT EXISTS messages (
@@ -119,6 +120,8 @@ class Participant:
     participant: str
     kind: Literal["person", "persona"]
     display_name: str
+    joined_after: int = field(default=0, compare=False)
+    """The id of the room's newest message when they joined (0: before any message)."""
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,9 @@ class RoomState:
     last_turn: int
     compaction_epoch: int
     history_tail_msg_ids: str = field(default="")
+    history_start: int = 0
+    """The id of the first visible message (0 when there is none): who joined before it is in the participants
+    section, who joined after it is a `[... joined the room]` event in the history."""
 
 
 class ConversationStore:
@@ -192,6 +198,9 @@ class ConversationStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(participants)")}
+        if "joined_after" not in columns:  # a store made before joins became history events
+            self._db.execute("ALTER TABLE participants ADD COLUMN joined_after INTEGER NOT NULL DEFAULT 0")
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -236,7 +245,7 @@ class ConversationStore:
                 (room_id, floor),
             ).fetchall()
             people = self._db.execute(
-                "SELECT participant, kind, display_name FROM participants WHERE room_id = ? ORDER BY seq",
+                "SELECT participant, kind, display_name, joined_after FROM participants WHERE room_id = ? ORDER BY seq",
                 (room_id,),
             ).fetchall()
             last_turn = self._db.execute(
@@ -249,11 +258,12 @@ class ConversationStore:
         return RoomState(
             room_id=room_id,
             messages=messages,
-            participants=[Participant(p, k, n) for p, k, n in people],
+            participants=[Participant(p, k, n, after) for p, k, n, after in people],
             participants_version=version,
             last_turn=last_turn,
             compaction_epoch=epoch,
             history_tail_msg_ids=",".join(str(m.id) for m in messages[-tail:]) or "empty",
+            history_start=messages[0].id if messages else 0,
         )
 
     def history(self, room_id: str) -> list[StoredMessage]:
@@ -269,10 +279,12 @@ class ConversationStore:
     def _join(self, db: sqlite3.Connection, room_id: str, who: Participant) -> bool:
         self._ensure_room(db, room_id)
         seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM participants WHERE room_id = ?", (room_id,)).fetchone()
+        newest = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages WHERE room_id = ?", (room_id,)).fetchone()
         inserted = db.execute(
-            "INSERT OR IGNORE INTO participants (room_id, participant, kind, display_name, joined_at, seq) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (room_id, who.participant, who.kind, who.display_name, time.time(), seq[0]),
+            "INSERT OR IGNORE INTO participants "
+            "(room_id, participant, kind, display_name, joined_at, seq, joined_after) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (room_id, who.participant, who.kind, who.display_name, time.time(), seq[0], newest[0]),
         ).rowcount
         if inserted:
             db.execute(
@@ -350,7 +362,8 @@ class ConversationStore:
                 return 0
             floor = ids[len(ids) - keep] if keep else ids[-1] + 1
             db.execute(
-                "UPDATE rooms SET history_floor_id = ?, compaction_epoch = compaction_epoch + 1 WHERE room_id = ?",
+                "UPDATE rooms SET history_floor_id = ?, compaction_epoch = compaction_epoch + 1, "
+                "participants_version = participants_version + 1 WHERE room_id = ?",
                 (floor, room_id),
             )
             return len(ids) - keep
