@@ -199,6 +199,7 @@ class EmbeddedServer:
         self.log_file = servers_dir() / f"{stem}.log"
         self.usage_file = servers_dir() / f"{stem}.kv-usage"
         self._slot_dir: Path | None = None
+        self._known_peak: int | None = None
 
     @property
     def model_path(self) -> Path:
@@ -261,8 +262,11 @@ class EmbeddedServer:
 
     def note_usage(self, tokens_in_slots: int) -> None:
         """Remember the most KV the slots held at once (the next start sizes the pool from it)."""
-        if tokens_in_slots > 1.05 * self._peak_tokens():
-            tmp = self.usage_file.with_suffix(".tmp")
+        if self._known_peak is None:
+            self._known_peak = self._peak_tokens()
+        if tokens_in_slots > 1.05 * self._known_peak:
+            self._known_peak = tokens_in_slots
+            tmp = self.usage_file.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps({"peak_tokens": tokens_in_slots, "at": time.time()}))
             os.replace(tmp, self.usage_file)
 
@@ -531,9 +535,14 @@ class EmbeddedServer:
             pool = state.pool_tokens if state and running else 0
             if running and not missing and pool >= pool_needed:
                 return []
-            for lora in missing:
+            from turnflow.adapters import file_sha256
+
+            for lora in missing:  # what llama-server loads is what the registry vouched for
                 if not Path(lora.path).is_file():
                     raise ServerError(f"adapter {lora.id!r}: file {lora.path} is missing")
+                if file_sha256(lora.path) != lora.key:
+                    raise ServerError(f"adapter {lora.id!r}: {lora.path} changed since it was added (sha256 "
+                                      f"differs from its manifest); refused")
             used = dict(state.adapter_used) if state else {}
             static = {e["key"] for e in self.static_adapters()}
             wanted = {lora.key for lora in needed}
@@ -604,6 +613,21 @@ class EmbeddedServer:
 
 
 _SHAPES: dict[str, Any] = {}
+
+
+def stop_all_recorded() -> list[str]:
+    """Stop every embedded server this turnflow home records (whatever recipe defined it); their names."""
+    stopped = []
+    for state_file in sorted(servers_dir().glob("*.json")):
+        try:
+            state = ServerState(**json.loads(state_file.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if _is_our_server(state):
+            _kill_group(state.pid)
+            stopped.append(state.name)
+        state_file.unlink(missing_ok=True)
+    return stopped
 
 
 def _kv_shape(path: Path) -> Any:
