@@ -195,3 +195,39 @@ def test_cache_key_that_misses_a_dependency_is_a_warning(tmp_path: Path) -> None
     assert warnings and "does not cover it" in warnings[0].message
     assert str(warnings[0]).startswith(f"{path}:4: warning: ")
     assert run_validate(path).returncode == 0  # warnings do not fail validation
+
+
+@pytest.mark.parametrize(
+    ("damage", "line", "words"),
+    [
+        ("duplicate", 12, ["'version' appears twice", "first on line 6"]),
+        ("alias bomb", 15, ["YAML aliases", "200,000 values"]),
+        ("latin-1", 8, ["not UTF-8", "0xe9", "save the file as UTF-8"]),
+        ("utf-16", 1, ["UTF-16", "save the file as UTF-8"]),
+        ("huge", 1, ["MB", "at most 1 MB"]),
+    ],
+)
+def test_damaged_files_are_refused_at_their_line(tmp_path: Path, damage: str, line: int, words: list[str]) -> None:
+    recipe = copy_recipe_folder(tmp_path)
+    lines = recipe.read_text().splitlines(keepends=True)
+    assert lines[5].startswith("version:")
+    if damage == "duplicate":
+        lines.insert(11, "version: 2\n")
+        data = "".join(lines).encode()
+    elif damage == "alias bomb":
+        bomb = "x0: &x0 [a, a, a, a, a, a, a, a, a]\n" + "".join(
+            f"x{i}: &x{i} [{', '.join([f'*x{i - 1}'] * 9)}]\n" for i in range(1, 9))
+        data = ("".join(lines[:6]) + bomb + "".join(lines[6:])).encode()
+    elif damage == "latin-1":
+        data = "".join(lines[:7]).encode() + b"# caf\xe9 (latin-1)\n" + "".join(lines[7:]).encode()
+    elif damage == "utf-16":
+        data = "".join(lines).encode("utf-16")
+    else:
+        data = "".join(lines).encode() + b"# " + b"x" * 1_100_000 + b"\n"
+    recipe.write_bytes(data)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe)
+    problem = info.value.problems[0]
+    assert (problem.file, problem.line) == (str(recipe), line), str(problem)
+    for word in words:
+        assert word in problem.message

@@ -264,12 +264,12 @@ class BackendSpec(_Strict):
     model: str | None = None
     mmproj: str | None = None
     api_key_env: str | None = None
-    slots: int = Field(default=4, gt=0)
-    ctx_per_slot: int = Field(default=32768, gt=0)
+    slots: int = Field(default=4, gt=0, le=1024)
+    ctx_per_slot: int = Field(default=32768, gt=0, le=16_777_216)
     """The most context one slot may need; the KV pool is sized to what the slots use, up to slots x this."""
     kv_unified: bool = True
     """One KV pool shared by the slots (`--kv-unified`), sized from need, instead of slots x ctx_per_slot."""
-    kv_budget_tokens: int | None = Field(default=None, gt=0)
+    kv_budget_tokens: int | None = Field(default=None, gt=0, le=1 << 40)
     """A fixed KV pool size in tokens; when the slots need more, idle personas' KV is paged out to disk."""
     kv_budget_mb: float | None = Field(default=None, gt=0)
     """The same as a memory budget in MB (converted with the model's KV bytes per token)."""
@@ -284,7 +284,7 @@ class BackendSpec(_Strict):
     """Disk space for saved KV files; least recently used ones go first."""
     lora: tuple[str, ...] = ()
     """LoRA files loaded at start-up whatever the personas need (each request lists them, at scale 0 unless used)."""
-    max_resident_adapters: int = Field(default=8, ge=1)
+    max_resident_adapters: int = Field(default=8, ge=1, le=4096)
     """How many LoRA adapters an embedded server holds at once; others are paged in (least recently used out)."""
     extra_args: tuple[str, ...] = ()
     capabilities: dict[str, bool] = Field(default_factory=dict)
@@ -344,11 +344,26 @@ class _Document:
         return self.lines.get((), 1)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, first: int, again: int):
+        self.key, self.first, self.again = key, first, again
+
+
+MAX_FILE_BYTES = 1_000_000
+"""The largest turnflow file; long texts (glossaries, documents) belong in a file a source reads."""
+
+
 def _index_lines(node: yaml.Node | None, path: tuple[Any, ...], out: dict[tuple[Any, ...], int]) -> None:
     if node is None:
         return
     out.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if isinstance(key_node, yaml.ScalarNode) and key_node.value in seen:
+                raise _DuplicateKey(key_node.value, seen[key_node.value], line)
+            seen[key_node.value] = line
         for key_node, value_node in node.value:
             child = path + (key_node.value,)
             out[child] = key_node.start_mark.line + 1
@@ -364,16 +379,56 @@ def _index_lines(node: yaml.Node | None, path: tuple[Any, ...], out: dict[tuple[
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: 10x faster on big prompts
 
 
+MAX_YAML_VALUES = 200_000
+"""The most values a turnflow file may expand to (aliases included): a few lines of `*alias` cannot become
+billions of values."""
+
+
+def _expanded_size(node: Any, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once every alias is expanded (each shared node counted once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts as nothing more
+        children: list[Any] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _alias_bomb(label: str, text: str) -> RecipeError:
+    last = 1
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.AliasEvent) and event.start_mark is not None:
+            last = event.start_mark.line + 1
+    return RecipeError([Problem(label, last, f"the file expands to more than {MAX_YAML_VALUES:,} values through "
+                                             "YAML aliases (*name); write the values out or use fewer aliases")])
+
+
 def _read_yaml(path: Path) -> _Document:
     label = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise RecipeError([Problem(label, 1, "file not found")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError([Problem(label, 1, f"cannot read the file: {exc}")]) from None
+    except OSError as exc:
+        raise RecipeError([Problem(label, 1, f"cannot read the file: {exc.strerror or exc}")]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise RecipeError([Problem(label, 1, f"the file is {len(raw) / 1e6:.1f} MB; turnflow files are at most "
+                                             f"{MAX_FILE_BYTES / 1e6:.0f} MB: put long texts in a file a source "
+                                             "reads (a user source with `params`)")])
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        hint = "it looks UTF-16 encoded; " if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise RecipeError([Problem(label, line, f"not UTF-8 text: byte {raw[exc.start]:#04x} cannot be decoded; "
+                                                f"{hint}save the file as UTF-8")]) from None
     try:
         node = yaml.compose(text, Loader=_LOADER)
+        if "*" in text and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise _alias_bomb(label, text)
         data = yaml.load(text, Loader=_LOADER)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -383,7 +438,11 @@ def _read_yaml(path: Path) -> _Document:
     except yaml.YAMLError as exc:
         raise RecipeError([Problem(label, 1, f"YAML error: {exc}")]) from None
     lines: dict[tuple[Any, ...], int] = {}
-    _index_lines(node, (), lines)
+    try:
+        _index_lines(node, (), lines)
+    except _DuplicateKey as dup:
+        raise RecipeError([Problem(label, dup.again, f"key {dup.key!r} appears twice (first on line {dup.first}); "
+                                                     "YAML keeps only the last one: remove one of them")]) from None
     return _Document(path, data, lines)
 
 
