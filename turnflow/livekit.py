@@ -142,7 +142,11 @@ class TurnflowLLM(lk_llm.LLM[Literal["turn_report"]]):
         if not isinstance(chat_ctx, lk_llm.ChatContext):
             raise TypeError(f"chat_ctx must be a livekit.agents.llm.ChatContext, got {type(chat_ctx).__name__}")
         tools = list(tools or [])
-        choice = tool_choice if isinstance(tool_choice, str | dict) else None
+        choice: str | dict[str, Any] | None = None
+        if isinstance(tool_choice, str):
+            choice = tool_choice
+        elif isinstance(tool_choice, dict):
+            choice = dict(tool_choice)
         context, text, user_item = self._context(chat_ctx, tools, choice)
         return TurnflowLLMStream(
             self, chat_ctx=chat_ctx, tools=tools, conn_options=conn_options, context=context, text=text,
