@@ -217,7 +217,8 @@ def reply_stream(
         audio_out={"voice": tts_voice.voice, "format": "pcm16"} if speaks else None,
         tools=agent_tools,
         tool_choice=agent_tool_choice,
-        extra=backend.spec.request_defaults,
+        # llama-server refuses a grammar of the backend's besides tools: the tools' own grammar holds the reply then
+        extra={k: v for k, v in backend.spec.request_defaults.items() if not (agent_tools and k == "grammar")},
     )
     stream.on_delta = on_text
     stream.cancel = cancel
