@@ -129,7 +129,8 @@ def tool_calling_model(name: str, arguments: str) -> Iterator[tuple[str, list[di
                     {"choices": [{"delta": {"role": "assistant", "tool_calls": [
                         {"index": 0, "id": "call_1", "type": "function",
                          "function": {"name": name, "arguments": arguments[:half]}}]}}]},
-                    {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments[half:]}}]}}]},
+                    {"choices": [{"delta": {"tool_calls": [
+                        {"index": 0, "function": {"arguments": arguments[half:]}}]}}]},
                     {"choices": [{"delta": {}, "finish_reason": "tool_calls"}],
                      "usage": {"prompt_tokens": 200, "completion_tokens": 12}},
                 ]
