@@ -6,6 +6,7 @@ The recipe adds one node per source between `user_content` and `prompt` (see `tu
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from contextlib import ExitStack
 from datetime import datetime
@@ -66,6 +67,11 @@ def history_start(room_state: RoomState) -> int:
 def history_tail_msg_ids(room_state: RoomState) -> str:
     """Ids of the newest messages: changes whenever the history grows."""
     return room_state.history_tail_msg_ids
+
+
+def instructions_digest(instructions: str | None) -> str:
+    """Changes whenever the LiveKit agent's instructions do (empty outside LiveKit Agents)."""
+    return hashlib.sha256((instructions or "").encode()).hexdigest()[:16]
 
 
 def adapter_set(persona: Persona, backend: Backend | None, adapter_registry: AdapterRegistry) -> AdapterSet:
@@ -195,9 +201,10 @@ def kv_report(
 def reply_stream(
     prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
     audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice, kv: KvPrepared, cancel: Any,
+    agent_tools: list[dict[str, Any]] | None, agent_tool_choice: Any,
 ) -> ReplyStream:
     """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on, once
-    the slot's KV is in place (`kv`); setting `cancel` stops it."""
+    the slot's KV is in place (`kv`), offering the caller's tools (`agent_tools`); setting `cancel` stops it."""
     generation = recipe.generation
     speaks = route_audio_out == "native" and audio_sink is not None
     stream = backend.client.stream(
@@ -208,7 +215,10 @@ def reply_stream(
         id_slot=slot,
         lora=adapters.lora,
         audio_out={"voice": tts_voice.voice, "format": "pcm16"} if speaks else None,
-        extra=backend.spec.request_defaults,
+        tools=agent_tools,
+        tool_choice=agent_tool_choice,
+        # llama-server refuses a grammar of the backend's besides tools: the tools' own grammar holds the reply then
+        extra={k: v for k, v in backend.spec.request_defaults.items() if not (agent_tools and k == "grammar")},
     )
     stream.on_delta = on_text
     stream.cancel = cancel

@@ -29,6 +29,15 @@ class Delta:
     audio_b64: str = ""
 
 
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model asked for: the call's id, the function's name and its JSON arguments."""
+
+    call_id: str
+    name: str
+    arguments: str
+
+
 @dataclass
 class ChatReply:
     """The finished reply and what the server measured about it."""
@@ -43,6 +52,8 @@ class ChatReply:
     total_ms: float = 0.0
     server_timings: dict[str, Any] = field(default_factory=dict)
     audio_b64: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The function calls the model made, in order (assembled from the streamed pieces)."""
 
 
 def api_base(url: str) -> str:
@@ -119,11 +130,15 @@ class ChatClient:
         id_slot: int | None = None,
         lora: list[dict[str, Any]] | None = None,
         audio_out: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: str | dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> ReplyStream:
         """A reply stream; the request starts when iteration does.
 
         `audio_out` (e.g. `{"voice": "alloy", "format": "pcm16"}`) asks a model that speaks for audio too.
+        `tools` (OpenAI function definitions) and `tool_choice` go into the request as given; the calls the
+        model makes are in the finished reply's `tool_calls`.
         """
         body: dict[str, Any] = {
             "messages": messages,
@@ -144,6 +159,10 @@ class ChatClient:
         if audio_out is not None:
             body["modalities"] = ["text", "audio"]
             body["audio"] = audio_out
+        if tools:
+            body["tools"] = tools
+            if tool_choice is not None:
+                body["tool_choice"] = tool_choice
         body.update(extra or {})
         return ReplyStream(self, body)
 
@@ -159,6 +178,7 @@ class ReplyStream:
         self.streamed_chars = 0
         """Characters of reply text yielded so far."""
         self._done = False
+        self._tool_parts: dict[int, dict[str, str]] = {}  # streamed pieces of each tool call, by index
         self.on_delta: Callable[[str], None] | None = None
         self.cancel: threading.Event | None = None
         """Set it to stop the reply (barge-in): the stream ends, the connection closes, the server stops."""
@@ -221,6 +241,10 @@ class ReplyStream:
         except json.JSONDecodeError as exc:
             raise BackendError(f"the model server at {client.url} sent a malformed event: {exc}") from None
         reply.text = "".join(parts)
+        reply.tool_calls = [
+            ToolCall(call_id=piece["id"] or f"call_{index}", name=piece["name"], arguments=piece["arguments"] or "{}")
+            for index, piece in sorted(self._tool_parts.items())
+        ]
         reply.total_ms = (time.perf_counter() - start) * 1000
         if reply.finish_reason is None:
             raise BackendError(f"the model server at {client.url} ended the reply without finishing it")
@@ -238,6 +262,12 @@ class ReplyStream:
                 delta_audio += audio["data"]
             # a model that speaks streams its words as the audio's transcript
             delta_text += audio.get("transcript") or ""
+            for call in delta.get("tool_calls") or []:  # OpenAI streams a call's id and name once, arguments in pieces
+                piece = self._tool_parts.setdefault(int(call.get("index", 0)), {"id": "", "name": "", "arguments": ""})
+                function = call.get("function") or {}
+                piece["id"] = piece["id"] or call.get("id") or ""
+                piece["name"] = piece["name"] or function.get("name") or ""
+                piece["arguments"] += function.get("arguments") or ""
             if choice.get("finish_reason"):
                 reply.finish_reason = choice["finish_reason"]
         timings = chunk.get("timings")

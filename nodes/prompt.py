@@ -58,6 +58,8 @@ class Prompt:
 
     messages: list[dict[str, Any]]
     user_message: dict[str, Any]
+    """The message new this turn (what the speaker said, behind the volatile sections; or the tool results the
+    turn goes on from)."""
     invariant_sha256: str
     invariant_bytes: int
     semi_stable_sha256: str
@@ -97,15 +99,20 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
 
     volatile_text = [o.value for o in by_tier["volatile"] if isinstance(o.value, str) and o.value]
     volatile_messages = [m for o in by_tier["volatile"] if not isinstance(o.value, str) for m in o.value]
-    user_message = _final_user_message(volatile_text, volatile_messages)
-    tier_text["volatile"] = [canonical_text([user_message])]
-
     messages: list[dict[str, Any]] = []
     if system_sections:
         messages.append({"role": "system", "content": "\n\n".join(system_sections)})
     messages.extend(middle)
-    messages.extend(volatile_messages[:-1] if volatile_messages else [])
-    messages.append(user_message)
+    if not volatile_messages and middle and middle[-1].get("role") == "tool":
+        # The turn goes on after tool results: nothing new was said, and the volatile sections went out with the
+        # turn's user message already; the prompt ends with the results.
+        user_message = middle[-1]
+        tier_text["volatile"] = [""]
+    else:
+        user_message = _final_user_message(volatile_text, volatile_messages)
+        tier_text["volatile"] = [canonical_text([user_message])]
+        messages.extend(volatile_messages[:-1] if volatile_messages else [])
+        messages.append(user_message)
 
     invariant = "\x1e".join(tier_text["invariant"])
     semi_stable = "\x1e".join(tier_text["semi_stable"])

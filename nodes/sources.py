@@ -61,12 +61,19 @@ def active_adapters(adapter_set: AdapterSet) -> str:
     return "Active adapters: " + ("; ".join(parts) if parts else "none") + "."
 
 
+def agent_instructions(instructions: str | None) -> str:
+    """The LiveKit agent's own instructions (empty outside LiveKit Agents)."""
+    return neutralise_control_tokens((instructions or "").strip())
+
+
 def conversation_history(
     room_messages: list[StoredMessage], persona_id: str, hears: bool, room_participants: list[Participant],
-    history_start: int,
+    history_start: int, agent_history: list[dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """The room's history as this persona sees it: its own words as assistant, everyone else's as user, and who
-    joined after the history began, where they joined."""
+    joined after the history began, where they joined; inside LiveKit Agents, the agent's chat context."""
+    if agent_history is not None:
+        return [_defused(message) for message in agent_history]
     joins: dict[int, list[Participant]] = {}
     for participant in room_participants:
         if not _listed(participant, history_start):
@@ -80,13 +87,29 @@ def conversation_history(
     return seen
 
 
+def _defused(message: dict[str, Any]) -> dict[str, Any]:
+    """A chat message with control tokens in its text defused (tool calls' names and arguments kept as they are)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return {**message, "content": neutralise_control_tokens(content)}
+    if isinstance(content, list):
+        parts = [{**part, "text": neutralise_control_tokens(part["text"])} if isinstance(part.get("text"), str)
+                 else part for part in content]
+        return {**message, "content": parts}
+    return message
+
+
 def current_time(now: datetime) -> str:
     """The turn's wall-clock time, to the minute."""
     return "Current time: " + now.strftime("%A %d %B %Y, %H:%M %Z").strip() + "."
 
 
 def user_turn(user_content: UserContent, speaker: str) -> list[dict[str, Any]]:
-    """What the speaker said this turn, as one user message; control tokens in their words are defused."""
+    """What the speaker said this turn, as one user message; control tokens in their words are defused.
+
+    Nothing when nothing was said (a turn that goes on after tool results)."""
+    if not user_content.text and not user_content.parts:
+        return []
     return [user_content.as_message(neutralise_control_tokens(speaker))]
 
 
@@ -94,6 +117,7 @@ BUILTIN_SOURCES: dict[str, Callable[..., Any]] = {
     fn.__name__: fn
     for fn in (
         persona_identity,
+        agent_instructions,
         recipe_rules,
         tool_definitions,
         participants,

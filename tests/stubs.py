@@ -98,3 +98,59 @@ def echo_model(reply: str) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_port}/v1"
     finally:
         server.shutdown()
+
+
+@contextmanager
+def tool_calling_model(name: str, arguments: str) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """An OpenAI-compatible chat server that answers a request offering tools with a call of `name` (streamed in
+    pieces, as OpenAI streams `tool_calls`), and a request that carries a tool result with a short reply.
+    Yields its `/v1` URL and the request bodies it got."""
+    requests: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            found = self.path == "/v1/models"
+            body = json.dumps({"data": [{"id": "tool-caller"}]}).encode() if found else b"{}"
+            self._send(200 if found else 404, body, "application/json")
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if self.path != "/v1/chat/completions":
+                self._send(404, b"{}", "application/json")
+                return
+            requests.append(body)
+            answered = any(m.get("role") == "tool" for m in body["messages"])
+            if body.get("tools") and not answered:
+                half = len(arguments) // 2
+                chunks: list[dict[str, Any]] = [
+                    {"choices": [{"delta": {"role": "assistant", "tool_calls": [
+                        {"index": 0, "id": "call_1", "type": "function",
+                         "function": {"name": name, "arguments": arguments[:half]}}]}}]},
+                    {"choices": [{"delta": {"tool_calls": [
+                        {"index": 0, "function": {"arguments": arguments[half:]}}]}}]},
+                    {"choices": [{"delta": {}, "finish_reason": "tool_calls"}],
+                     "usage": {"prompt_tokens": 200, "completion_tokens": 12}},
+                ]
+            else:
+                chunks = [{"choices": [{"delta": {"content": "The release is blocked."}}]},
+                          {"choices": [{"delta": {}, "finish_reason": "stop"}],
+                           "usage": {"prompt_tokens": 230, "completion_tokens": 6}}]
+            payload = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+            self._send(200, payload, "text/event-stream")
+
+        def _send(self, status: int, payload: bytes, kind: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", requests
+    finally:
+        server.shutdown()

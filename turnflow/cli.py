@@ -1,4 +1,4 @@
-"""The `turnflow` command: validate, render, run, server, bench.
+"""The `turnflow` command: validate, render, run, server, bench, adapters, serve, worker.
 
 Errors are for people: a bad recipe prints `FILE:LINE: message` lines and exits 1, a failed turn prints
 one line saying what happened and that the history is unchanged, never a traceback.
@@ -241,6 +241,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_room_agent(args.recipe, room=args.room, personas=personas, credentials=credentials, backend=args.backend)
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from turnflow.serve import LiveKitCredentials, MissingCredentialsError
+
+    try:
+        from turnflow.worker import WorkerConfig, run_worker
+    except ImportError as exc:
+        print(f"turnflow: {exc}", file=sys.stderr)
+        return 2
+    try:
+        LiveKitCredentials.from_env()
+    except MissingCredentialsError as exc:
+        print(f"turnflow: {exc}", file=sys.stderr)
+        return 2
+    config = WorkerConfig.checked(
+        args.recipe, args.personas.split(","), backend=args.backend, agent_name=args.agent_name
+    )
+    run_worker(config, args.mode)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="turnflow", description=__doc__.split("\n")[0])
@@ -325,6 +345,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--personas", required=True, help="comma-separated persona ids; the first one listens")
     serve.add_argument("--backend", help="override the recipe's backend")
     serve.set_defaults(fn=_cmd_serve)
+
+    worker = sub.add_parser(
+        "worker", help="a LiveKit Agents worker: rooms dispatched to it by name get the personas (see also serve)"
+    )
+    worker.add_argument("recipe")
+    worker.add_argument("--personas", required=True, help="comma-separated persona ids every dispatched room gets")
+    worker.add_argument("--backend", help="override the recipe's backend")
+    worker.add_argument("--agent-name", default="turnflow", help="the name rooms dispatch the worker by")
+    worker.add_argument(
+        "mode", nargs="?", default="start", choices=("start", "dev"),
+        help="LiveKit Agents' mode: start (production: load threshold, warm processes) or dev",
+    )
+    worker.set_defaults(fn=_cmd_worker)
     return parser
 
 

@@ -172,7 +172,7 @@ def reserved_node_names() -> frozenset[str]:
                                   "route_images_in": images_in, "assembly": assembly}
                         built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
                         names.update(v.name for v in built.build().list_available_variables())
-        names.add("composition_cache")  # an input only the generated source nodes take
+        names.update(("composition_cache", "agent_history"))  # inputs only the generated source nodes take
         _RESERVED = frozenset(names)
     return _RESERVED
 

@@ -35,6 +35,7 @@ CACHE_KEYS: dict[str, str] = {
     "participants_version": "who is in the room",
     "history_tail_msg_ids": "the newest messages of the room's history",
     "adapter_set_digest": "the persona's adapter files and scales",
+    "instructions_digest": "the LiveKit agent's instructions",
 }
 
 #: The DAG values a source function may take as parameters (Hamilton style: the name is the edge).
@@ -57,6 +58,9 @@ SOURCE_INPUTS: dict[str, str] = {
     "hears": "whether the backend's model hears audio (decided when the driver is built)",
     "adapter_set": "the persona's adapters as applied (AdapterSet: voice, skills, scales)",
     "adapter_set_digest": "digest of the persona's adapter files and scales",
+    "instructions": "the LiveKit agent's instructions (None outside LiveKit Agents)",
+    "instructions_digest": "digest of the LiveKit agent's instructions",
+    "agent_history": "the LiveKit agent's chat context as OpenAI messages (None outside LiveKit Agents)",
 }
 
 #: For each source input, the cache keys that must be declared for a cached result to follow it.
@@ -79,6 +83,9 @@ INPUT_COVERAGE: dict[str, tuple[str, ...]] = {
     "hears": (),  # fixed per driver; the cache namespace includes the capability profile
     "adapter_set": ("adapter_set_digest",),
     "adapter_set_digest": ("adapter_set_digest",),
+    "instructions": ("instructions_digest",),
+    "instructions_digest": ("instructions_digest",),
+    "agent_history": ("history_tail_msg_ids",),  # a chat context's digest stands in for the tail ids
 }
 
 

@@ -450,8 +450,12 @@ class RoomAgent:
         """The participant identities the personas join as."""
         return [persona_identity(persona_id) for persona_id in self.persona_ids]
 
-    async def start(self, *, connect: bool = True) -> None:
-        """Get the backend ready, open each persona's voice, and (with ``connect``) join the room and listen."""
+    async def start(self, *, connect: bool = True, listen_on: rtc.Room | None = None) -> None:
+        """Get the backend ready, open each persona's voice, and (with ``connect``) join the room and listen.
+
+        ``listen_on`` is a connection to the room made elsewhere (a LiveKit Agents job's own) that listens in place
+        of the first persona's; the personas then only speak.
+        """
         await asyncio.to_thread(self._prepare)
         for persona_id in self.persona_ids:
             tap = self._tap_for(persona_id)
@@ -462,7 +466,7 @@ class RoomAgent:
         if self.credentials is None:
             raise ValueError("RoomAgent.start(connect=True) needs credentials (LiveKitCredentials.from_env())")
         for index, persona_id in enumerate(self.persona_ids):
-            listens = index == 0
+            listens = index == 0 and listen_on is None
             token = participant_token(
                 persona_identity(persona_id),
                 self.room,
@@ -481,6 +485,8 @@ class RoomAgent:
             await publisher.publish()
             if listens:
                 self._listen_to(connected)
+        if listen_on is not None:
+            self._listen_to(listen_on)
 
     async def handle_utterance(
         self, speaker: str, utterance: Audio, *, display_name: str | None = None

@@ -11,12 +11,14 @@ it was.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import sys
 import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ from turnflow.driver import build_driver, collect_node_timings, stop_collecting
 from turnflow.nodes.images import ImageError
 from turnflow.nodes.llm import BackendError, ChatReply
 from turnflow.nodes.media import Audio, AudioError
-from turnflow.nodes.prompt import Prompt
+from turnflow.nodes.prompt import Prompt, canonical_text
 from turnflow.nodes.publish import WavSink
 from turnflow.nodes.speech import SpeechBridges
 from turnflow.nodes.text import canonical_json, control_tokens_for, neutralise_control_tokens
@@ -56,6 +58,30 @@ class TurnResult:
     prompt: Prompt
     llm: ChatReply
     audio: Audio | None = None
+
+
+@dataclass(frozen=True)
+class AgentContext:
+    """A conversation its caller keeps (LiveKit Agents' chat context): a turn given one reads the agent's
+    instructions and history from it instead of the room's stored history, and commits nothing to the store."""
+
+    instructions: str
+    """The agent's instructions: the `agent_instructions` source (invariant)."""
+    history: list[dict[str, Any]]
+    """The conversation before what is new this turn, as OpenAI chat messages: the `conversation_history` source."""
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    """The agent's tools as OpenAI function definitions (the request's `tools`), in a stable order."""
+    tool_choice: str | dict[str, Any] | None = None
+    """`auto`, `required`, `none` or a named function; None leaves it to the server."""
+    turn: int = 1
+    """The turn's number in this conversation."""
+    compaction_epoch: int = 0
+    """Bumped whenever the history stopped growing by appending (the agent truncated or rewrote it)."""
+
+    @property
+    def history_digest(self) -> str:
+        """Changes whenever the history does (the `history_tail_msg_ids` cache key of these turns)."""
+        return "ctx:" + hashlib.sha256(canonical_text(self.history).encode()).hexdigest()[:16]
 
 
 class Session:
@@ -225,11 +251,16 @@ class Session:
 
     def _inputs(
         self, persona: str, room: str, text: str | None, speaker: str, now: datetime | None, audio: Any = None,
-        images: list[Any] | None = None, transcript: str | None = None,
+        images: list[Any] | None = None, transcript: str | None = None, context: AgentContext | None = None,
     ) -> dict[str, Any]:
-        """The DAG inputs of one turn (the room as it is now)."""
+        """The DAG inputs of one turn (the room as it is now, or the caller's conversation)."""
         self.cache.begin_turn()
         room_state = self.store.room(room)
+        if context is not None:  # the caller keeps the history; who is in the room still comes from the store
+            room_state = dataclasses.replace(
+                room_state, messages=[], last_turn=context.turn - 1, compaction_epoch=context.compaction_epoch,
+                history_tail_msg_ids=context.history_digest, history_start=0,
+            )
         return {
             "persona_id": persona,
             "persona": self.persona(persona),
@@ -249,13 +280,18 @@ class Session:
             "speech_bridges": self.bridges,
             "adapter_registry": self.adapters,
             "backend": self._backend,  # None until connected: prompts can be assembled without a server
+            "instructions": context.instructions if context is not None else None,
+            "agent_history": context.history if context is not None else None,
+            "agent_tools": (context.tools or None) if context is not None else None,
+            "agent_tool_choice": context.tool_choice if context is not None else None,
         }
 
     def preview(
-        self, *, persona: str, room: str = "default", text: str, speaker: str = "user", now: datetime | None = None
+        self, *, persona: str, room: str = "default", text: str | None, speaker: str = "user",
+        now: datetime | None = None, context: AgentContext | None = None,
     ) -> Prompt:
         """The prompt this turn would send, assembled without calling (or starting) the model server."""
-        inputs = self._inputs(persona, room, text, speaker, now)
+        inputs = self._inputs(persona, room, text, speaker, now, context=context)
         return self.driver(connect=False).execute(["prompt"], inputs=inputs)["prompt"]
 
     def turn(
@@ -273,6 +309,7 @@ class Session:
         on_text: Callable[[str], None] | None = None,
         now: datetime | None = None,
         cancel: threading.Event | None = None,
+        context: AgentContext | None = None,
     ) -> TurnResult:
         """Run one turn: `speaker` says `text` or `audio` to `persona` in `room`.
 
@@ -284,8 +321,12 @@ class Session:
         bad images `ImageError`; a failed turn raises `TurnError`. Either way the room's history is unchanged.
         Setting `cancel` (a person talking over the reply) stops the model and the TTS bridge: the turn ends
         with what was written so far (`llm.finish_reason: cancelled`).
+
+        With `context` (an `AgentContext`: LiveKit Agents' chat context), the history and the agent's instructions
+        come from it, its tools are offered to the model, and nothing is committed to the store; such a turn may
+        go on after tool results with nothing new said (`text=None`).
         """
-        if text is None and audio is None and not images:
+        if text is None and audio is None and not images and context is None:
             raise ValueError("a turn needs text=, audio= or images= (what the speaker said or showed)")
         setup_started = time.perf_counter()
         persona_model = self.persona(persona)
@@ -300,7 +341,7 @@ class Session:
         sink, wav = _audio_sink(out, audio_sink)
         resources = ExitStack()
         inputs = {
-            **self._inputs(persona, room, text, speaker, now, audio, images, transcript),
+            **self._inputs(persona, room, text, speaker, now, audio, images, transcript, context),
             "backend": backend,
             "on_text": on_text,
             "audio_sink": sink,
@@ -329,6 +370,9 @@ class Session:
             if wav is not None:
                 wav.close()
         report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]
+        if context is not None:  # the caller keeps the conversation: nothing to commit
+            self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no)
+            return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=outputs["speech"].audio)
         with control_tokens_for(backend.control_tokens):  # nothing enters the history with a live control token
             speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
             said = neutralise_control_tokens(outputs["user_content"].transcript or text or "")
@@ -338,6 +382,14 @@ class Session:
             room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, replied
         )
         self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])
+        self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no)
+        return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=outputs["speech"].audio)
+
+    def _finish_report(
+        self, report: dict[str, Any], reply: ChatReply, speech: Any, timings: dict[str, float], started: float,
+        setup_ms: float, persona: str, room: str, turn_no: int,
+    ) -> None:
+        """Warn about tier violations, and add the turn's timings and LiveKit-named metrics to its report."""
         for violation in report["tier_violations"]:
             self._warn(f"turnflow: tier violation in {persona}/{room} turn {turn_no}: {violation['message']}")
         # the model stream is read (and spoken) inside `speech`; STT runs in `transcript`: not turnflow's own work
@@ -345,7 +397,6 @@ class Session:
         external = ("speech", "transcript", "voice_fingerprint")
         external_ms = sum(timings.get(name, 0.0) for name in external) + page_ms
         total_ms = (time.perf_counter() - started) * 1000
-        speech = outputs["speech"]
         report["timings_ms"] = {
             "total": round(total_ms, 2),
             "first_audio": report["speech"]["first_audio_ms"],
@@ -362,7 +413,8 @@ class Session:
             "tts_ttfb": _seconds(speech.tts_ttfb_ms),
             "e2e_latency": _seconds(speech.first_audio_ms),
         }
-        return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=speech.audio)
+        if reply.tool_calls:
+            report["llm"]["tool_calls"] = [dataclasses.asdict(call) for call in reply.tool_calls]
 
 
 def _seconds(ms: float | None) -> float | None:
