@@ -17,7 +17,7 @@ from turnflow.adapters import AdapterRegistry, AdapterSet, resolve_set
 from turnflow.backend import AdapterLease, Backend
 from turnflow.kv import KvKey, KvPrepared, kv_source, page_out_idle, prepare_slot
 from turnflow.nodes.images import Image
-from turnflow.nodes.llm import ChatReply, ReplyStream
+from turnflow.nodes.llm import Affinity, ChatReply, ReplyStream
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
 from turnflow.nodes.speech import SpokenReply, TtsVoice
 from turnflow.recipe import Persona, Recipe
@@ -192,9 +192,16 @@ def kv_report(
     }
 
 
+def affinity(persona_id: str, room_id: str, backend: Backend) -> Affinity:
+    """The conversation's stable affinity key, persona@room, sent as the backend's settings say (`affinity:`)."""
+    settings = backend.spec.affinity
+    return Affinity(f"{persona_id}@{room_id}", user_field=settings.user, header=settings.header)
+
+
 def reply_stream(
     prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
     audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice, kv: KvPrepared, cancel: Any,
+    affinity: Affinity,
 ) -> ReplyStream:
     """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on, once
     the slot's KV is in place (`kv`); setting `cancel` stops it."""
@@ -209,6 +216,7 @@ def reply_stream(
         lora=adapters.lora,
         audio_out={"voice": tts_voice.voice, "format": "pcm16"} if speaks else None,
         extra=backend.spec.request_defaults,
+        affinity=affinity,
     )
     stream.on_delta = on_text
     stream.cancel = cancel
@@ -235,6 +243,7 @@ def turn_report(
     adapters: AdapterLease,
     voice_fingerprint: dict[str, Any] | None,
     kv_report: dict[str, Any],
+    affinity: Affinity,
 ) -> dict[str, Any]:
     """Everything measured about this turn (the session adds total timings)."""
     spoken = speech.audio
@@ -253,6 +262,7 @@ def turn_report(
         },
         "llm": {
             "backend": backend.name,
+            "affinity_key": affinity.key,
             "slot": slot,
             "prompt_tokens": reply.prompt_tokens,
             "prompt_tokens_processed": reply.prompt_tokens_processed,
