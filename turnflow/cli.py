@@ -99,7 +99,9 @@ def summary_line(report: dict[str, Any]) -> str:
     return (
         f"[turn {report['turn']} {report['persona']}@{report['room']}] "
         f"prompt {llm['prompt_tokens']} tok: processed {llm['prompt_tokens_processed']}, "
-        f"cached {llm['prompt_tokens_cached']} | slot {llm['slot']} | "
+        f"cached {llm['prompt_tokens_cached']} | "
+        + (f"{llm['backend']} ({route['placement']}) " if "placement" in route else "")
+        + f"slot {llm['slot']} | "
         f"invariant {report['prefix']['invariant_sha256'][:12]} | "
         f"cache {cache['hits']}/{cache['hits'] + cache['misses']} hits | "
         f"{timings.get('total', 0):.0f} ms (turnflow {timings.get('turnflow', 0):.1f} ms)"
@@ -116,9 +118,17 @@ def _server_targets(args: argparse.Namespace) -> list[tuple[str, Any]]:
     else:
         backends = load_backends(default_backends_path(), Path("backends.yaml"))
     embedded = {name: spec for name, spec in backends.items() if spec.kind == "embedded"}
+    pools = {name: spec for name, spec in backends.items() if spec.kind == "pool"}
+    if args.backend in pools:  # a pool: every embedded member (members reached by URL run elsewhere)
+        members = [(m, embedded[m]) for m in pools[args.backend].members if m in embedded]
+        if not members:
+            raise SystemExit(f"turnflow: pool {args.backend!r} has no embedded members "
+                             f"({', '.join(pools[args.backend].members)} are reached by URL)")
+        return members
     if args.backend:
         if args.backend not in embedded:
-            raise SystemExit(f"turnflow: no embedded backend {args.backend!r} (have: {', '.join(embedded)})")
+            have = ", ".join([*embedded, *(f"{p} (pool)" for p in pools)])
+            raise SystemExit(f"turnflow: no embedded backend or pool {args.backend!r} (have: {have})")
         return [(args.backend, embedded[args.backend])]
     if args.action == "up":
         return [(name, spec) for name, spec in embedded.items() if name == "local"] or list(embedded.items())[:1]
@@ -277,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="the embedded llama-server")
     server.add_argument("action", choices=["up", "down", "status"])
-    server.add_argument("--backend", help="which embedded backend (default: local for up, all for down/status)")
+    server.add_argument("--backend", help="which embedded backend, or a pool: every embedded member of it "
+                        "(default: local for up, all for down/status)")
     server.add_argument("--recipe", help="use the backends beside this recipe")
     server.set_defaults(fn=_cmd_server)
 
