@@ -133,7 +133,6 @@ def recording_model(reply: str = "Noted.", port: int = 0) -> Iterator[tuple[str,
             self.end_headers()
             self.wfile.write(payload)
 
-
     server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -19,7 +19,7 @@ from conftest import copy_recipe_folder, without_adapters
 from stubs import recording_model
 
 from turnflow.placement import home_member, placement_key, rank_members
-from turnflow.recipe import RecipeError, load_backends
+from turnflow.recipe import RecipeError, default_backends_path, load_backends
 from turnflow.server import EmbeddedServer
 from turnflow.session import Session
 
@@ -96,17 +96,18 @@ def test_a_bad_pool_is_named_with_its_file_line_and_fix(tmp_path: Path, pool: di
     recipe = copy_recipe_folder(tmp_path)
     path = _write_backends(recipe, {"inner": {"kind": "pool", "members": ["local", "local-audio"]}, "gpus": pool})
     with pytest.raises(RecipeError) as refused:
-        load_backends(path)
+        load_backends(default_backends_path(), path)
     assert expected in str(refused.value)
     line = "members" if "members" in pool else "kind"
     want_line = next(i for i, text in enumerate(path.read_text().splitlines(), 1)
                      if text.strip().startswith(line) and i > 4)
     assert str(refused.value).startswith(f"{path}:")
     done = subprocess.run([sys.executable, "-m", "turnflow.cli", "validate", str(path)], capture_output=True, text=True)
-    print("\n" + done.stderr.strip())
-    assert done.returncode != 0 and "Traceback" not in done.stderr
-    assert f"{path}:" in done.stderr and expected in done.stderr
-    assert int(done.stderr.split(":")[1]) >= want_line
+    said = done.stdout + done.stderr
+    print("\n" + said.strip())
+    assert done.returncode != 0 and "Traceback" not in said
+    assert said.startswith(f"{path}:") and expected in said
+    assert int(said.split(":")[1]) >= want_line
 
 
 # ------------------------------------------------------------------ affinity

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -34,9 +34,9 @@ from turnflow.nodes.publish import WavSink
 from turnflow.nodes.speech import SpeechBridges
 from turnflow.nodes.text import canonical_json, control_tokens_for, neutralise_control_tokens
 from turnflow.paths import home
+from turnflow.placement import BackendPool
 from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
 from turnflow.server import ServerError
-from turnflow.placement import BackendPool
 from turnflow.store import Participant, open_store
 
 
@@ -242,7 +242,7 @@ class Session:
             profile["control_tokens"] = backend.control_tokens.digest
         return build_driver(self.recipe, profile)
 
-    def route(self, persona: str) -> list[tuple[str | None, str | None]]:
+    def route(self, persona: str) -> Sequence[tuple[str | None, str | None]]:
         """Where a turn of `persona` may run, in order: (pool member, `home`|`fallback`) for a pool, else the one
         backend, (None, None)."""
         if self.pool is None:

@@ -360,7 +360,7 @@ class ConversationStore:
     a PostgreSQL database (a `postgresql://` URL) that several workers share."""
 
     def __init__(self, location: str | Path):
-        engine: _Engine = _PostgresEngine(location) if is_postgres_url(location) else _SqliteEngine(Path(location))
+        engine: _Engine = _PostgresEngine(str(location)) if is_postgres_url(location) else _SqliteEngine(Path(location))
         self._engine = engine
         self.location = engine.location
         """The SQLite file, or the PostgreSQL URL without its password."""
