@@ -171,6 +171,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print(rebuilt.model_dump_json(indent=2) if args.json else console_report(rebuilt))
         return 0
 
+    if args.backends is not None:
+        from turnflow.bench_pool import console_pool_report, run_pool_bench
+
+        options = BenchOptions.preset(
+            quick=args.quick, personas=args.personas, turns=args.turns, prompt_tokens=args.prompt_tokens,
+            out=Path(args.out) if args.out else None, model=args.model,
+        )
+        pooled = run_pool_bench(options, args.backends)
+        print(json.dumps(pooled, indent=2) if args.json else console_pool_report(pooled))
+        return 0
+
     options = BenchOptions.preset(
         quick=args.quick,
         personas=args.personas,
@@ -300,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="output folder (default bench-runs/<timestamp>/)")
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
     bench.add_argument("--backend", metavar="URL", help="use this OpenAI-compatible server instead of an embedded one")
-    bench.add_argument("--model", help="embedded model: bench (default), tiny, or a GGUF file")
+    bench.add_argument("--model", help="embedded model: bench (default; tiny with --backends), tiny, or a GGUF file")
+    bench.add_argument("--backends", type=int, metavar="N",
+                       help="N embedded servers in a pool: placement (rendezvous, random, round-robin), a member "
+                       "killed mid-run, and what adding one would move")
     bench.add_argument("--no-audio", action="store_true", help="text turns only")
     bench.add_argument(
         "--rebuild", metavar="DIR", help="re-write the summary, table and plots of an earlier run from its turns.jsonl"

@@ -13,6 +13,7 @@ once) and go home when the member answers again.
 from __future__ import annotations
 
 import hashlib
+import random
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,9 @@ from turnflow.recipe import BackendSpec
 from turnflow.server import EmbeddedServer, ServerError, _healthy
 
 Placement = Literal["home", "fallback"]
+Strategy = Literal["rendezvous", "random", "round_robin"]
+"""How a pool picks a turn's member: `rendezvous` (the persona's home), or the benchmark's baselines, `random` and
+`round_robin` (per turn, regardless of the persona)."""
 
 
 def placement_key(persona_id: str, adapter_set_digest: str) -> str:
@@ -69,7 +73,13 @@ class BackendPool:
     def __init__(
         self, name: str, spec: BackendSpec, specs: dict[str, BackendSpec],
         opener: Callable[..., Backend] = open_backend, clock: Callable[[], float] = time.monotonic,
+        strategy: Strategy = "rendezvous", seed: int = 0,
     ):
+        if strategy not in ("rendezvous", "random", "round_robin"):
+            raise ValueError(f"placement {strategy!r}: use 'rendezvous', or 'random' / 'round_robin' (baselines)")
+        self.strategy = strategy
+        self._random = random.Random(seed)
+        self._turns = 0
         self.name = name
         self.spec = spec
         self.members = list(spec.members)
@@ -90,6 +100,12 @@ class BackendPool:
         """The members to try for one turn, in order, skipping those set aside (a member whose wait is over is
         tried again in its place)."""
         ranked = self.ranking(persona_id, adapter_set_digest)
+        if self.strategy != "rendezvous":  # a baseline: this turn's member first, whoever the persona is
+            with self._lock:
+                chosen = (self._random.choice(self.members) if self.strategy == "random"
+                          else self.members[self._turns % len(self.members)])
+                self._turns += 1
+            ranked = [chosen, *(m for m in ranked if m != chosen)]
         now = self._clock()
         with self._lock:
             up = [m for m in ranked if m not in self._down or self._down[m].until <= now]

@@ -588,7 +588,8 @@ def _pool_problems(name: str, backends: dict[str, BackendSpec], doc: _Document) 
             others = [n for n, s in backends.items() if s.kind != "pool"]
             problems.append(Problem(str(doc.path), line,
                                     f"pool {name!r}: unknown member {member!r}{_did_you_mean(member, others)}; "
-                                    f"a member is a backend defined in backends.yaml (have: {', '.join(others) or 'none'})"))
+                                    f"a member is a backend defined in backends.yaml "
+                                    f"(have: {', '.join(others) or 'none'})"))
         elif backends[member].kind == "pool":
             problems.append(Problem(str(doc.path), line,
                                     f"pool {name!r}: member {member!r} is itself a pool; pools do not nest, list "

@@ -34,7 +34,7 @@ from turnflow.nodes.publish import WavSink
 from turnflow.nodes.speech import SpeechBridges
 from turnflow.nodes.text import canonical_json, control_tokens_for, neutralise_control_tokens
 from turnflow.paths import home
-from turnflow.placement import BackendPool
+from turnflow.placement import BackendPool, Strategy
 from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
 from turnflow.server import ServerError
 from turnflow.store import Participant, open_store
@@ -71,6 +71,7 @@ class Session:
         store: str | None = None,
         strict: bool = False,
         assembly: str = "stable_first",
+        placement: Strategy = "rendezvous",
         warn: Callable[[str], None] | None = None,
     ):
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -88,8 +89,8 @@ class Session:
         if self.backend_name not in backends:
             raise ValueError(f"unknown backend {self.backend_name!r}; known: {', '.join(sorted(backends))}")
         self._backend_spec = backends[self.backend_name]
-        self.pool = BackendPool(self.backend_name, self._backend_spec, backends) if self._backend_spec.kind == "pool" \
-            else None
+        self.pool = (BackendPool(self.backend_name, self._backend_spec, backends, strategy=placement)
+                     if self._backend_spec.kind == "pool" else None)
         """The members of a `kind: pool` backend, over which personas are placed (None for one backend)."""
         self._backend: Backend | None = None
         self._personas: dict[str, Persona] = {}
