@@ -223,7 +223,7 @@ def test_embedded_members_started_together_fall_back_with_history_and_come_home(
             report = second.report
             assert (report["llm"]["backend"], report["route"]["placement"]) == (survivor, "fallback")
             assert report["turn"] == 2
-            prompt_text = json.dumps(second.prompt.messages)
+            prompt_text = json.dumps(second.prompt.messages, ensure_ascii=False)
             assert "Good morning." in prompt_text and first.reply in prompt_text  # history intact on the fallback
             assert report["llm"]["prompt_tokens_processed"] > 0.9 * report["llm"]["prompt_tokens"]  # warmed there
             third = session.turn(persona=persona, room="standup", text="Still with me?")
