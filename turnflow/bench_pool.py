@@ -25,6 +25,7 @@ from turnflow.bench import (
     BACKEND_NAME,
     BenchOptions,
     ScriptedTurn,
+    _exit_on_sigterm,
     _preload_adapters,
     _turnflow_home,
     backend_spec,
@@ -210,7 +211,11 @@ def run_pool_bench(options: BenchOptions, backends: int) -> dict[str, Any]:
     spec = backend_spec(options, ctx_per_slot=ctx, audio=False)
     started = time.perf_counter()
     result: dict[str, Any] = {"created_at": created.isoformat(timespec="seconds"), "out": str(out)}
-    with _turnflow_home(out / "home"):
+    def checkpoint(**parts: Any) -> None:  # what is measured so far survives an interrupted run
+        result.update(parts)
+        (out / "pool-summary.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    with _turnflow_home(out / "home"), _exit_on_sigterm():
         servers = {m: EmbeddedServer(m, spec) for m in members}
         try:
             url = servers[members[0]].up()  # the server's tokenizer sizes the prompts
@@ -226,6 +231,7 @@ def run_pool_bench(options: BenchOptions, backends: int) -> dict[str, Any]:
                 _stop(servers)
                 _start(servers, recipe_path)
                 placement[strategy], _ = _placement_run(strategy, recipe_path, script, out / "state" / strategy)
+                checkpoint(placement=placement)
             _stop(servers)
             _start(servers, recipe_path)
             from turnflow.session import Session
