@@ -1,4 +1,4 @@
-# make install  — .venv with turnflow, the embedded llama-server (built from source, ~8 min once), LiveKit Agents and test tools
+# make install  — .venv with turnflow, the embedded llama-server (built from source, ~8 min once), LiveKit Agents, psycopg and test tools
 # make demo     — the main job: a two-persona conversation on the embedded defaults, with the rendered DAG
 # make test     — the test suite (real llama-server, real SQLite, real audio)
 # make bench    — the quick benchmark against the naive pipeline; `make bench-full` for the full one
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 	./scripts/install-system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[server,bench,dev,agents]'
+	$(BIN)/pip install -q -e '.[server,bench,dev,agents,postgres]'
 	touch $@
 
 demo: install

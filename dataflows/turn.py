@@ -18,7 +18,7 @@ from turnflow.adapters import AdapterRegistry, AdapterSet, resolve_set
 from turnflow.backend import AdapterLease, Backend
 from turnflow.kv import KvKey, KvPrepared, kv_source, page_out_idle, prepare_slot
 from turnflow.nodes.images import Image
-from turnflow.nodes.llm import ChatReply, ReplyStream
+from turnflow.nodes.llm import Affinity, ChatReply, ReplyStream
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
 from turnflow.nodes.speech import SpokenReply, TtsVoice
 from turnflow.recipe import Persona, Recipe
@@ -198,10 +198,16 @@ def kv_report(
     }
 
 
+def affinity(persona_id: str, room_id: str, backend: Backend) -> Affinity:
+    """The conversation's stable affinity key, persona@room, sent as the backend's settings say (`affinity:`)."""
+    settings = backend.spec.affinity
+    return Affinity(f"{persona_id}@{room_id}", user_field=settings.user, header=settings.header)
+
+
 def reply_stream(
     prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
     audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice, kv: KvPrepared, cancel: Any,
-    agent_tools: list[dict[str, Any]] | None, agent_tool_choice: Any,
+    agent_tools: list[dict[str, Any]] | None, agent_tool_choice: Any, affinity: Affinity,
 ) -> ReplyStream:
     """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on, once
     the slot's KV is in place (`kv`), offering the caller's tools (`agent_tools`); setting `cancel` stops it."""
@@ -219,6 +225,7 @@ def reply_stream(
         tool_choice=agent_tool_choice,
         # llama-server refuses a grammar of the backend's besides tools: the tools' own grammar holds the reply then
         extra={k: v for k, v in backend.spec.request_defaults.items() if not (agent_tools and k == "grammar")},
+        affinity=affinity,
     )
     stream.on_delta = on_text
     stream.cancel = cancel
@@ -245,6 +252,7 @@ def turn_report(
     adapters: AdapterLease,
     voice_fingerprint: dict[str, Any] | None,
     kv_report: dict[str, Any],
+    affinity: Affinity,
 ) -> dict[str, Any]:
     """Everything measured about this turn (the session adds total timings)."""
     spoken = speech.audio
@@ -263,6 +271,7 @@ def turn_report(
         },
         "llm": {
             "backend": backend.name,
+            "affinity_key": affinity.key,
             "slot": slot,
             "prompt_tokens": reply.prompt_tokens,
             "prompt_tokens_processed": reply.prompt_tokens_processed,

@@ -22,6 +22,17 @@ class BackendError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Affinity:
+    """A stable name for one conversation (persona@room), sent where a router in front of the servers reads it."""
+
+    key: str
+    user_field: bool = True
+    """As the OpenAI `user` field."""
+    header: str | None = "x-session-id"
+    """As this HTTP header (None: no header)."""
+
+
+@dataclass(frozen=True)
 class Delta:
     """One streamed piece of the reply: text, and/or base64 PCM16 audio from a model that speaks."""
 
@@ -133,12 +144,15 @@ class ChatClient:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: str | dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
+        affinity: Affinity | None = None,
     ) -> ReplyStream:
         """A reply stream; the request starts when iteration does.
 
         `audio_out` (e.g. `{"voice": "alloy", "format": "pcm16"}`) asks a model that speaks for audio too.
         `tools` (OpenAI function definitions) and `tool_choice` go into the request as given; the calls the
         model makes are in the finished reply's `tool_calls`.
+        `affinity` names the conversation for a router in front of several servers (the `user` field and/or a
+        header), so it keeps sending it to the server that holds its prefix.
         """
         body: dict[str, Any] = {
             "messages": messages,
@@ -164,15 +178,22 @@ class ChatClient:
             if tool_choice is not None:
                 body["tool_choice"] = tool_choice
         body.update(extra or {})
-        return ReplyStream(self, body)
+        headers: dict[str, str] = {}
+        if affinity is not None:
+            if affinity.user_field:
+                body["user"] = affinity.key
+            if affinity.header:
+                headers[affinity.header] = affinity.key
+        return ReplyStream(self, body, headers)
 
 
 class ReplyStream:
     """Deltas as the model produces them; `.reply` holds the finished reply once iteration ends."""
 
-    def __init__(self, client: ChatClient, body: dict[str, Any]):
+    def __init__(self, client: ChatClient, body: dict[str, Any], headers: dict[str, str] | None = None):
         self._client = client
         self.body = body
+        self.headers = headers or {}
         self.reply = ChatReply()
         self.started_at: float | None = None
         self.streamed_chars = 0
@@ -205,7 +226,9 @@ class ReplyStream:
         self.started_at = start = time.perf_counter()
         parts: list[str] = []
         try:
-            with client._http.stream("POST", client.base + "/chat/completions", json=self.body) as response:
+            with client._http.stream(
+                "POST", client.base + "/chat/completions", json=self.body, headers=self.headers
+            ) as response:
                 if response.status_code >= 400:
                     response.read()
                     raise BackendError(

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages turnflow uses: graphviz (render SVG/PNG/HTML), espeak-ng (TTS bridge), sox (audio tools),
-# a C++ compiler (building llama-server), python3-venv. Installs only what is missing.
+# a C++ compiler (building llama-server), python3-venv, postgresql (the tests' shared conversation store: they
+# start a throw-away server from its binaries). Installs only what is missing.
 set -euo pipefail
 
 need=()
@@ -10,6 +11,7 @@ command -v sox >/dev/null 2>&1 || need+=(sox)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
 command -v make >/dev/null 2>&1 || need+=(make)
 python3 -c "import ensurepip, venv" >/dev/null 2>&1 || need+=(python3-venv)
+ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || command -v pg_ctl >/dev/null 2>&1 || need+=(postgresql)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

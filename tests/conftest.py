@@ -111,3 +111,56 @@ def without_adapters(recipe: Path, persona_id: str) -> None:
     data["voice"].pop("adapter", None)
     data["skills"] = []
     path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def postgres_binaries() -> Path | None:
+    """The folder of PostgreSQL's server binaries (initdb, pg_ctl), or None when the server is not installed."""
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (folder / "pg_ctl").exists() and (folder / "initdb").exists():
+            return folder
+    found = shutil.which("pg_ctl")
+    return Path(found).parent if found and (Path(found).parent / "initdb").exists() else None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server for the session: initdb into a temporary folder, started on a free port (its unix
+    socket in that folder too), stopped afterwards. Skipped, visibly, when the server binaries are missing."""
+    import pwd
+    import socket
+    import tempfile
+
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("needs PostgreSQL's server binaries: apt-get install postgresql (scripts/install-system-deps.sh)")
+    root = Path(tempfile.mkdtemp(prefix="turnflow-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:  # postgres refuses to run as root: run it as the postgres (or nobody) user
+        user = next((u for u in ("postgres", "nobody") if _user_exists(pwd, u)), None)
+        if user is None:
+            pytest.skip("running as root and no postgres or nobody user to run PostgreSQL as")
+        shutil.chown(root, user)
+        run_as = ["runuser", "-u", user, "--"]
+    data = root / "data"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    subprocess.run([*run_as, str(binaries / "initdb"), "-D", str(data), "-U", "turnflow", "--auth=trust",
+                    "-E", "UTF8", "--no-sync"], check=True, capture_output=True)
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=50"
+    subprocess.run([*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"),
+                    "-o", options, "-w", "-t", "60", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql://turnflow@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _user_exists(pwd: object, name: str) -> bool:
+    try:
+        pwd.getpwnam(name)  # type: ignore[attr-defined]
+    except KeyError:
+        return False
+    return True

@@ -154,3 +154,45 @@ def tool_calling_model(name: str, arguments: str) -> Iterator[tuple[str, list[di
         yield f"http://127.0.0.1:{server.server_port}/v1", requests
     finally:
         server.shutdown()
+
+
+@contextmanager
+def recording_model(reply: str = "Noted.", port: int = 0) -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """An OpenAI-compatible chat server (as a router or a pod behind one sees requests) that records each chat
+    request's headers and body and replies `reply`, on `port` (0: a free one). Yields its `/v1` URL and the records
+    (`path`, `headers`, `body`)."""
+    records: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802
+            body = json.dumps({"data": [{"id": "recorder"}]}).encode() if self.path == "/v1/models" else b"{}"
+            self.send_response(200 if self.path == "/v1/models" else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            records.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                            "body": body})
+            chunks = [{"choices": [{"delta": {"content": reply}}]},
+                      {"choices": [{"delta": {}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 10, "completion_tokens": 1}}]
+            payload = b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1", records
+    finally:
+        server.shutdown()
+        server.server_close()

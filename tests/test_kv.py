@@ -167,7 +167,7 @@ def test_fourteen_personas_take_concurrent_turns_without_cross_talk(home: Path, 
             for thread in threads:
                 thread.join(timeout=900)
             histories = {i: session.store.history(f"room-{i}") for i in range(14)}
-            owners = session.store._owners(session.store._db, session.backend.key, 4, 0)
+            owners = session.store.slot_owners(session.backend.key, 4, now=0)
         finally:
             session.backend.server.down()
     assert not errors, errors

@@ -99,7 +99,9 @@ def summary_line(report: dict[str, Any]) -> str:
     return (
         f"[turn {report['turn']} {report['persona']}@{report['room']}] "
         f"prompt {llm['prompt_tokens']} tok: processed {llm['prompt_tokens_processed']}, "
-        f"cached {llm['prompt_tokens_cached']} | slot {llm['slot']} | "
+        f"cached {llm['prompt_tokens_cached']} | "
+        + (f"{llm['backend']} ({route['placement']}) " if "placement" in route else "")
+        + f"slot {llm['slot']} | "
         f"invariant {report['prefix']['invariant_sha256'][:12]} | "
         f"cache {cache['hits']}/{cache['hits'] + cache['misses']} hits | "
         f"{timings.get('total', 0):.0f} ms (turnflow {timings.get('turnflow', 0):.1f} ms)"
@@ -116,9 +118,17 @@ def _server_targets(args: argparse.Namespace) -> list[tuple[str, Any]]:
     else:
         backends = load_backends(default_backends_path(), Path("backends.yaml"))
     embedded = {name: spec for name, spec in backends.items() if spec.kind == "embedded"}
+    pools = {name: spec for name, spec in backends.items() if spec.kind == "pool"}
+    if args.backend in pools:  # a pool: every embedded member (members reached by URL run elsewhere)
+        members = [(m, embedded[m]) for m in pools[args.backend].members if m in embedded]
+        if not members:
+            raise SystemExit(f"turnflow: pool {args.backend!r} has no embedded members "
+                             f"({', '.join(pools[args.backend].members)} are reached by URL)")
+        return members
     if args.backend:
         if args.backend not in embedded:
-            raise SystemExit(f"turnflow: no embedded backend {args.backend!r} (have: {', '.join(embedded)})")
+            have = ", ".join([*embedded, *(f"{p} (pool)" for p in pools)])
+            raise SystemExit(f"turnflow: no embedded backend or pool {args.backend!r} (have: {have})")
         return [(args.backend, embedded[args.backend])]
     if args.action == "up":
         return [(name, spec) for name, spec in embedded.items() if name == "local"] or list(embedded.items())[:1]
@@ -159,6 +169,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             print(f"turnflow bench: {error}", file=sys.stderr)
             return 2
         print(rebuilt.model_dump_json(indent=2) if args.json else console_report(rebuilt))
+        return 0
+
+    if args.backends is not None:
+        from turnflow.bench_pool import console_pool_report, run_pool_bench
+
+        options = BenchOptions.preset(
+            quick=args.quick, personas=args.personas, turns=args.turns, prompt_tokens=args.prompt_tokens,
+            out=Path(args.out) if args.out else None, model=args.model,
+        )
+        pooled = run_pool_bench(options, args.backends)
+        print(json.dumps(pooled, indent=2) if args.json else console_pool_report(pooled))
         return 0
 
     options = BenchOptions.preset(
@@ -297,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = sub.add_parser("server", help="the embedded llama-server")
     server.add_argument("action", choices=["up", "down", "status"])
-    server.add_argument("--backend", help="which embedded backend (default: local for up, all for down/status)")
+    server.add_argument("--backend", help="which embedded backend, or a pool: every embedded member of it "
+                        "(default: local for up, all for down/status)")
     server.add_argument("--recipe", help="use the backends beside this recipe")
     server.set_defaults(fn=_cmd_server)
 
@@ -309,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", help="output folder (default bench-runs/<timestamp>/)")
     bench.add_argument("--json", action="store_true", help="print the summary as JSON")
     bench.add_argument("--backend", metavar="URL", help="use this OpenAI-compatible server instead of an embedded one")
-    bench.add_argument("--model", help="embedded model: bench (default), tiny, or a GGUF file")
+    bench.add_argument("--model", help="embedded model: bench (default; tiny with --backends), tiny, or a GGUF file")
+    bench.add_argument("--backends", type=int, metavar="N",
+                       help="N embedded servers in a pool: placement (rendezvous, random, round-robin), a member "
+                       "killed mid-run, and what adding one would move")
     bench.add_argument("--no-audio", action="store_true", help="text turns only")
     bench.add_argument(
         "--rebuild", metavar="DIR", help="re-write the summary, table and plots of an earlier run from its turns.jsonl"

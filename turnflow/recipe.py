@@ -263,10 +263,25 @@ class Persona(_FromFile):
         return self._document.line(loc) if self._document else 1
 
 
-class BackendSpec(_Strict):
-    """A model server a recipe can name: started by turnflow (`embedded`) or reached by URL (`openai`)."""
+class AffinitySpec(_Strict):
+    """How each request names its persona@room for a router in front of several model servers."""
 
-    kind: Literal["embedded", "openai"] = "openai"
+    user: bool = True
+    """Send the affinity key as the OpenAI `user` field (vLLM production-stack, llm-d and SGLang read it)."""
+    header: str | None = Field(default="x-session-id", pattern=r"^[A-Za-z0-9-]+$")
+    """Send it in this HTTP header too (the vLLM production-stack session router's `--session-key`); null: none."""
+
+
+class BackendSpec(_Strict):
+    """A model server a recipe can name: started by turnflow (`embedded`), reached by URL (`openai`), or a
+    `pool` of those, over which personas are placed by rendezvous hashing."""
+
+    kind: Literal["embedded", "openai", "pool"] = "openai"
+    members: tuple[str, ...] = ()
+    """A pool's backends (names in backends.yaml, each embedded or reached by URL)."""
+    recheck_s: float = Field(default=5.0, ge=0)
+    """A pool member that failed is skipped this long before a turn tries it again."""
+    affinity: AffinitySpec = Field(default_factory=AffinitySpec)
     url: str | None = None
     model: str | None = None
     mmproj: str | None = None
@@ -603,13 +618,52 @@ def find_persona(recipe: Recipe, persona_id: str) -> Persona:
 
 
 def load_backends(*paths: Path) -> dict[str, BackendSpec]:
-    """Backends from the given files, later files overriding earlier ones by name."""
+    """Backends from the given files, later files overriding earlier ones by name; pools are checked against
+    everything the files define."""
     merged: dict[str, BackendSpec] = {}
+    origin: dict[str, _Document] = {}
     for path in paths:
         if path.exists():
             doc = _read_yaml(path)
-            merged.update(typing.cast(BackendsFile, _parse(doc, "backends")).backends)
+            found = typing.cast(BackendsFile, _parse(doc, "backends")).backends
+            merged.update(found)
+            origin.update({name: doc for name in found})
+    problems = [p for name in merged for p in _pool_problems(name, merged, origin[name])]
+    if problems:
+        raise RecipeError(problems)
     return merged
+
+
+def _pool_problems(name: str, backends: dict[str, BackendSpec], doc: _Document) -> list[Problem]:
+    """A pool must name at least one member, each a backend that is not itself a pool; members are only for pools."""
+    spec = backends[name]
+    where = ("backends", name)
+    if spec.kind != "pool":
+        if spec.members:
+            return [Problem(str(doc.path), doc.line(where + ("members",)),
+                            f"backend {name!r} has members but is kind {spec.kind}; a backend with members "
+                            f"is `kind: pool`")]
+        return []
+    if not spec.members:
+        return [Problem(str(doc.path), doc.line(where + ("kind",)),
+                        f"pool {name!r} has no members; add `members: [a, b]` naming embedded or URL backends")]
+    problems = []
+    for i, member in enumerate(spec.members):
+        line = doc.line(where + ("members", i))
+        if member not in backends:
+            others = [n for n, s in backends.items() if s.kind != "pool"]
+            problems.append(Problem(str(doc.path), line,
+                                    f"pool {name!r}: unknown member {member!r}{_did_you_mean(member, others)}; "
+                                    f"a member is a backend defined in backends.yaml "
+                                    f"(have: {', '.join(others) or 'none'})"))
+        elif backends[member].kind == "pool":
+            problems.append(Problem(str(doc.path), line,
+                                    f"pool {name!r}: member {member!r} is itself a pool; pools do not nest, list "
+                                    f"{member!r}'s members ({', '.join(backends[member].members)}) instead"))
+    if len(set(spec.members)) < len(spec.members):
+        problems.append(Problem(str(doc.path), doc.line(where + ("members",)),
+                                f"pool {name!r} names a member twice; list each backend once"))
+    return problems
 
 
 def default_backends_path() -> Path:
@@ -1029,7 +1083,7 @@ def _validate_file(path: Path) -> list[Problem]:
         if kind == "persona":
             return persona_adapter_problems(load_persona(path))
         if kind == "backends":
-            _parse(doc, "backends")
+            load_backends(default_backends_path(), path)  # pools may name the embedded defaults
             return []
         recipe = typing.cast(Recipe, _parse(doc, "recipe"))
     except RecipeError as exc:

@@ -16,14 +16,14 @@ import hashlib
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from turnflow.adapters import AdapterError, AdapterRegistry
+from turnflow.adapters import AdapterError, AdapterRegistry, resolve_set
 from turnflow.backend import Backend, Capabilities, open_backend
 from turnflow.cache import CompositionCache, Event
 from turnflow.dataflows.turn import TierViolationError
@@ -36,9 +36,10 @@ from turnflow.nodes.publish import WavSink
 from turnflow.nodes.speech import SpeechBridges
 from turnflow.nodes.text import canonical_json, control_tokens_for, neutralise_control_tokens
 from turnflow.paths import home
+from turnflow.placement import BackendPool, Strategy
 from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
 from turnflow.server import ServerError
-from turnflow.store import ConversationStore, Participant
+from turnflow.store import Participant, open_store
 
 
 class TurnError(RuntimeError):
@@ -93,8 +94,10 @@ class Session:
         *,
         backend: str | None = None,
         state_dir: str | Path | None = None,
+        store: str | None = None,
         strict: bool = False,
         assembly: str = "stable_first",
+        placement: Strategy = "rendezvous",
         warn: Callable[[str], None] | None = None,
     ):
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
@@ -104,7 +107,7 @@ class Session:
         self.assembly = assembly
         self._warn = warn or (lambda message: print(message, file=sys.stderr))
         root = Path(state_dir) if state_dir else home()
-        self.store = ConversationStore(root / "rooms.sqlite3")
+        self.store = open_store(store, default=root / "rooms.sqlite3")
         self.cache = CompositionCache(root / "composition-cache.json")
         self.adapters = AdapterRegistry()
         backends = backends_for(self.recipe)
@@ -112,6 +115,9 @@ class Session:
         if self.backend_name not in backends:
             raise ValueError(f"unknown backend {self.backend_name!r}; known: {', '.join(sorted(backends))}")
         self._backend_spec = backends[self.backend_name]
+        self.pool = (BackendPool(self.backend_name, self._backend_spec, backends, strategy=placement)
+                     if self._backend_spec.kind == "pool" else None)
+        """The members of a `kind: pool` backend, over which personas are placed (None for one backend)."""
         self._backend: Backend | None = None
         self._personas: dict[str, Persona] = {}
         self._lock = threading.RLock()  # a Session may be shared by threads, each running its own turns
@@ -125,15 +131,22 @@ class Session:
 
     @property
     def backend(self) -> Backend:
-        """The backend, connected (and for embedded backends, started) on first use."""
+        """The backend, connected (and for embedded backends, started) on first use; of a pool, the first member
+        that answers (a turn runs on the persona's own member: `route()`)."""
         with self._lock:
+            if self.pool is not None:
+                return self.pool.any_backend()
             if self._backend is None:
                 self._backend = open_backend(self.backend_name, self._backend_spec)
             return self._backend
 
-    def _drop_backend(self) -> None:
+    def _drop_backend(self, member: str | None = None, error: Exception | None = None) -> None:
         """Forget the connection after a failure: the next turn reconnects and asks the server again what it
-        can do (an embedded server that died is started again)."""
+        can do (an embedded server that died is started again). A pool's member is set aside instead (its
+        personas' turns go to their next-ranked member until it answers again)."""
+        if self.pool is not None and member is not None:
+            self.pool.mark_down(member, str(error or "failed"))
+            return
         with self._lock:
             if self._backend is not None:  # closed with the session: other threads' turns may still use it
                 self._retired.append(self._backend)
@@ -143,6 +156,8 @@ class Session:
         """Close the store, the cache and the backend client (an embedded server keeps running)."""
         for backend in (*self._retired, *([self._backend] if self._backend else [])):
             backend.close()
+        if self.pool is not None:
+            self.pool.close()
         self.store.close()
         self.cache.close()
 
@@ -243,11 +258,32 @@ class Session:
 
         Without `connect`, a backend not yet connected is assumed text-only (enough to assemble prompts).
         """
-        caps = self.backend.capabilities if connect or self._backend else Capabilities()
+        if not (connect or self._backend):
+            return self._driver_for(None)
+        return self._driver_for(self.backend)
+
+    def _driver_for(self, backend: Backend | None) -> Any:
+        caps = backend.capabilities if backend is not None else Capabilities()
         profile = {**caps.profile, "assembly": self.assembly}
-        if connect or self._backend:  # what sources defuse follows the model's control tokens
-            profile["control_tokens"] = self.backend.control_tokens.digest
+        if backend is not None:  # what sources defuse follows the model's control tokens
+            profile["control_tokens"] = backend.control_tokens.digest
         return build_driver(self.recipe, profile)
+
+    def route(self, persona: str) -> Sequence[tuple[str | None, str | None]]:
+        """Where a turn of `persona` may run, in order: (pool member, `home`|`fallback`) for a pool, else the one
+        backend, (None, None)."""
+        if self.pool is None:
+            return [(None, None)]
+        return self.pool.routes(persona, self._placement_digest(self.persona(persona)))
+
+    def _placement_digest(self, persona: Persona) -> str:
+        """The persona's adapter-set digest for placement (of what it declares, when the registry cannot resolve it:
+        the turn then fails with the registry's own message)."""
+        voice, skills = persona.adapter_refs
+        try:
+            return resolve_set(voice, skills, self.adapters, None).digest
+        except AdapterError:
+            return canonical_json([voice, list(skills)])
 
     def _inputs(
         self, persona: str, room: str, text: str | None, speaker: str, now: datetime | None, audio: Any = None,
@@ -330,12 +366,47 @@ class Session:
             raise ValueError("a turn needs text=, audio= or images= (what the speaker said or showed)")
         setup_started = time.perf_counter()
         persona_model = self.persona(persona)
-        try:
-            backend = self.backend
-            dr = self.driver()
-        except (BackendError, ServerError) as exc:  # an unreachable server fails the turn like any other failure
-            self._drop_backend()
-            raise TurnError(f"turn in room {room!r} failed; history unchanged: {exc}") from exc
+        routes = self.route(persona)
+        if not routes:
+            assert self.pool is not None
+            failed = "; ".join(f"{m}: {why}" for m, why in self.pool.down().items())
+            raise TurnError(f"turn in room {room!r} failed; history unchanged: every member of pool "
+                            f"{self.pool.name!r} failed recently ({failed})")
+        for attempt, (member, placement) in enumerate(routes):
+            last = attempt == len(routes) - 1
+            try:
+                backend = self.pool.connect(member) if self.pool is not None and member else self.backend
+                dr = self._driver_for(backend)
+            except (BackendError, ServerError) as exc:  # an unreachable server fails the turn like any other failure
+                self._drop_backend(member, exc)
+                if last:
+                    raise TurnError(f"turn in room {room!r} failed; history unchanged: {exc}") from exc
+                continue
+            emitted: list[bool] = []
+            try:
+                result = self._turn_on(
+                    backend, dr, persona, persona_model, room, text, audio, images, transcript, speaker, out,
+                    _noting(audio_sink, emitted), _noting(on_text, emitted), now, cancel, setup_started, context,
+                )
+            except _MemberFailed as failure:
+                self._drop_backend(member, failure.error)
+                if last or emitted:  # what was already heard cannot be taken back: no second try
+                    raise TurnError(f"turn {failure.turn} in room {room!r} failed; history unchanged: "
+                                    f"{failure.error}") from failure.error
+                continue
+            if self.pool is not None:
+                result.report["llm"]["pool"] = self.pool.name
+                result.report["route"]["placement"] = placement
+            return result
+        raise AssertionError("unreachable: the last route returns or raises")
+
+    def _turn_on(
+        self, backend: Backend, dr: Any, persona: str, persona_model: Persona, room: str, text: str | None,
+        audio: Any, images: list[Any] | None, transcript: str | None, speaker: str, out: str | Path | None,
+        audio_sink: Callable[[Audio], None] | None, on_text: Callable[[str], None] | None, now: datetime | None,
+        cancel: threading.Event | None, setup_started: float, context: AgentContext | None = None,
+    ) -> TurnResult:
+        """One attempt of a turn on one backend; a failure of the backend itself raises `_MemberFailed`."""
         started = time.perf_counter()
         setup_ms = (started - setup_started) * 1000
         sink, wav = _audio_sink(out, audio_sink)
@@ -356,9 +427,9 @@ class Session:
                 outputs = dr.execute(["turn_report", "prompt", "reply", "speech", "user_content"], inputs=inputs)
         except (AudioError, ImageError):
             raise
-        except (BackendError, TierViolationError, AdapterError) as exc:
-            if isinstance(exc, BackendError):
-                self._drop_backend()
+        except BackendError as exc:
+            raise _MemberFailed(turn_no, exc) from exc
+        except (TierViolationError, AdapterError) as exc:
             raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
         except Exception as exc:  # a user's source raised, or a node failed: the turn fails, the room stays intact
             raise TurnError(
@@ -415,6 +486,28 @@ class Session:
         }
         if reply.tool_calls:
             report["llm"]["tool_calls"] = [dataclasses.asdict(call) for call in reply.tool_calls]
+
+
+class _MemberFailed(Exception):
+    """The backend failed during a turn (nothing committed): a pool tries the next member."""
+
+    def __init__(self, turn: int, error: Exception):
+        super().__init__(str(error))
+        self.turn, self.error = turn, error
+
+
+def _noting(fn: Callable[[Any], None] | None, emitted: list[bool]) -> Callable[[Any], None] | None:
+    """`fn`, noting in `emitted` that something reached the caller (then a failed turn is not tried again)."""
+    if fn is None:
+        return None
+    callback = fn
+
+    def noted(value: Any) -> None:
+        if not emitted:
+            emitted.append(True)
+        callback(value)
+
+    return noted
 
 
 def _seconds(ms: float | None) -> float | None:

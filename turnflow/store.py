@@ -1,29 +1,40 @@
-"""The conversation store: one history per room in SQLite, shared by the personas in it.
+"""The conversation store: one history per room, shared by the personas in it, in SQLite or PostgreSQL.
 
 A turn is atomic: the speaker's message and the persona's reply are committed in one transaction, so
 a failed turn leaves the room exactly as it was. Messages keep the bytes the model saw, so a persona's
 history only ever grows by appending, and the model server's KV cache of it stays valid.
+
+SQLite (one file) is the embedded default; PostgreSQL (`TURNFLOW_STORE=postgresql://...`) is for several
+workers sharing rooms. The store's queries are the same for both; an engine per database opens the connection,
+creates the schema and makes transactions: SQLite's take the database's write lock, PostgreSQL's take an
+advisory lock on what they change (one room, or one backend's slots), so writers of different rooms do not wait
+for each other and writers of one room commit one at a time, whichever process they run in.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
+import typing
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 Content = str | list[dict[str, Any]]
+
+STORE_ENV = "TURNFLOW_STORE"
+"""Where the conversation store is: a SQLite file path, or a `postgresql://` URL shared by several workers."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rooms (
     room_id TEXT PRIMARY KEY,
-    created_at REAL NOT NULL,
+    created_at {real} NOT NULL,
     participants_version INTEGER NOT NULL DEFAULT 0,
     history_floor_id INTEGER NOT NULL DEFAULT 0,
     compaction_epoch INTEGER NOT NULL DEFAULT 0
@@ -33,13 +44,13 @@ CREATE TABLE IF NOT EXISTS participants (
     participant TEXT NOT NULL,
     kind TEXT NOT NULL CHECK (kind IN ('person', 'persona')),
     display_name TEXT NOT NULL,
-    joined_at REAL NOT NULL,
+    joined_at {real} NOT NULL,
     seq INTEGER NOT NULL,
     joined_after INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (room_id, participant)
 );
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {id},
     room_id TEXT NOT NULL REFERENCES rooms(room_id),
     turn INTEGER NOT NULL,
     speaker TEXT NOT NULL,
@@ -47,13 +58,13 @@ CREATE TABLE IF NOT EXISTS messages (
     display_name TEXT NOT NULL,
     content TEXT NOT NULL,
     text TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at {real} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
 CREATE TABLE IF NOT EXISTS turns (
     room_id TEXT NOT NULL REFERENCES rooms(room_id),
     turn INTEGER NOT NULL,
-    committed_at REAL NOT NULL,
+    committed_at {real} NOT NULL,
     PRIMARY KEY (room_id, turn)
 );
 CREATE TABLE IF NOT EXISTS slot_owners (
@@ -64,9 +75,9 @@ CREATE TABLE IF NOT EXISTS slot_owners (
     adapters TEXT NOT NULL DEFAULT '',
     prefix TEXT NOT NULL DEFAULT '',
     tokens INTEGER NOT NULL DEFAULT 0,
-    last_used REAL NOT NULL DEFAULT 0,
+    last_used {real} NOT NULL DEFAULT 0,
     busy_token TEXT,
-    busy_until REAL NOT NULL DEFAULT 0,
+    busy_until {real} NOT NULL DEFAULT 0,
     PRIMARY KEY (backend, total_slots, slot)
 );
 CREATE TABLE IF NOT EXISTS slot_assignments (
@@ -77,6 +88,163 @@ CREATE TABLE IF NOT EXISTS slot_assignments (
     PRIMARY KEY (backend, total_slots, persona_id)
 );
 """
+
+
+class StoreError(RuntimeError):
+    """The conversation store cannot be opened; the message names the setting and how to fix it."""
+
+
+class _Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Any: ...
+
+
+class _Db(Protocol):
+    """A connection running the store's queries (`?` parameters)."""
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> _Cursor: ...
+
+
+class _Engine:
+    """A database the store runs on: the connection, the schema, and transactions."""
+
+    db: _Db
+    location: str
+
+    def transaction(self, scope: str) -> Any:
+        """A write transaction over `scope` (`room:ID`, `slots:BACKEND`): writers of one scope commit one at a time."""
+        raise NotImplementedError
+
+    def snapshot(self) -> Any:
+        """A read transaction: every read inside sees the same committed state."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the connection."""
+        raise NotImplementedError
+
+
+class _SqliteEngine(_Engine):
+    """One SQLite file (WAL): every write transaction takes the database's write lock."""
+
+    def __init__(self, path: Path):
+        self.location = str(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(_SCHEMA.format(id="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"))
+        columns = {row[1] for row in db.execute("PRAGMA table_info(participants)")}
+        if "joined_after" not in columns:  # a store made before joins became history events
+            db.execute("ALTER TABLE participants ADD COLUMN joined_after INTEGER NOT NULL DEFAULT 0")
+        self._sqlite = db
+        self.db = typing.cast(_Db, db)
+
+    @contextmanager
+    def transaction(self, scope: str) -> Iterator[_Db]:
+        self._sqlite.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self._sqlite.execute("ROLLBACK")
+            raise
+        self._sqlite.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[_Db]:
+        self._sqlite.execute("BEGIN DEFERRED")
+        try:
+            yield self.db
+        finally:
+            self._sqlite.execute("COMMIT")
+
+    def close(self) -> None:
+        self._sqlite.close()
+
+
+class _PostgresDb:
+    """A psycopg connection taking the store's `?` parameters."""
+
+    def __init__(self, connection: Any):
+        self.connection = connection
+
+    def execute(self, sql: str, parameters: Any = ()) -> _Cursor:
+        return typing.cast(_Cursor, self.connection.execute(sql.replace("?", "%s"), parameters))
+
+
+class _PostgresEngine(_Engine):
+    """A PostgreSQL database (psycopg 3): write transactions take an advisory lock on their scope, so turn numbers
+    and slot claims are decided by one writer at a time across every process sharing the database."""
+
+    def __init__(self, url: str):
+        self.location = _redacted(url)
+        try:
+            import psycopg
+        except ImportError:
+            raise StoreError(
+                f"{STORE_ENV}={self.location}: PostgreSQL needs psycopg 3; install it with "
+                f"`pip install 'turnflow[postgres]'`"
+            ) from None
+        try:
+            connection = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        except psycopg.Error as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StoreError(
+                f"{STORE_ENV}={self.location}: cannot connect to PostgreSQL ({reason}); expected "
+                f"postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE (or ?host=/socket/dir) of a running server"
+            ) from None
+        self._connection = connection
+        self.db = _PostgresDb(connection)
+        with self.transaction("schema") as db:  # two workers starting at once create the tables once
+            for statement in _SCHEMA.format(id="BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY",
+                                            real="DOUBLE PRECISION").split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    @contextmanager
+    def transaction(self, scope: str) -> Iterator[_Db]:
+        with self._connection.transaction():
+            self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (scope,))
+            yield self.db
+
+    @contextmanager
+    def snapshot(self) -> Iterator[_Db]:
+        with self._connection.transaction():
+            self.db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            yield self.db
+
+    def close(self) -> None:
+        self._connection.close()
+
+
+def _redacted(url: str) -> str:
+    """A database URL without its password, for messages."""
+    import re
+
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+def is_postgres_url(location: str | Path) -> bool:
+    """Whether a store location is a PostgreSQL URL rather than a SQLite file."""
+    return isinstance(location, str) and location.startswith(("postgresql://", "postgres://"))
+
+
+def open_store(location: str | Path | None = None, *, default: str | Path) -> ConversationStore:
+    """The conversation store at `location`, else at `$TURNFLOW_STORE`, else the SQLite file `default`."""
+    chosen = location or os.environ.get(STORE_ENV) or default
+    if isinstance(chosen, str) and "://" in chosen and not is_postgres_url(chosen):
+        scheme = chosen.split("://", 1)[0]
+        raise StoreError(
+            f"{STORE_ENV}={_redacted(chosen)}: unknown store {scheme!r}; use a SQLite file path or "
+            f"postgresql://USER@HOST:PORT/DATABASE"
+        )
+    return ConversationStore(chosen)
 
 
 @dataclass(frozen=True)
@@ -188,67 +356,59 @@ class RoomState:
 
 
 class ConversationStore:
-    """Rooms, their participants and histories, and persona slot assignments, in one SQLite file."""
+    """Rooms, their participants and histories, and persona slot assignments: in one SQLite file (a path), or in
+    a PostgreSQL database (a `postgresql://` URL) that several workers share."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(participants)")}
-        if "joined_after" not in columns:  # a store made before joins became history events
-            self._db.execute("ALTER TABLE participants ADD COLUMN joined_after INTEGER NOT NULL DEFAULT 0")
-        self._lock = threading.Lock()
+    def __init__(self, location: str | Path):
+        engine: _Engine = _PostgresEngine(str(location)) if is_postgres_url(location) else _SqliteEngine(Path(location))
+        self._engine = engine
+        self.location = engine.location
+        """The SQLite file, or the PostgreSQL URL without its password."""
+        self._db = engine.db
+        self._lock = threading.Lock()  # one connection per store: one transaction at a time on it
+
+    @property
+    def kind(self) -> str:
+        """`sqlite` or `postgresql`."""
+        return "postgresql" if isinstance(self._engine, _PostgresEngine) else "sqlite"
 
     def close(self) -> None:
         """Close the database."""
-        self._db.close()
+        self._engine.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self, scope: str) -> Iterator[_Db]:
+        with self._lock, self._engine.transaction(scope) as db:
+            yield db
 
-    def _ensure_room(self, db: sqlite3.Connection, room_id: str) -> None:
-        db.execute("INSERT OR IGNORE INTO rooms (room_id, created_at) VALUES (?, ?)", (room_id, time.time()))
+    def _ensure_room(self, db: _Db, room_id: str) -> None:
+        db.execute("INSERT INTO rooms (room_id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                   (room_id, time.time()))
 
     @contextmanager
-    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+    def _snapshot(self) -> Iterator[_Db]:
         """A read transaction: every read inside sees the same committed state (no write lock is taken)."""
-        with self._lock:
-            self._db.execute("BEGIN DEFERRED")
-            try:
-                yield self._db
-            finally:
-                self._db.execute("COMMIT")
+        with self._lock, self._engine.snapshot() as db:
+            yield db
 
     def room(self, room_id: str, *, tail: int = 2) -> RoomState:
         """The room's visible history (since the last compaction), participants and counters, read at once."""
-        with self._snapshot():
-            row = self._db.execute(
+        with self._snapshot() as db:
+            row = db.execute(
                 "SELECT participants_version, history_floor_id, compaction_epoch FROM rooms WHERE room_id = ?",
                 (room_id,),
             ).fetchone()
             version, floor, epoch = row if row else (0, 0, 0)
-            rows = self._db.execute(
+            rows = db.execute(
                 "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
                 "WHERE room_id = ? AND id >= ? ORDER BY id",
                 (room_id, floor),
             ).fetchall()
-            people = self._db.execute(
+            people = db.execute(
                 "SELECT participant, kind, display_name, joined_after FROM participants WHERE room_id = ? ORDER BY seq",
                 (room_id,),
             ).fetchall()
-            last_turn = self._db.execute(
+            last_turn = db.execute(
                 "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
             ).fetchone()[0]
         messages = [
@@ -268,22 +428,22 @@ class ConversationStore:
 
     def history(self, room_id: str) -> list[StoredMessage]:
         """Every message of the room, compacted or not, oldest first."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._snapshot() as db:
+            rows = db.execute(
                 "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
                 "WHERE room_id = ? ORDER BY id",
                 (room_id,),
             ).fetchall()
         return [StoredMessage(i, t, s, k, n, _load_content(c), x) for i, t, s, k, n, c, x in rows]
 
-    def _join(self, db: sqlite3.Connection, room_id: str, who: Participant) -> bool:
+    def _join(self, db: _Db, room_id: str, who: Participant) -> bool:
         self._ensure_room(db, room_id)
         seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM participants WHERE room_id = ?", (room_id,)).fetchone()
         newest = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages WHERE room_id = ?", (room_id,)).fetchone()
         inserted = db.execute(
-            "INSERT OR IGNORE INTO participants "
+            "INSERT INTO participants "
             "(room_id, participant, kind, display_name, joined_at, seq, joined_after) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
             (room_id, who.participant, who.kind, who.display_name, time.time(), seq[0], newest[0]),
         ).rowcount
         if inserted:
@@ -294,13 +454,13 @@ class ConversationStore:
 
     def join(self, room_id: str, who: Participant) -> bool:
         """Add `who` to the room; True when they were not in it yet."""
-        with self._transaction() as db:
+        with self._transaction(f"room:{room_id}") as db:
             return self._join(db, room_id, who)
 
     def last_turn_of(self, room_id: str, who: str, kind: Literal["person", "persona"]) -> int | None:
         """The turn of `who`'s newest visible message in the room, or None when there is none."""
-        with self._lock:
-            row = self._db.execute(
+        with self._snapshot() as db:
+            row = db.execute(
                 "SELECT turn FROM messages WHERE room_id = ? AND speaker = ? AND speaker_kind = ? AND id >= "
                 "(SELECT COALESCE(MAX(history_floor_id), 0) FROM rooms WHERE room_id = ?) ORDER BY id DESC LIMIT 1",
                 (room_id, who, kind, room_id),
@@ -309,19 +469,17 @@ class ConversationStore:
 
     def add_message(self, room_id: str, turn: int, speaker: Participant, content: Content, text: str) -> int:
         """Append one message outside a turn (e.g. a person speaking to the room); returns its id."""
-        with self._transaction() as db:
+        with self._transaction(f"room:{room_id}") as db:
             self._join(db, room_id, speaker)
             return self._insert(db, room_id, turn, speaker, content, text)
 
-    def _insert(
-        self, db: sqlite3.Connection, room_id: str, turn: int, who: Participant, content: Content, text: str
-    ) -> int:
-        cursor = db.execute(
+    def _insert(self, db: _Db, room_id: str, turn: int, who: Participant, content: Content, text: str) -> int:
+        row = db.execute(
             "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (room_id, turn, who.participant, who.kind, who.display_name, json.dumps(content), text, time.time()),
-        )
-        return int(cursor.lastrowid or 0)
+        ).fetchone()
+        return int(row[0])
 
     def commit_turn(
         self,
@@ -338,7 +496,7 @@ class ConversationStore:
         The number is `turn` unless another turn in the room (another thread or process) committed it
         first: then it is the next free one. Numbers are unique per room (the `turns` table's key).
         """
-        with self._transaction() as db:
+        with self._transaction(f"room:{room_id}") as db:
             self._join(db, room_id, speaker)
             self._join(db, room_id, persona)
             last = db.execute(
@@ -352,7 +510,7 @@ class ConversationStore:
 
     def compact(self, room_id: str, keep: int) -> int:
         """Hide all but the newest `keep` messages from prompts (one large block); returns how many were hidden."""
-        with self._transaction() as db:
+        with self._transaction(f"room:{room_id}") as db:
             ids = [r[0] for r in db.execute(
                 "SELECT id FROM messages WHERE room_id = ? AND id >= "
                 "(SELECT history_floor_id FROM rooms WHERE room_id = ?) ORDER BY id",
@@ -382,7 +540,7 @@ class ConversationStore:
         deadline = time.monotonic() + wait_s
         pinned = None if paging else self.slot_for(backend, persona_id, total_slots)
         while True:
-            with self._transaction() as db:
+            with self._transaction(f"slots:{backend}") as db:
                 now = time.time()
                 owners = {o.slot: o for o in self._owners(db, backend, total_slots, now)}
                 free = [s for s in range(total_slots) if not (owners.get(s) and owners[s].busy)]
@@ -418,7 +576,13 @@ class ConversationStore:
                 raise TimeoutError(f"no free slot on {backend} after {wait_s:.0f} s (all {total_slots} busy)")
             time.sleep(0.02)
 
-    def _owners(self, db: sqlite3.Connection, backend: str, total_slots: int, now: float) -> list[SlotOwner]:
+    def slot_owners(self, backend: str, total_slots: int, *, now: float | None = None) -> list[SlotOwner]:
+        """Who holds each slot of a backend's server; `busy` is a lease still running at `now` (default: now;
+        0 counts any lease not released, expired or not)."""
+        with self._snapshot() as db:
+            return self._owners(db, backend, total_slots, time.time() if now is None else now)
+
+    def _owners(self, db: _Db, backend: str, total_slots: int, now: float) -> list[SlotOwner]:
         rows = db.execute(
             "SELECT slot, persona_id, adapters, prefix, tokens, last_used, busy_token, busy_until FROM slot_owners "
             "WHERE backend = ? AND total_slots = ?",
@@ -429,7 +593,7 @@ class ConversationStore:
 
     def release_slot(self, claim: SlotClaim) -> None:
         """Let the slot go; it now holds what the turn set on the claim (nothing known when the turn failed)."""
-        with self._transaction() as db:
+        with self._transaction(f"slots:{claim.backend}") as db:
             db.execute(
                 "UPDATE slot_owners SET persona_id = ?, adapters = ?, prefix = ?, tokens = ?, last_used = ?, "
                 "busy_token = NULL, busy_until = 0 WHERE backend = ? AND total_slots = ? AND slot = ? "
@@ -440,11 +604,11 @@ class ConversationStore:
 
     def reserve_tokens(self, claim: SlotClaim, tokens: int) -> int:
         """Count `tokens` of KV for the claimed slot (a turn in flight); returns what the other slots hold."""
-        with self._transaction() as db:
+        with self._transaction(f"slots:{claim.backend}") as db:
             db.execute(
-                "UPDATE slot_owners SET tokens = MAX(tokens, ?) WHERE backend = ? AND total_slots = ? AND slot = ? "
-                "AND busy_token = ?",
-                (tokens, claim.backend, claim.total_slots, claim.slot, claim.token),
+                "UPDATE slot_owners SET tokens = CASE WHEN tokens > ? THEN tokens ELSE ? END "
+                "WHERE backend = ? AND total_slots = ? AND slot = ? AND busy_token = ?",
+                (tokens, tokens, claim.backend, claim.total_slots, claim.slot, claim.token),
             )
             held = db.execute(
                 "SELECT COALESCE(SUM(tokens), 0) FROM slot_owners WHERE backend = ? AND total_slots = ? AND slot != ?",
@@ -454,7 +618,7 @@ class ConversationStore:
 
     def take_idle_slot(self, backend: str, total_slots: int, slot: int, lease_s: float = 120.0) -> str | None:
         """Hold an idle slot briefly (to page its KV out); its hold token, or None when it is busy."""
-        with self._transaction() as db:
+        with self._transaction(f"slots:{backend}") as db:
             token = uuid.uuid4().hex
             now = time.time()
             updated = db.execute(
@@ -466,7 +630,7 @@ class ConversationStore:
 
     def clear_slot(self, backend: str, total_slots: int, slot: int, token: str) -> None:
         """An idle slot whose KV was paged out: it holds nothing now."""
-        with self._transaction() as db:
+        with self._transaction(f"slots:{backend}") as db:
             db.execute(
                 "UPDATE slot_owners SET persona_id = NULL, adapters = '', prefix = '', tokens = 0, busy_token = NULL, "
                 "busy_until = 0 WHERE backend = ? AND total_slots = ? AND slot = ? AND busy_token = ?",
@@ -486,7 +650,7 @@ class ConversationStore:
             ).fetchone()
         if known:
             return int(known[0])
-        with self._transaction() as db:
+        with self._transaction(f"slots:{backend}") as db:
             row = db.execute(
                 "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ? AND persona_id = ?",
                 (backend, total_slots, persona_id),
