@@ -2,12 +2,13 @@
 # make demo     — the main job: a two-persona conversation on the embedded defaults, with the rendered DAG
 # make test     — the test suite (real llama-server, real SQLite, real audio)
 # make bench    — the quick benchmark against the naive pipeline; `make bench-full` for the full one
+# make faults   — the fault suite: kill -9 mid-turn, concurrent rooms, malformed recipes, bad media (figures printed)
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench bench-full overhead lint clean
+.PHONY: install demo test bench bench-full overhead faults lint clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +33,9 @@ bench-full: install
 
 overhead: install
 	$(BIN)/python benchmarks/turn_overhead.py
+
+faults: install
+	$(BIN)/python benchmarks/faults.py --json docs/bench/faults.json
 
 lint: install
 	$(BIN)/ruff check .

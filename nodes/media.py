@@ -207,6 +207,8 @@ def _from_path(path: Path, max_duration_s: float) -> Audio:
     described = repr(path.name)
     if not path.is_file():
         raise AudioError(f"audio file {str(path)!r} does not exist")
+    with path.open("rb") as handle:
+        _check_wav_complete(handle.read(4096), path.stat().st_size, described)
     try:
         with sf.SoundFile(path) as sound_file:
             _check_duration(sound_file.frames / sound_file.samplerate, max_duration_s)
@@ -217,12 +219,38 @@ def _from_path(path: Path, max_duration_s: float) -> Audio:
     return _finish(data, rate, max_duration_s, described)
 
 
+def _check_wav_complete(head: bytes, size: int, described: str) -> None:
+    """Refuse a RIFF/WAVE file whose data chunk declares more audio than the file holds (a cut-off upload).
+
+    A data size of 0 or 0xFFFFFFFF is a streaming writer's "length unknown" and is accepted.
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    offset, byte_rate = 12, 0
+    while offset + 8 <= len(head):
+        chunk, length = head[offset:offset + 4], int.from_bytes(head[offset + 4:offset + 8], "little")
+        if chunk == b"fmt " and offset + 20 <= len(head):
+            byte_rate = int.from_bytes(head[offset + 16:offset + 20], "little")
+        if chunk == b"data":
+            available = size - (offset + 8)
+            if length not in (0, 0xFFFFFFFF) and length > available:
+                if byte_rate:
+                    held = f"; it declares {length / byte_rate:.1f} s and holds {max(available, 0) / byte_rate:.1f} s"
+                else:
+                    held = ""
+                raise AudioError(f"{described} is a truncated WAV file: its data chunk declares {length:,} bytes, "
+                                 f"the file holds {max(available, 0):,}{held}")
+            return
+        offset += 8 + length + (length & 1)
+
+
 def _from_bytes(
     payload: bytes, sample_rate: int | None, max_duration_s: float, described: str | None = None
 ) -> Audio:
     described = described or f"{len(payload):,} bytes"
     if not payload:
         raise AudioError("audio is empty (0 bytes given)")
+    _check_wav_complete(payload[:4096], len(payload), described)
     try:
         with sf.SoundFile(io.BytesIO(payload)) as sound_file:
             _check_duration(sound_file.frames / sound_file.samplerate, max_duration_s)
@@ -294,6 +322,8 @@ def _from_array(array: np.ndarray, sample_rate: int | None, max_duration_s: floa
 def _finish(data: np.ndarray, rate: int, max_duration_s: float, described: str) -> Audio:
     if data.shape[0] == 0:
         raise AudioError(f"audio is empty (0 samples after decoding {described})")
+    if not np.isfinite(data).all():
+        raise AudioError(f"{described} holds NaN or infinite samples")
     _check_duration(data.shape[0] / rate, max_duration_s)
     mono = data[:, 0] if data.shape[1] == 1 else data.mean(axis=1)
     # Float files may hold samples past full scale; they play clipped, so they decode clipped.

@@ -221,3 +221,25 @@ def _encoded(audio: Audio, container: str) -> str:
     buffer = io.BytesIO()
     sf.write(buffer, audio.samples, audio.sample_rate, format=container)
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_cut_off_wav_is_refused_with_what_it_declares(speech: Audio, tmp_path: Path) -> None:
+    whole = speech.to_wav_bytes()
+    cut = whole[: len(whole) // 2]
+    with pytest.raises(AudioError, match=r"truncated WAV file.*declares \d+\.\d s and holds \d+\.\d s"):
+        load_audio(cut)
+    path = tmp_path / "cut.wav"
+    path.write_bytes(cut)
+    with pytest.raises(AudioError, match="truncated WAV file"):
+        load_audio(path)
+    streaming = whole[:40] + b"\xff\xff\xff\xff" + whole[44:]  # a streaming writer's "length unknown"
+    assert load_audio(streaming).duration_s == pytest.approx(speech.duration_s, abs=0.01)
+
+
+def test_a_float_wav_with_an_infinite_sample_is_refused() -> None:
+    samples = np.zeros(16000, dtype=np.float32)
+    samples[10] = np.inf
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, 16000, format="WAV", subtype="FLOAT")
+    with pytest.raises(AudioError, match="NaN or infinite"):
+        load_audio(buffer.getvalue())
