@@ -2,6 +2,7 @@
 
 It implements what the client was seen to send (every request is recorded in `FakeHub.requests`):
 
+- `POST /api/validate-yaml` (the card's metadata, checked before a commit: license ids, relation, tags)
 - `POST /api/repos/create` (JSON `{name, organization, visibility|private, type}`; 409 when it exists)
 - `POST /api/models/{repo}/preupload/{rev}` (every file `regular`: the content goes inline in the commit)
 - `POST /api/models/{repo}/commit/{rev}` (NDJSON: a `header` line, then `file` lines with base64 content)
@@ -26,6 +27,38 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
+
+
+HUB_LICENSES = {
+    "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
+    "cc-by-nc-sa-4.0", "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "openrail", "unlicense", "gemma", "llama3.1",
+    "llama3.2", "other",
+}
+"""Some of the Hub's license ids (it accepts only its own, lower case; `other` goes with `license_name`)."""
+
+
+def card_errors(readme: str) -> list[str]:
+    """What the Hub's metadata check would object to in a README.md (the parts turnflow writes)."""
+    if not readme.startswith("---"):
+        return []
+    try:
+        data = yaml.safe_load(readme.split("---", 2)[1]) or {}
+    except yaml.YAMLError as exc:
+        return [f"invalid YAML: {exc}"]
+    errors = []
+    license = data.get("license")
+    if license is not None and license not in HUB_LICENSES:
+        errors.append(f'"license" must be one of [{", ".join(sorted(HUB_LICENSES))}]')
+    if license == "other" and not data.get("license_name"):
+        errors.append('"license_name" is required when "license" is "other"')
+    if data.get("base_model_relation") not in (None, "adapter", "merge", "quantized", "finetune"):
+        errors.append('"base_model_relation" must be one of [adapter, merge, quantized, finetune]')
+    if data.get("base_model_relation") and not data.get("base_model"):
+        errors.append('"base_model_relation" needs "base_model"')
+    tags = data.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        errors.append('"tags" must be a list of strings')
+    return errors
 
 
 @dataclass
@@ -200,6 +233,9 @@ class FakeHub:
             with self.lock:
                 self.repos.pop(repo_id, None)
             return answer(200, {})
+        if method == "POST" and path == "/api/validate-yaml":
+            errors = card_errors(json.loads(body)["content"])
+            return answer(400 if errors else 200, {"errors": [{"message": e} for e in errors], "warnings": []})
         if method == "GET" and path == "/api/models":
             return answer(200, self._list(query))
         if path.startswith("/api/models/"):

@@ -571,12 +571,17 @@ def _resolve(repo: str, revision: str | None, cache: Path, *, allow_cache: bool)
         except Exception as exc:
             raise _hub_error(f"{repo}@{revision or 'main'}", exc) from None
         else:
-            return str(info.sha), sorted(s.rfilename for s in info.siblings or ()), False
+            sha = str(info.sha)
+            if not (revision and _SHA.match(revision)):  # as the HF cache records a branch: refs/<name> -> sha
+                ref = _cache_folder(cache, repo) / "refs" / (revision or "main")
+                ref.parent.mkdir(parents=True, exist_ok=True)
+                ref.write_text(sha)
+            return sha, sorted(s.rfilename for s in info.siblings or ()), False
     else:
         if not allow_cache:
             raise _unreachable("previewing needs it")
         reason = None
-    folder = cache / f"models--{repo.replace('/', '--')}"
+    folder = _cache_folder(cache, repo)
     sha = revision if revision and _SHA.match(revision) else None
     if sha is None:
         try:
@@ -664,9 +669,9 @@ def preview(repo_ref: str, *, out: Path | None = None, registry: AdapterRegistry
         shutil.copyfile(wav, out)
         return fetched, out, False
     player = next((shutil.which(p) for p in ("paplay", "aplay", "play") if shutil.which(p)), None) if play else None
-    if player:
-        subprocess.run([player, str(wav)], check=False, capture_output=True, timeout=120)
-    return fetched, wav, bool(player)
+    played = bool(player) and subprocess.run([str(player), str(wav)], check=False, capture_output=True,
+                                             timeout=120).returncode == 0
+    return fetched, wav, played
 
 
 def pull(repo_ref: str, *, accept_unlicensed: bool = False, registry: AdapterRegistry | None = None) -> AdapterManifest:
@@ -710,7 +715,12 @@ def _online_for(cache: Path, repo: str, sha: str, filename: str) -> bool:
     """Whether to ask the Hub for a file: not when offline, nor when the pinned snapshot already has it."""
     if hub_offline():
         return False
-    return not (cache / f"models--{repo.replace('/', '--')}" / "snapshots" / sha / filename).exists()
+    return not (_cache_folder(cache, repo) / "snapshots" / sha / filename).exists()
+
+
+def _cache_folder(cache: Path, repo: str) -> Path:
+    """A model repo's folder in the Hugging Face cache layout."""
+    return cache / f"models--{repo.replace('/', '--')}"
 
 
 def _evict(path: Path) -> None:
