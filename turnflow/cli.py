@@ -1,4 +1,4 @@
-"""The `turnflow` command: validate, render, run, server, bench.
+"""The `turnflow` command: validate, render, run, server, bench, adapters (and the Hub).
 
 Errors are for people: a bad recipe prints `FILE:LINE: message` lines and exits 1, a failed turn prints
 one line saying what happened and that the history is unchanged, never a traceback.
