@@ -65,6 +65,7 @@ def _publish(adapter_id: str, repo: str, hub: FakeHub, *extra: str) -> str:
 # ------------------------------------------------------------------ the card and the dry run
 
 
+@pytest.mark.server
 def test_dry_run_writes_the_commit_and_the_card_reads_back(fake_hub: FakeHub, tmp_path: Path) -> None:
     from huggingface_hub import ModelCard
 

@@ -130,10 +130,17 @@ def _api(token: str | None = None) -> Any:
 
 
 def _unreachable_types() -> tuple[type[BaseException], ...]:
-    import httpx
+    import importlib
+
     from huggingface_hub.errors import OfflineModeIsEnabled
 
-    return (OfflineModeIsEnabled, httpx.TransportError, ConnectionError, TimeoutError)
+    transports: list[type[BaseException]] = []
+    for name in ("httpx", "httpx2"):  # huggingface_hub 2 speaks through its own fork, httpx2
+        try:
+            transports.append(importlib.import_module(name).TransportError)
+        except (ImportError, AttributeError):
+            continue
+    return (OfflineModeIsEnabled, *transports, ConnectionError, TimeoutError)
 
 
 def _unreachable(what: str, exc: BaseException | None = None) -> HubUnreachable:
