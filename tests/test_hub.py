@@ -169,6 +169,7 @@ def test_publish_search_preview_pull_and_a_turn_with_the_pulled_voice(fake_hub: 
     assert f"source:    hf://team/maya-voice @ {sha}" in shown
 
     recipe = copy_recipe_folder(tmp_path)
+    recipe.write_text(recipe.read_text().replace("personas: [maya, helper, teacher, codereview]\n", ""))
     _persona(recipe, "maya-hub", f"hf://team/maya-voice@{sha[:10]}")  # a prefix of the pinned sha is enough
     _persona(recipe, "maya-unpulled", "hf://team/other-voice@0123456789abcdef")
     checked = _cli("validate", str(recipe.parent))
@@ -192,7 +193,7 @@ def test_publish_search_preview_pull_and_a_turn_with_the_pulled_voice(fake_hub: 
 def test_a_file_whose_bytes_do_not_match_the_manifest_is_refused(fake_hub: FakeHub, tmp_path: Path) -> None:
     from huggingface_hub import HfApi
 
-    _profile_adapter(tmp_path, "swap-voice")
+    _profile_adapter(tmp_path, "swap-voice")  # published as swap-voice.yaml
     _publish("swap-voice", "sam/swap-voice", fake_hub)
     HfApi(endpoint=fake_hub.url, token=fake_hub.token).upload_file(
         path_or_fileobj=PROFILE.replace("pitch: 20", "pitch: 90").encode(), path_in_repo="swap-voice.yaml",

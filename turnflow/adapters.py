@@ -447,7 +447,8 @@ class AdapterRegistry:
         text = str(source)
         generated = text.startswith("generated:")
         if generated:
-            path, base, name = _generate(text, base)
+            path, named_base, name = _generate(text, base)
+            base = base if isinstance(base, BaseModelRef) else named_base  # a ref given keeps its Hub id
             adapter_id = adapter_id or name
             license = license or "CC0-1.0"
             authors = tuple(authors) or ("turnflow modelgen",)

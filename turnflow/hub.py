@@ -291,20 +291,19 @@ def make_bundle(
     local = _variant(registry, adapter_id, base)
     source = registry.verified_path(local)
     out.mkdir(parents=True, exist_ok=True)
-    clash = [name for name in (HUB_MANIFEST, CARD, PREVIEW) if name == source.name]
-    if clash:
-        raise HubError(f"adapter {adapter_id!r}: its file is named {source.name}, which the repo needs for itself")
-    shutil.copyfile(source, out / source.name)
+    # the file goes up under the adapter's name (a registry file may be named by its hash)
+    name = re.sub(r"[^\w.-]+", "-", local.id.removeprefix("hf://").split("@")[0].split("/")[-1]) + source.suffix.lower()
+    shutil.copyfile(source, out / name)
     preview = write_preview(local, source, out / PREVIEW, base=base, persona=persona)
     manifest = HubManifest(
         id=local.id, kind=local.kind, format=local.format,
-        file=source.name, sha256=local.sha256, size_bytes=local.size_bytes, base_model=local.base_model,
+        file=name, sha256=local.sha256, size_bytes=local.size_bytes, base_model=local.base_model,
         license=local.license, authors=local.authors, derived_from=local.derived_from,
         source=local.source, preview=preview,
     )
     (out / HUB_MANIFEST).write_text(json.dumps(manifest.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
     model_card(manifest).save(out / CARD)
-    return Bundle(out, manifest, sorted([source.name, HUB_MANIFEST, PREVIEW, CARD]))
+    return Bundle(out, manifest, sorted([name, HUB_MANIFEST, PREVIEW, CARD]))
 
 
 def _variant(registry: AdapterRegistry, adapter_id: str, base: str | None) -> AdapterManifest:
