@@ -28,7 +28,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
-
 HUB_LICENSES = {
     "apache-2.0", "mit", "bsd-2-clause", "bsd-3-clause", "cc0-1.0", "cc-by-4.0", "cc-by-sa-4.0", "cc-by-nc-4.0",
     "cc-by-nc-sa-4.0", "gpl-3.0", "lgpl-3.0", "agpl-3.0", "mpl-2.0", "openrail", "unlicense", "gemma", "llama3.1",

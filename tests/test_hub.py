@@ -101,7 +101,8 @@ def test_dry_run_writes_the_commit_and_the_card_reads_back(fake_hub: FakeHub, tm
     # the real publish uploads exactly these bytes, in one commit
     commits = len(fake_hub.paths("POST"))
     sha = _publish("card-voice", "ada/card-voice", fake_hub, "--persona", "maya")
-    assert [p for p in fake_hub.paths("POST")[commits:] if "/commit/" in p] == ["/api/models/ada/card-voice/commit/main"]
+    made = [p for p in fake_hub.paths("POST")[commits:] if "/commit/" in p]
+    assert made == ["/api/models/ada/card-voice/commit/main"]
     uploaded = fake_hub.repos["ada/card-voice"].tree(sha)
     assert uploaded is not None
     assert uploaded[1] == {name: (out / name).read_bytes() for name in files}

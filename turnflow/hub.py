@@ -226,8 +226,9 @@ def model_card(manifest: HubManifest) -> Any:
     from huggingface_hub import ModelCard, ModelCardData
 
     base = manifest.base_model
+    license_fields: dict[str, Any] = hub_license(manifest.license)
     data = ModelCardData(
-        **hub_license(manifest.license),
+        **license_fields,
         base_model=base.hub_id if base and base.hub_id else None,
         library_name=LIBRARY_NAME,
         tags=card_tags(manifest),
@@ -515,7 +516,8 @@ def search(query: str | None = None, *, kind: str | None = None, base: str | Non
     found = []
     for model in models:
         data = _card_dict(getattr(model, "card_data", None))
-        block = data.get("turnflow") if isinstance(data.get("turnflow"), dict) else {}
+        raw = data.get("turnflow")
+        block: dict[str, Any] = raw if isinstance(raw, dict) else {}
         model_tags = set(model.tags or ())
         model_kind = "voice" if "turnflow-voice" in model_tags else "skill" if "turnflow-skill" in model_tags else "?"
         base_model = data.get("base_model") or ""
@@ -577,18 +579,18 @@ def _resolve(repo: str, revision: str | None, cache: Path, *, allow_cache: bool)
         except Exception as exc:
             raise _hub_error(f"{repo}@{revision or 'main'}", exc) from None
         else:
-            sha = str(info.sha)
+            resolved = str(info.sha)
             if not (revision and _SHA.match(revision)):  # as the HF cache records a branch: refs/<name> -> sha
                 ref = _cache_folder(cache, repo) / "refs" / (revision or "main")
                 ref.parent.mkdir(parents=True, exist_ok=True)
-                ref.write_text(sha)
-            return sha, sorted(s.rfilename for s in info.siblings or ()), False
+                ref.write_text(resolved)
+            return resolved, sorted(s.rfilename for s in info.siblings or ()), False
     else:
         if not allow_cache:
             raise _unreachable("previewing needs it")
         reason = None
     folder = _cache_folder(cache, repo)
-    sha = revision if revision and _SHA.match(revision) else None
+    sha: str | None = revision if revision and _SHA.match(revision) else None
     if sha is None:
         try:
             sha = (folder / "refs" / (revision or "main")).read_text().strip()
