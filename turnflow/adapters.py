@@ -348,15 +348,28 @@ class AdapterRegistry:
     def variants(self, adapter_id: str) -> list[AdapterManifest]:
         """The variants of one id (one per base model), or an AdapterError naming the ids there are."""
         found = self._all().get(adapter_id)
+        if not found and adapter_id.startswith("hf://"):
+            found = self._hub_variants(adapter_id)
         if not found:
             close = difflib.get_close_matches(adapter_id, self.ids(), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            if adapter_id.startswith("hf://"):
+            if adapter_id.startswith("hf://") and "@" not in adapter_id:
+                hint += (f"; a Hub adapter is named at a pinned commit, hf://OWNER/NAME@SHA: "
+                        f"`turnflow adapters pull {adapter_id[5:]}` prints it")
+            elif adapter_id.startswith("hf://"):
                 hint += f"; pull it first: turnflow adapters pull {adapter_id[5:]}"
             else:
                 hint += "; add it with `turnflow adapters add PATH --kind voice|skill --id ID`"
             raise AdapterError(f"unknown adapter {adapter_id!r}{hint}")
         return list(found)
+
+    def _hub_variants(self, adapter_id: str) -> list[AdapterManifest]:
+        """A pulled Hub adapter named by a prefix of its commit sha (`hf://OWNER/NAME@1a2b3c4`), if one matches."""
+        repo, _, sha = adapter_id.partition("@")
+        if len(sha) < 7:
+            return []
+        matches = [i for i in self.ids() if i.startswith(f"{repo}@{sha}")]
+        return list(self._all()[matches[0]]) if len(matches) == 1 else []
 
     def get(self, adapter_id: str, base: BaseModelRef | None = None) -> AdapterManifest:
         """The variant of `adapter_id` for `base` (a voice profile fits every base)."""
@@ -434,7 +447,8 @@ class AdapterRegistry:
         text = str(source)
         generated = text.startswith("generated:")
         if generated:
-            path, base, name = _generate(text, base)
+            path, named_base, name = _generate(text, base)
+            base = base if isinstance(base, BaseModelRef) else named_base  # a ref given keeps its Hub id
             adapter_id = adapter_id or name
             license = license or "CC0-1.0"
             authors = tuple(authors) or ("turnflow modelgen",)
@@ -629,10 +643,14 @@ class AdapterSet:
             return {"id": a.id, "scale": a.scale, "format": a.manifest.format, "license": a.manifest.license,
                     "authors": list(a.manifest.authors)}
 
+        every = ((self.voice,) if self.voice else ()) + self.skills
         return {
             "voice": self.voice.id if self.voice else None,
             "skills": [{"id": a.id, "scale": a.scale} for a in self.skills],
-            "licenses": {a.id: a.manifest.license for a in ((self.voice,) if self.voice else ()) + self.skills},
+            "licenses": {a.id: a.manifest.license for a in every},
+            "attribution": {a.id: {"license": a.manifest.license, "authors": list(a.manifest.authors),
+                                   "source": a.manifest.source, "revision": a.manifest.revision,
+                                   "derived_from": list(a.manifest.derived_from)} for a in every},
             "detail": [entry(a) for a in ((self.voice,) if self.voice else ()) + self.skills],
         }
 

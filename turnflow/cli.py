@@ -1,4 +1,4 @@
-"""The `turnflow` command: validate, render, run, server, bench, adapters, serve, worker.
+"""The `turnflow` command: validate, render, run, server, bench, adapters (and the Hub), serve, worker.
 
 Errors are for people: a bad recipe prints `FILE:LINE: message` lines and exits 1, a failed turn prints
 one line saying what happened and that the history is unchanged, never a traceback.
@@ -234,15 +234,59 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
                 print(f"  license:   {m.license or 'none given'}")
                 print(f"  authors:   {', '.join(m.authors) or 'none given'}")
                 print(f"  source:    {m.source}" + (f" @ {m.revision}" if m.revision else ""))
-                if m.derived_from:
-                    print(f"  derived from: {', '.join(m.derived_from)}")
+                print(f"  derived from: {', '.join(m.derived_from) or 'nothing declared'}")
             return 0
+        if args.action in ("publish", "search", "preview", "pull"):
+            return _cmd_hub(args, registry)
         removed = registry.remove(args.id)
         print(f"removed {args.id} ({removed} variant{'s' if removed != 1 else ''})")
         return 0
     except AdapterError as exc:
         print(f"turnflow: {exc}", file=sys.stderr)
         return 1
+
+
+def _cmd_hub(args: argparse.Namespace, registry: Any) -> int:
+    """publish, search, preview, pull: the registry's adapters on the Hugging Face Hub."""
+    from turnflow import hub
+
+    try:
+        if args.action == "publish":
+            bundle, commit = hub.publish(
+                args.id, args.repo, private=args.private, token=args.token, dry_run=args.dry_run,
+                out=Path(args.out) if args.out else None, registry=registry, base=args.base, persona=args.persona,
+            )
+            card = hub.card_tags(bundle.manifest)
+            where = f"wrote {bundle.folder}" if commit is None else f"published {args.repo} @ {commit}"
+            print(f"{where}: {', '.join(bundle.files)} (tags {', '.join(card)}; license "
+                  f"{bundle.manifest.license or 'none: pulling it will need --accept-unlicensed'})")
+            if bundle.manifest.preview:
+                print(f"preview.wav says: \u201c{bundle.manifest.preview.text}\u201d")
+            return 0
+        if args.action == "search":
+            found = hub.search(args.query, kind=args.kind, base=args.base)
+            if args.json:
+                print(json.dumps([f.public() for f in found], indent=2))
+                return 0
+            if not found:
+                print("no turnflow adapters found on the Hub" + (f" for {args.query!r}" if args.query else ""))
+            for f in found:
+                print(f"{f.repo:40s} {f.kind:5s} {f.base_model:28s} {f.license:12s} "
+                      f"{', '.join(f.authors) or '-':28s} {f.downloads} downloads")
+            return 0
+        if args.action == "preview":
+            fetched, wav, played = hub.preview(args.repo, out=Path(args.out) if args.out else None, registry=registry)
+            print("\n".join(hub.attribution(fetched)))
+            print(f"{'played' if played else 'wrote'} {wav}")
+            return 0
+        manifest = hub.pull(args.repo, accept_unlicensed=args.accept_unlicensed, registry=registry)
+        print(f"pulled {manifest.id} ({manifest.kind} {manifest.format}, sha256 {manifest.sha256[:12]} verified, "
+              f"license {manifest.license or 'none (accepted)'}, by {', '.join(manifest.authors) or 'unknown'})")
+        print(f"name it in a persona as: {manifest.id}")
+        return 0
+    except hub.HubUnreachable as exc:
+        print(f"turnflow: {exc}", file=sys.stderr)
+        return 4
 
 
 def _base_text(manifest: Any) -> str:
@@ -357,11 +401,32 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--derived-from", action="append", help="what the adapter derives from (repeatable)")
     listing = actions.add_parser("list", help="the adapters in the registry")
     listing.add_argument("--json", action="store_true")
-    show = actions.add_parser("show", help="one adapter: file, base model, license, authors, source")
+    show = actions.add_parser("show", help="one adapter: file, base model, license, authors, source, derivation")
     show.add_argument("id")
     show.add_argument("--json", action="store_true")
     remove = actions.add_parser("remove", help="remove an adapter from the registry")
     remove.add_argument("id")
+    publish = actions.add_parser(
+        "publish", help="publish an adapter to the Hugging Face Hub: file, manifest, preview.wav, model card")
+    publish.add_argument("id", help="the adapter's registry id")
+    publish.add_argument("--repo", required=True, help="the Hub repo, OWNER/NAME")
+    publish.add_argument("--private", action="store_true", help="create the repo private")
+    publish.add_argument("--token", help="a Hub token with write access (default: HF_TOKEN or `hf auth login`)")
+    publish.add_argument("--dry-run", action="store_true", help="write what would be uploaded to --out, no network")
+    publish.add_argument("--out", help="the folder for --dry-run (must be new or empty)")
+    publish.add_argument("--base", help="which variant (a LoRA's base model: GGUF file, generated:tiny, backend)")
+    publish.add_argument("--persona", help="a LoRA's preview is spoken in this persona's TTS voice (file or id)")
+    search = actions.add_parser("search", help="find turnflow adapters on the Hub")
+    search.add_argument("query", nargs="?", help="words in the repo's name")
+    search.add_argument("--kind", choices=("voice", "skill"))
+    search.add_argument("--base", help="the base model's Hub id (OWNER/NAME) or GGUF sha256 prefix")
+    search.add_argument("--json", action="store_true")
+    preview = actions.add_parser("preview", help="license, attribution and preview.wav of a Hub adapter (no weights)")
+    preview.add_argument("repo", help="OWNER/NAME[@REVISION]")
+    preview.add_argument("--out", help="write preview.wav here instead of playing it")
+    pull = actions.add_parser("pull", help="download a Hub adapter at a pinned commit into the registry")
+    pull.add_argument("repo", help="OWNER/NAME[@REVISION]")
+    pull.add_argument("--accept-unlicensed", action="store_true", help="pull a repo whose card names no license")
     adapters.set_defaults(fn=_cmd_adapters)
 
     serve = sub.add_parser("serve", help="join a LiveKit room as the personas and answer the people in it")
