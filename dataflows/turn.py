@@ -209,6 +209,7 @@ def reply_stream(
         lora=adapters.lora,
         audio_out={"voice": tts_voice.voice, "format": "pcm16"} if speaks else None,
         extra=backend.spec.request_defaults,
+        stop=backend.stop_sequences,
     )
     stream.on_delta = on_text
     stream.cancel = cancel
