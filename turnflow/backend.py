@@ -104,6 +104,7 @@ class Backend:
         self._kv_files: KvFiles | None = None
         self._swap = threading.Lock()
         self._control_tokens: ControlTokens | None = None
+        self._stops: list[str] | None = None
         self._retired: list[ChatClient] = []
 
     @property
@@ -118,6 +119,21 @@ class Backend:
                 found = self._template_tokens()
             self._control_tokens = ControlTokens(found)
         return self._control_tokens
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        """Where a reply ends: the turn markers of the model's chat template (its GGUF's for embedded servers,
+        `/props` for llama.cpp servers), plus `request_defaults.stop`. A base model that does not stop at its
+        template's end marker is cut there, so the marker and what follows never reach history or speech."""
+        if self._stops is None:
+            template = ""
+            if self.server is not None:
+                template = gguf_chat_template(self.server.model_path)
+            elif self.capabilities.server == "llama.cpp":
+                template = str((self.client.get_json("/props", root=True) or {}).get("chat_template") or "")
+            extra = self.spec.request_defaults.get("stop") or []
+            self._stops = template_stops(template) + [s for s in ([extra] if isinstance(extra, str) else extra)]
+        return self._stops
 
     def _template_tokens(self) -> list[str]:
         props = self.client.get_json("/props", root=True) or {}
@@ -288,6 +304,29 @@ def _match_loaded(adapters: AdapterSet, loaded: list[dict[str, Any]]) -> dict[st
 _MARKUP_IN_TEMPLATE = re.compile(r"<[^<>\s'\"{}]{1,64}>|\[[A-Z_/]{2,32}\]")
 
 _SPECIAL: dict[str, list[str]] = {}
+_TEMPLATES: dict[str, str] = {}
+_NOT_A_TURN_MARKER = re.compile(r"bos|begin_of_text|image|audio|vision|tool|think|pad", re.I)
+
+
+def template_stops(template: str) -> list[str]:
+    """The turn markers a chat template writes (`<|im_end|>`, `<|im_start|>`, `<end_of_turn>`, ...): text a reply
+    never contains, so where one appears the reply has ended. Ordered by first use in the template."""
+    found: list[str] = []
+    for marker in _MARKUP_IN_TEMPLATE.findall(template):
+        if marker not in found and not _NOT_A_TURN_MARKER.search(marker) and not marker.startswith("</"):
+            found.append(marker)
+    return found
+
+
+def gguf_chat_template(path: Path) -> str:
+    """A GGUF model's packaged chat template (`tokenizer.chat_template`), or ''."""
+    import gguf
+
+    key = str(path)
+    if key not in _TEMPLATES:
+        field = gguf.GGUFReader(key).get_field("tokenizer.chat_template")
+        _TEMPLATES[key] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None else ""
+    return _TEMPLATES[key]
 
 
 def gguf_special_tokens(path: Path) -> list[str]:

