@@ -25,7 +25,7 @@ from turnflow.adapters import AdapterError, AdapterRegistry
 from turnflow.backend import Backend, Capabilities, open_backend
 from turnflow.cache import CompositionCache, Event
 from turnflow.dataflows.turn import TierViolationError
-from turnflow.driver import build_driver, collect_node_timings, stop_collecting
+from turnflow.driver import ASSEMBLIES, build_driver, collect_node_timings, stop_collecting
 from turnflow.nodes.images import ImageError
 from turnflow.nodes.llm import BackendError, ChatReply
 from turnflow.nodes.media import Audio, AudioError
@@ -70,12 +70,22 @@ class Session:
         strict: bool = False,
         assembly: str = "stable_first",
         warn: Callable[[str], None] | None = None,
+        pin_slots: bool = True,
+        composition_cache: bool = True,
     ):
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         self.strict = strict
-        if assembly not in ("stable_first", "naive"):
-            raise ValueError(f"assembly {assembly!r}: use 'stable_first' or 'naive' (the benchmark baseline)")
+        if assembly not in ASSEMBLIES:
+            raise ValueError(
+                f"assembly {assembly!r}: use 'stable_first', or a benchmark baseline: "
+                "'naive', 'unordered', 'append_only'"
+            )
         self.assembly = assembly
+        baseline = assembly in ("naive", "append_only")  # peers pin no slot and keep no composition cache
+        self.pin_slots = pin_slots and not baseline
+        """Pin each persona to a slot (`id_slot`); off, the server picks one (a benchmark ablation)."""
+        self.use_composition_cache = composition_cache and not baseline
+        """Serve cached sections from the composition cache; off, every source runs every turn (an ablation)."""
         self._warn = warn or (lambda message: print(message, file=sys.stderr))
         root = Path(state_dir) if state_dir else home()
         self.store = ConversationStore(root / "rooms.sqlite3")
@@ -218,7 +228,7 @@ class Session:
         Without `connect`, a backend not yet connected is assumed text-only (enough to assemble prompts).
         """
         caps = self.backend.capabilities if connect or self._backend else Capabilities()
-        profile = {**caps.profile, "assembly": self.assembly}
+        profile = {**caps.profile, "assembly": self.assembly, "slot_pinning": "on" if self.pin_slots else "off"}
         if connect or self._backend:  # what sources defuse follows the model's control tokens
             profile["control_tokens"] = self.backend.control_tokens.digest
         return build_driver(self.recipe, profile)
@@ -245,7 +255,7 @@ class Session:
             "transcript_in": transcript,
             "strict": self.strict,
             "store": self.store,
-            "composition_cache": self.cache if self.assembly == "stable_first" else None,
+            "composition_cache": self.cache if self.use_composition_cache else None,
             "speech_bridges": self.bridges,
             "adapter_registry": self.adapters,
             "backend": self._backend,  # None until connected: prompts can be assembled without a server

@@ -22,9 +22,23 @@ import yaml
 from turnflow.nodes import sources
 from turnflow.recipe import BackendSpec, Persona, find_persona, load_recipe
 
-Mode = Literal["turnflow", "naive"]
-MODES: tuple[Mode, ...] = ("turnflow", "naive")
-ASSEMBLY: dict[Mode, str] = {"turnflow": "stable_first", "naive": "naive"}
+Mode = Literal["turnflow", "naive", "append_only", "no_pinning", "no_composition_cache", "no_ordering"]
+MODES: tuple[Mode, ...] = ("turnflow", "naive", "append_only", "no_pinning", "no_composition_cache", "no_ordering")
+BASELINES: tuple[Mode, ...] = MODES[1:]
+"""What turnflow is measured against: the naive pipeline, append-only chat (LiveKit Agents, Pipecat) and three
+ablations of turnflow, each without one of its parts."""
+ASSEMBLY: dict[Mode, str] = {
+    "turnflow": "stable_first", "naive": "naive", "append_only": "append_only", "no_pinning": "stable_first",
+    "no_composition_cache": "stable_first", "no_ordering": "unordered",
+}
+SESSION_OPTIONS: dict[Mode, dict[str, bool]] = {
+    "no_pinning": {"pin_slots": False},
+    "no_composition_cache": {"composition_cache": False},
+}
+"""The Session switches each mode turns off (naive and append_only turn off pinning and the cache themselves)."""
+
+LATE_JOINERS = ("Kai", "Mara")
+"""People who join the first room mid-conversation, then speak."""
 
 BACKEND_NAME = "bench"
 PEOPLE = ("Dana", "Jonas", "Priya", "Sam", "Lee")
@@ -98,6 +112,16 @@ class BenchOptions:
     """`per-persona`: each persona in its own room, one person talking to it (a 1:1 voice call);
     `shared`: all personas in one room, sharing its history, so each persona's turn must also process
     what the others said since it last spoke."""
+    slots: int | None = None
+    """Slots of the embedded server (default: one per persona); fewer than personas makes turnflow page KV."""
+    cache_ram_mb: int | None = None
+    """llama-server's host prompt cache (`--cache-ram`) in MiB; 0 turns it off (default: the backend's)."""
+    paging: bool = True
+    """turnflow's KV paging (`kv_paging` of the backend); off, only the host cache can bring a prefix back."""
+    baselines: tuple[str, ...] = BASELINES
+    """The modes run after turnflow, on the same server configuration."""
+    joins: bool = True
+    """People join the first room mid-conversation (one a third of the way in, one two thirds)."""
     quick: bool = False
     """The preset used (for the record)."""
     progress: bool = True
@@ -114,6 +138,11 @@ class BenchOptions:
                 raise ValueError(f"bench --{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
         if options.prompt_tokens < 500:
             raise ValueError(f"bench --prompt-tokens must be at least 500, got {options.prompt_tokens}")
+        unknown = [b for b in options.baselines if b not in BASELINES]
+        if unknown:
+            raise ValueError(f"bench --baselines: unknown {', '.join(unknown)}; known: {', '.join(BASELINES)}")
+        if options.slots is not None and options.slots < 1:
+            raise ValueError(f"bench --slots must be at least 1, got {options.slots}")
         if options.personas > 4 + len(VARIANT_NAMES):
             raise ValueError(f"bench --personas is at most {4 + len(VARIANT_NAMES)}, got {options.personas}")
         return options
@@ -247,8 +276,10 @@ def backend_spec(options: BenchOptions, *, ctx_per_slot: int, audio: bool) -> Ba
         kind="embedded",
         model=model,
         mmproj=model if (audio and generated) else None,
-        slots=options.personas,
+        slots=options.slots or options.personas,
         ctx_per_slot=ctx_per_slot,
+        cache_ram_mb=options.cache_ram_mb,
+        kv_paging=options.paging,
         max_resident_adapters=max(8, 3 * options.personas),  # every persona's adapters stay resident
     )
 
@@ -378,18 +409,28 @@ class ScriptedTurn:
     speaker: str
     text: str
     kind: Literal["text", "audio"]
+    joins: tuple[str, ...] = ()
+    """People who join the room just before this turn (and the first of them speaks it)."""
 
 
 def conversation_script(
-    personas: Sequence[tuple[str, str]], turns: int, *, audio: bool, rooms: str
+    personas: Sequence[tuple[str, str]], turns: int, *, audio: bool, rooms: str, joins: bool = False
 ) -> list[ScriptedTurn]:
-    """The conversation: rounds in which each person addresses the next persona by name; audio every second turn."""
+    """The conversation: rounds in which each person addresses the next persona by name; audio every second turn.
+
+    With `joins`, the late joiners enter the first room a third and two thirds of the way in, each speaking
+    the turn they join before.
+    """
     room_per_persona = rooms == "per-persona"
+    join_rounds = {max(1, turns // 3): LATE_JOINERS[0], max(2, 2 * turns // 3): LATE_JOINERS[1]} if joins else {}
     script: list[ScriptedTurn] = []
     for round_no in range(turns):
         for index, (persona_id, name) in enumerate(personas):
             seq = len(script) + 1
             speaker = PEOPLE[index % len(PEOPLE)] if room_per_persona else PEOPLE[(seq - 1) % len(PEOPLE)]
+            joiner = join_rounds.get(round_no) if index == 0 and round_no < turns else None
+            if joiner:
+                speaker = joiner
             utterance = UTTERANCES[(round_no + index) % len(UTTERANCES)]
             script.append(
                 ScriptedTurn(
@@ -401,6 +442,7 @@ def conversation_script(
                     speaker=speaker,
                     text=f"{name}, {utterance}",
                     kind="audio" if audio and round_no % 2 == 1 else "text",
+                    joins=(joiner,) if joiner else (),
                 )
             )
     return script
@@ -422,7 +464,9 @@ def _speak_script(script: Sequence[ScriptedTurn]) -> dict[int, Any]:
     voices = ("en-us", "en-us+f3", "en-gb", "en-us+m3", "en-us+f2")
     tts = EspeakTts()
     return {
-        turn.seq: tts.synthesize(turn.text, TtsVoice(voice=voices[PEOPLE.index(turn.speaker) % len(voices)]))
+        turn.seq: tts.synthesize(
+            turn.text, TtsVoice(voice=voices[(PEOPLE + LATE_JOINERS).index(turn.speaker) % len(voices)])
+        )
         for turn in script
         if turn.kind == "audio"
     }

@@ -11,7 +11,10 @@ import numpy as np
 from turnflow.bench.fixture import MODES
 from turnflow.bench.summary import STEADY_FROM_TURN, BenchSummary, TurnRecord, _fmt_ms, _rooms_label
 
-COLORS: dict[str, str] = {"turnflow": "#0f7b6c", "naive": "#d9603b"}
+COLORS: dict[str, str] = {
+    "turnflow": "#0f7b6c", "naive": "#d9603b", "append_only": "#7048e8", "no_pinning": "#1c7ed6",
+    "no_composition_cache": "#f59f00", "no_ordering": "#c2255c",
+}
 """One colour per mode, the same in every plot."""
 
 
@@ -44,7 +47,8 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "axes.titleweight": "bold", "figure.dpi": 110})
-    by_mode = {mode: sorted((r for r in records if r.mode == mode), key=lambda r: r.seq) for mode in MODES}
+    present_modes = [mode for mode in MODES if any(r.mode == mode for r in records)]
+    by_mode = {mode: sorted((r for r in records if r.mode == mode), key=lambda r: r.seq) for mode in present_modes}
     plots: dict[str, str] = {}
     subtitle = (
         f"{summary.config['personas']} personas ({_rooms_label(summary.config['rooms'])}) · "
@@ -69,7 +73,7 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     dense = len(tf_rows) > 40
     ax.plot([r.seq for r in tf_rows], [r.prompt_tokens for r in tf_rows], color="#9a9a9a", lw=1, ls="--",
             label="prompt size (tokens sent)")
-    for mode in MODES:
+    for mode in present_modes:
         rows = by_mode[mode]
         ax.plot([r.seq for r in rows], [max(1, r.prompt_tokens_processed) for r in rows], color=COLORS[mode],
                 lw=1.3 if dense else 1.8, marker="o", ms=0 if dense else 3, label=f"{mode}: tokens processed")
@@ -86,7 +90,7 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     ax.set_title("Prompt tokens the model server processed, per turn")
     ax.legend(frameon=False, loc="center right", fontsize=9)
     _style(ax)
-    for mode in MODES:
+    for mode in present_modes:
         rows = by_mode[mode]
         ax_sum.plot([r.seq for r in rows], np.cumsum([r.prompt_tokens_processed for r in rows]), color=COLORS[mode],
                     lw=2.2, label=mode)
@@ -116,9 +120,9 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
     rng = np.random.default_rng(0)
     for ax, (metric, title) in zip(np.atleast_1d(axes), panels, strict=True):
         data = [[getattr(r, metric) for r in by_mode[mode] if r.steady and getattr(r, metric) is not None]
-                for mode in MODES]
-        positions = list(range(1, len(MODES) + 1))
-        present = [(p, d, m) for p, d, m in zip(positions, data, MODES, strict=True) if d]
+                for mode in present_modes]
+        positions = list(range(1, len(present_modes) + 1))
+        present = [(p, d, m) for p, d, m in zip(positions, data, present_modes, strict=True) if d]
         if present:
             values = [v for _, d, _ in present for v in d]
             log = min(values) > 0 and max(values) / min(values) > 20
@@ -140,8 +144,8 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
                             color=COLORS[mode], fontweight="bold")
             if not log:
                 ax.set_ylim(bottom=0)
-        ax.set_xticks(positions, MODES)
-        ax.set_xlim(0.4, len(MODES) + 0.8)
+        ax.set_xticks(positions, [m.replace('_', ' ') for m in present_modes], rotation=20, fontsize=8)
+        ax.set_xlim(0.4, len(present_modes) + 0.8)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick_ms(v)))
         ax.set_title(title)
         _style(ax)
@@ -153,21 +157,22 @@ def write_plots(records: Sequence[TurnRecord], summary: BenchSummary, out: Path)
 
     # 3. memory over the run
     fig, ax = plt.subplots(figsize=(10, 4.2))
-    timeline = by_mode["turnflow"] + by_mode["naive"]
+    timeline = [r for mode in present_modes for r in by_mode[mode]]
     steps = list(range(1, len(timeline) + 1))
     if any(r.server_rss_mb is not None for r in timeline):
         server_mb = [np.nan if r.server_rss_mb is None else r.server_rss_mb for r in timeline]
         ax.plot(steps, server_mb, color="#3b5bdb", lw=2, label="model server")
     ax.plot(steps, [r.turnflow_rss_mb for r in timeline], color="#868e96", lw=2, ls="--", label="turnflow process")
-    split = len(by_mode["turnflow"])
-    if split and split < len(timeline):
-        ax.axvline(split + 0.5, color="#bbbbbb", lw=1)
-    for start, stop, mode in ((0, split, "turnflow"), (split, len(timeline), "naive")):
-        if stop > start:
-            ax.text((start + stop + 1) / 2, 1.01, f"{mode} run", transform=ax.get_xaxis_transform(), ha="center",
-                    va="bottom", color=COLORS[mode], fontweight="bold")
+    start = 0
+    for mode in present_modes:
+        stop = start + len(by_mode[mode])
+        if start:
+            ax.axvline(start + 0.5, color="#bbbbbb", lw=1)
+        ax.text((start + stop + 1) / 2, 1.01, mode.replace("_", " "), transform=ax.get_xaxis_transform(),
+                ha="center", va="bottom", color=COLORS[mode], fontweight="bold", fontsize=8)
+        start = stop
     ax.set_ylim(bottom=0)
-    ax.set_xlabel("turn of the bench (turnflow run, then naive run, on the same server)")
+    ax.set_xlabel("turn of the bench (one mode after another; the server restarts cold between modes)")
     ax.set_ylabel("resident memory (MB)")
     ax.legend(frameon=False, loc="lower right")
     _style(ax)

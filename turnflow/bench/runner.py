@@ -20,7 +20,9 @@ import httpx
 from turnflow.bench.fixture import (
     ASSEMBLY,
     BACKEND_NAME,
+    BASELINES,
     MODES,
+    SESSION_OPTIONS,
     BenchOptions,
     Mode,
     ScriptedTurn,
@@ -36,6 +38,9 @@ from turnflow.bench.summary import (
     STEADY_FROM_TURN,
     BenchSummary,
     TurnRecord,
+    baseline_row,
+    kv_arithmetic,
+    kv_block,
     markdown_report,
     summarise,
     summarise_mode,
@@ -102,6 +107,8 @@ class _Run:
     warnings: list[str] = field(default_factory=list)
     wall_s: dict[str, float] = field(default_factory=dict)
     server_pid: int | None = None
+    peaks: list[float] = field(default_factory=list)
+    """Peak RSS of the server of each mode before the last (the server restarts between modes)."""
 
 
 def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: float, run: _Run) -> TurnRecord:
@@ -111,6 +118,7 @@ def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: floa
     route = report.get("route") or {}
     invocations = report.get("invocations") or {}
     cache = report.get("composition_cache") or {}
+    kv = report.get("kv") or {}
     processed = int(llm.get("prompt_tokens_processed") or 0)
     cached = int(llm.get("prompt_tokens_cached") or 0)
     return TurnRecord(
@@ -145,6 +153,12 @@ def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: floa
         server_rss_mb=rss_mb(run.server_pid) if run.server_pid else None,
         turnflow_rss_mb=rss_mb() or 0.0,
         reply_chars=len(report.get("reply") or ""),
+        joined=bool(turn.joins),
+        kv_source=kv.get("source"),
+        kv_restore_ms=kv.get("restore_ms"),
+        kv_saved_bytes=int(kv.get("saved_bytes") or 0),
+        kv_pool_tokens=kv.get("pool_tokens"),
+        kv_bytes_per_token=kv.get("bytes_per_token"),
     )
 
 
@@ -166,17 +180,20 @@ def _run_mode(
     speaks = "audio_sink" in inspect.signature(Session.turn).parameters  # every reply is spoken into the room
     with Session(
         recipe_path, backend=BACKEND_NAME, state_dir=run.out / "state" / mode, assembly=ASSEMBLY[mode],
-        warn=lambda message: run.warnings.append(f"{mode}: {message}"),
+        warn=lambda message: run.warnings.append(f"{mode}: {message}"), **SESSION_OPTIONS.get(mode, {}),
     ) as session:
         # A naive turn re-reads a ~40k-token prompt on 2 cores: allow minutes between streamed bytes.
         session.backend.client._http.timeout = httpx.Timeout(1800.0, connect=10.0)
         for room in sorted({t.room for t in script}):  # everyone is in the call before anyone speaks
-            for person in sorted({t.speaker for t in script if t.room == room}):
+            late = {who for t in script if t.room == room for who in t.joins}
+            for person in sorted({t.speaker for t in script if t.room == room} - late):
                 session.join(room, person, display_name=person)
             for persona_id, name in sorted({(t.persona, t.persona_name) for t in script if t.room == room}):
                 session.join(room, persona_id, kind="persona", display_name=name)
         progress.set_description(mode)
         for turn in script:
+            for person in turn.joins:  # someone joins mid-conversation
+                session.join(turn.room, person, display_name=person)
             kwargs: dict[str, Any] = {"persona": turn.persona, "room": turn.room, "speaker": turn.speaker}
             if turn.kind == "audio":
                 kwargs["audio"] = clips[turn.seq]
@@ -228,6 +245,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
     notes: list[str] = []
     load_start = list(os.getloadavg())
     started = time.perf_counter()
+    modes: list[Mode] = ["turnflow", *(m for m in BASELINES if m in options.baselines)]
 
     audio = options.audio and voice_path_available()
     if options.audio and not audio:
@@ -248,27 +266,33 @@ def run_bench(options: BenchOptions) -> BenchSummary:
                 url = _preload_adapters(server, recipe)
                 run.server_pid = server.status().get("pid")
             names = [(pid, find_persona(recipe, pid).name) for pid in recipe.personas or ()]
-            script = conversation_script(
-                names, options.turns, audio=audio, rooms=options.rooms
-            )
+            script = conversation_script(names, options.turns, audio=audio, rooms=options.rooms, joins=options.joins)
             clips = _speak_script(script) if audio else {}
             with (
                 open(out / "turns.jsonl", "w", encoding="utf-8") as sink,
                 tqdm(
-                    total=len(script) * len(MODES), unit="turn", file=sys.stderr, disable=not options.progress,
+                    total=len(script) * len(modes), unit="turn", file=sys.stderr, disable=not options.progress,
                     dynamic_ncols=True,
                 ) as progress,
             ):
-                for mode in MODES:
+                for index, mode in enumerate(modes):
+                    if server and index:  # every mode starts cold: no slot, host cache or saved KV of another
+                        run.peaks.append(_peak_rss_mb(run.server_pid) or 0.0)
+                        server.down()
+                        shutil.rmtree(server.slot_dir, ignore_errors=True)
+                        server.up()
+                        url = _preload_adapters(server, recipe)
+                        run.server_pid = server.status().get("pid")
                     _run_mode(mode, recipe_path, script, clips, run, progress, sink)
-            server_peak = _peak_rss_mb(run.server_pid)
+            server_peak = max([_peak_rss_mb(run.server_pid) or 0.0, *run.peaks]) or None
         finally:
             if server:
                 server.down()
 
     notes.append(
-        "the turnflow run goes first, then the naive run (so naive requests never evict turnflow's slots); "
-        "latencies include whatever else the machine was doing (see load_average)"
+        "modes run one after another on one server configuration, restarted cold between modes (its slots, host "
+        "prompt cache and saved KV files cleared), so no mode inherits another's cache; latencies include whatever "
+        "else the machine was doing (see load_average)"
     )
     notes.extend(run.warnings[:20])
     server_info = {
@@ -278,6 +302,9 @@ def run_bench(options: BenchOptions) -> BenchSummary:
         "mmproj": spec.mmproj,
         "slots": spec.slots if server else None,
         "ctx_per_slot": ctx_per_slot if server else None,
+        "kv_cache_type": spec.kv_cache_type if server else None,
+        "cache_ram_mb": spec.cache_ram_mb,
+        "kv_paging": spec.kv_paging is not False if server else False,
         "pid": run.server_pid,
     }
     summary = summarise(
@@ -322,10 +349,18 @@ def rebuild_report(out: Path) -> BenchSummary:
     except (OSError, ValueError) as error:
         raise ValueError(f"{out}: not a finished bench run (summary.json and turns.jsonl): {error}") from error
     by_mode = {mode: [r for r in records if r.mode == mode] for mode in MODES}
+    walls = {name: m.wall_s for name, m in before.modes.items()} or {
+        "turnflow": before.turnflow.wall_s, "naive": before.naive.wall_s}
+    modes = {mode: summarise_mode(rows, walls.get(mode, 0.0)) for mode, rows in by_mode.items() if rows}
+    tf = modes["turnflow"]
     summary = before.model_copy(
         update={
-            "turnflow": summarise_mode(by_mode["turnflow"], before.turnflow.wall_s),
-            "naive": summarise_mode(by_mode["naive"], before.naive.wall_s),
+            "turnflow": tf,
+            "naive": modes.get("naive", before.naive),
+            "modes": modes,
+            "baselines": {mode: baseline_row(m, tf) for mode, m in modes.items() if mode != "turnflow"},
+            "kv": kv_block(by_mode["turnflow"], before.server),
+            "kv_arithmetic": kv_arithmetic(by_mode["turnflow"]),
             "out": str(out),
         }
     )

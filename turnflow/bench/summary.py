@@ -14,6 +14,8 @@ from pydantic import BaseModel, Field
 
 from turnflow.bench.fixture import MODES, BenchOptions, Mode
 
+KV_SOURCES = ("slot", "host-cache", "disk", "recomputed")
+
 STEADY_FROM_TURN = 3
 """A persona's turns from this one on form the steady state that ratios and hit ratios are taken over."""
 
@@ -55,6 +57,12 @@ class TurnRecord(BaseModel):
     server_rss_mb: float | None
     turnflow_rss_mb: float
     reply_chars: int
+    joined: bool = Field(False, description="someone joined the room just before this turn")
+    kv_source: str | None = Field(None, description="where the prompt's KV came from (kv.source of the report)")
+    kv_restore_ms: float | None = None
+    kv_saved_bytes: int = 0
+    kv_pool_tokens: int | None = None
+    kv_bytes_per_token: float | None = None
 
 
 class ModeSummary(BaseModel):
@@ -99,6 +107,9 @@ class ModeSummary(BaseModel):
     tier_violations: int
     prefix_stable: bool
     wall_s: float
+    join_turns: int = 0
+    join_processed_p50: float | None = Field(None, description="tokens processed on the turns right after a join")
+    kv_sources: dict[str, int] = Field(default_factory=dict, description="turns by kv.source")
 
 
 class BenchSummary(BaseModel):
@@ -117,6 +128,13 @@ class BenchSummary(BaseModel):
     prompt_tokens_first_turn: float
     turnflow: ModeSummary
     naive: ModeSummary
+    baselines: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="each baseline's cache_hit_ratio, prompt_tokens_processed, ttft_ms_p50, e2e_ms_p50 (steady state)",
+    )
+    modes: dict[str, ModeSummary] = Field(default_factory=dict, description="every mode's full summary")
+    kv: dict[str, Any] = Field(default_factory=dict, description="the turnflow run's KV memory")
+    kv_arithmetic: dict[str, Any] = Field(default_factory=dict, description="a Qwen3-4B-class model at 6 x 8k")
     audio_turns: int
     stt_invocations_native: int
     tts_invocations: int
@@ -191,7 +209,75 @@ def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
         tier_violations=total(records, "tier_violations"),
         prefix_stable=bool(hashes) and all(len(h) == 1 for h in hashes.values()),
         wall_s=wall_s,
+        join_turns=sum(r.joined for r in records),
+        join_processed_p50=_percentile([r.prompt_tokens_processed for r in records if r.joined], 50),
+        kv_sources={src: sum(r.kv_source == src for r in records) for src in KV_SOURCES},
     )
+
+
+def baseline_row(mode: ModeSummary, turnflow: ModeSummary) -> dict[str, Any]:
+    """A baseline's headline numbers, and how many times turnflow's steady-state tokens processed it needed."""
+    return {
+        "cache_hit_ratio": mode.cache_hit_ratio,
+        "prompt_tokens_processed": mode.prompt_tokens_processed,
+        "ttft_ms_p50": mode.ttft_ms_p50,
+        "e2e_ms_p50": mode.e2e_ms_p50,
+        "prompt_tokens_processed_all": mode.prompt_tokens_processed_all,
+        "cache_hit_ratio_all": mode.cache_hit_ratio_all,
+        "join_processed_p50": mode.join_processed_p50,
+        "ratio_processed": _ratio(mode.prompt_tokens_processed, turnflow.prompt_tokens_processed),
+        "turns": mode.turns,
+    }
+
+
+def tokens_in_slots(records: Sequence[TurnRecord]) -> list[int]:
+    """After each turn (in order), the KV tokens the slots hold: each slot's last prompt and reply."""
+    held: dict[int, int] = {}
+    totals = []
+    for r in sorted(records, key=lambda r: r.seq):
+        if r.slot is not None:
+            held[r.slot] = r.prompt_tokens + (r.completion_tokens or 0)
+        totals.append(sum(held.values()))
+    return totals
+
+
+def kv_block(records: Sequence[TurnRecord], server: dict[str, Any]) -> dict[str, Any]:
+    """The turnflow run's KV memory: bytes per token, the pool allocated vs used, restores, and where KV came from."""
+    if not records:
+        return {}
+    per_token = next((r.kv_bytes_per_token for r in records if r.kv_bytes_per_token), None)
+    pool = max((r.kv_pool_tokens or 0 for r in records), default=0)
+    used = max(tokens_in_slots(records), default=0)
+    slots, ctx = server.get("slots"), server.get("ctx_per_slot")
+    layout = slots * ctx if slots and ctx else None
+
+    def mb(tokens: int | None) -> float | None:
+        return round(tokens * per_token / 1e6, 1) if tokens and per_token else None
+
+    return {
+        "bytes_per_token": per_token,
+        "pool_tokens_allocated": pool or None,
+        "tokens_used_peak": used or None,
+        "allocated_over_used": _ratio(pool, used) if pool and used else None,
+        "restore_ms_p50": _percentile([r.kv_restore_ms for r in records if r.kv_source == "disk"], 50),
+        "sources": {src: sum(r.kv_source == src for r in records) for src in KV_SOURCES},
+        "saved_bytes": sum(r.kv_saved_bytes for r in records),
+        "pool_mb": mb(pool),
+        "used_mb": mb(used),
+        "slots_x_ctx_per_slot_tokens": layout,
+        "slots_x_ctx_per_slot_mb": mb(layout),
+        "slots": slots,
+        "ctx_per_slot": ctx,
+    }
+
+
+def kv_arithmetic(records: Sequence[TurnRecord]) -> dict[str, Any]:
+    """What a Qwen3-4B-class model needs at 6 personas x 8k tokens (f16 and q8_0), beside our model's measured
+    bytes per token."""
+    from turnflow.kv import reference_arithmetic
+
+    measured = next((r.kv_bytes_per_token for r in records if r.kv_bytes_per_token), None)
+    return {**reference_arithmetic(6, 8192), "bench_model_bytes_per_token": measured}
 
 
 def _new_and_reprocessed(records: Sequence[TurnRecord]) -> list[tuple[int, int]]:
@@ -227,7 +313,10 @@ def summarise(
 ) -> BenchSummary:
     """Both modes side by side."""
     by_mode = {mode: [r for r in records if r.mode == mode] for mode in MODES}
-    modes = {mode: summarise_mode(by_mode[mode], mode_wall_s.get(mode, 0.0)) for mode in MODES}
+    modes: dict[str, ModeSummary] = {
+        mode: summarise_mode(by_mode[mode], mode_wall_s.get(mode, 0.0)) for mode in MODES if by_mode[mode]
+    }
+    modes.setdefault("naive", summarise_mode([], 0.0))
     tf, naive = modes["turnflow"], modes["naive"]
     stable: dict[str, bool] = {}
     for r in by_mode["turnflow"]:
@@ -265,6 +354,10 @@ def summarise(
         prompt_tokens_first_turn=round(float(np.mean(first_turns)), 1) if first_turns else 0.0,
         turnflow=tf,
         naive=naive,
+        baselines={mode: baseline_row(m, tf) for mode, m in modes.items() if mode != "turnflow"},
+        modes=modes,
+        kv=kv_block(by_mode["turnflow"], server),
+        kv_arithmetic=kv_arithmetic(by_mode["turnflow"]),
         audio_turns=tf.audio_turns + naive.audio_turns,
         stt_invocations_native=tf.stt_invocations_native + naive.stt_invocations_native,
         tts_invocations=tf.tts_invocations + naive.tts_invocations,
@@ -355,7 +448,9 @@ def markdown_report(summary: BenchSummary) -> str:
         f"{'yes' if nv.prefix_stable else 'no'} | |",
         f"| wall time of the mode | {_fmt_s(tf.wall_s)} | {_fmt_s(nv.wall_s)} | |",
         "",
-        f"Model server resident memory, peak: {_fmt_int(summary.server_rss_mb)} MB (shared by both modes); "
+        *_baselines_table(summary),
+        *_kv_lines(summary),
+        f"Model server resident memory, peak: {_fmt_int(summary.server_rss_mb)} MB (one server configuration); "
         f"turnflow process: {_fmt_int(summary.turnflow_rss_mb)} MB.",
         "",
         "Time per node of the turn DAG (p50 over the turnflow run). `speech` reads the model's stream and speaks it "
@@ -373,6 +468,58 @@ def markdown_report(summary: BenchSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _baselines_table(summary: BenchSummary) -> list[str]:
+    """Every mode side by side (steady state), with the turns right after someone joined."""
+    if not summary.modes:
+        return []
+    lines = [
+        "Every mode on the same server configuration (restarted cold between modes), steady state:",
+        "",
+        "| mode | cache hit ratio | prompt tokens processed | ÷ turnflow | TTFT p50 | e2e p50 "
+        "| processed after a join, p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    tf = summary.modes.get("turnflow")
+    for name, mode in summary.modes.items():
+        ratio = _fmt_ratio(mode.prompt_tokens_processed, tf.prompt_tokens_processed) if tf else ""
+        lines.append(
+            f"| `{name}` | {mode.cache_hit_ratio or 0:.3f} | {_fmt_int(mode.prompt_tokens_processed)} | {ratio} | "
+            f"{_fmt_ms(mode.ttft_ms_p50)} | {_fmt_ms(mode.e2e_ms_p50)} | {_fmt_int(mode.join_processed_p50)} |"
+        )
+    return [*lines, ""]
+
+
+def _kv_lines(summary: BenchSummary) -> list[str]:
+    """The turnflow run's KV memory, and the Qwen3-4B arithmetic."""
+    kv = summary.kv
+    if not kv:
+        return []
+    sources = ", ".join(f"{k} {v}" for k, v in (kv.get("sources") or {}).items())
+    lines = [
+        f"KV (turnflow run): {_fmt_int(kv.get('bytes_per_token'))} bytes per token; pool allocated "
+        f"{_fmt_int(kv.get('pool_tokens_allocated'))} tokens ({kv.get('pool_mb')} MB) vs used at peak "
+        f"{_fmt_int(kv.get('tokens_used_peak'))} ({kv.get('used_mb')} MB), allocated ÷ used "
+        f"{kv.get('allocated_over_used')}; the slots × ctx_per_slot layout would allocate "
+        f"{_fmt_int(kv.get('slots_x_ctx_per_slot_tokens'))} tokens ({kv.get('slots_x_ctx_per_slot_mb')} MB). "
+        f"Turns by KV source: {sources}; restore p50 {_fmt_ms(kv.get('restore_ms_p50'))}.",
+        "",
+    ]
+    arithmetic = summary.kv_arithmetic
+    if arithmetic:
+        rows = arithmetic.get("by_cache_type") or {}
+        lines += [
+            f"{arithmetic['model']}, {arithmetic['personas']} personas × {arithmetic['tokens']:,} tokens "
+            f"(weights ~{arithmetic['weights_gb']} GB):",
+            "",
+            "| KV type | bytes/token | KV sized to use | resident | KV at slots × 32k | resident |",
+            "| --- | ---: | ---: | ---: | ---: | ---: |",
+            *[f"| {t} | {r['bytes_per_token']:,} | {r['kv_gb_sized']} GB | {r['resident_gb_sized']} GB | "
+              f"{r['kv_gb_full_slots']} GB | {r['resident_gb_full_slots']} GB |" for t, r in rows.items()],
+            "",
+        ]
+    return lines
+
+
 def console_report(summary: BenchSummary) -> str:
     """A few lines for the terminal: the headline numbers and where everything was written."""
     tf, nv = summary.turnflow, summary.naive
@@ -383,6 +530,10 @@ def console_report(summary: BenchSummary) -> str:
             f"cache_hit_ratio turnflow {tf.cache_hit_ratio} | naive {nv.cache_hit_ratio}",
             f"prompt tokens processed turnflow {tf.prompt_tokens_processed:,} | naive {nv.prompt_tokens_processed:,}",
             f"e2e p50 turnflow {_fmt_ms(tf.e2e_ms_p50)} | naive {_fmt_ms(nv.e2e_ms_p50)}",
+            *[f"baseline {name}: hit {row['cache_hit_ratio']} processed {row['prompt_tokens_processed']:,} "
+              f"ttft p50 {_fmt_ms(row['ttft_ms_p50'])} e2e p50 {_fmt_ms(row['e2e_ms_p50'])}"
+              for name, row in summary.baselines.items() if row.get("turns")],
+            f"kv: {summary.kv}",
             f"prefix stable: {summary.prefix_stable}; server RSS peak {summary.server_rss_mb} MB; "
             f"wall {_fmt_s(summary.wall_s)}",
             *[f"note: {n}" for n in summary.notes],
