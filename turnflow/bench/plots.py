@@ -192,3 +192,45 @@ def _save(fig: Any, path: Path) -> str:
     fig.savefig(path, dpi=130, bbox_inches="tight", facecolor="white")
     plt.close(fig)
     return str(path)
+
+
+def write_kv_sweep_plot(rows: Sequence[dict[str, Any]], path: Path) -> str:
+    """Hit ratio and KV memory per persona count, one line per configuration (rows from `kv_sweep_row`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_hit, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.6))
+    configs = sorted({row["config"] for row in rows})
+    palette = ("#0f7b6c", "#1c7ed6", "#d9603b", "#7048e8")
+    for color, config in zip(palette, configs, strict=False):
+        mine = sorted((r for r in rows if r["config"] == config), key=lambda r: r["personas"])
+        xs = [r["personas"] for r in mine]
+        ax_hit.plot(xs, [r["cache_hit_ratio"] or 0 for r in mine], marker="o", color=color, lw=2, label=config)
+        ax_mem.plot(xs, [r["server_rss_mb"] or 0 for r in mine], marker="o", color=color, lw=2,
+                    label=f"server RSS, {config}")
+    first = sorted((r for r in rows if r["config"] == configs[0]), key=lambda r: r["personas"]) if configs else []
+    if first:
+        xs = [r["personas"] for r in first]
+        ax_mem.plot(xs, [r["pool_mb"] or 0 for r in first], color="#333333", ls="--", marker="s",
+                    label="KV pool allocated")
+        ax_mem.plot(xs, [r["used_mb"] or 0 for r in first], color="#999999", ls=":", marker="s",
+                    label="KV used at peak")
+        ax_mem.plot(xs, [r["layout_mb"] or 0 for r in first], color="#c2255c", ls="-.", marker="x",
+                    label="slots × ctx_per_slot layout")
+    ax_hit.axhline(0.97, color="#bbbbbb", lw=1, ls="--")
+    ax_hit.set_ylim(0, 1.02)
+    ax_hit.set_xlabel("personas (a room each, on 4 slots)")
+    ax_hit.set_ylabel("steady-state KV cache hit ratio")
+    ax_hit.set_title("Cache hit ratio")
+    ax_hit.legend(frameon=False, fontsize=8, loc="lower left")
+    ax_mem.set_xlabel("personas")
+    ax_mem.set_ylabel("MB")
+    ax_mem.set_title("Memory")
+    ax_mem.legend(frameon=False, fontsize=7)
+    for ax in (ax_hit, ax_mem):
+        ax.set_xticks(sorted({r["personas"] for r in rows}))
+        _style(ax)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -199,7 +199,7 @@ def _run_mode(
                 kwargs["audio"] = clips[turn.seq]
             else:
                 kwargs["text"] = turn.text
-            if speaks:
+            if speaks and run.options.audio:  # --no-audio: text in, text out (no TTS)
                 kwargs["audio_sink"] = _played
             turn_started = time.perf_counter()
             result = session.turn(**kwargs)
