@@ -183,6 +183,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         paging=False if args.no_paging else None,
         baselines=_baselines(args.baselines),
         joins=False if args.no_joins else None,
+        max_tokens=args.max_tokens,
     )
     summary = run_bench(options)
     print(summary.model_dump_json(indent=2) if args.json else console_report(summary))
@@ -315,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="modes run after turnflow: naive,append_only,no_pinning,no_composition_cache,no_ordering (default all; "
         "none for turnflow alone)",
     )
+    bench.add_argument("--max-tokens", type=int, help="reply length cap (default: the recipe's, 48)")
     bench.add_argument("--no-joins", action="store_true", help="nobody joins the first room mid-conversation")
     bench.add_argument(
         "--rooms", choices=("per-persona", "shared"),

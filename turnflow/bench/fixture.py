@@ -120,6 +120,8 @@ class BenchOptions:
     """turnflow's KV paging (`kv_paging` of the backend); off, only the host cache can bring a prefix back."""
     baselines: tuple[str, ...] = BASELINES
     """The modes run after turnflow, on the same server configuration."""
+    max_tokens: int | None = None
+    """Reply length cap (the recipe's `generation.max_tokens`); a small one makes a loaded machine's run shorter."""
     joins: bool = True
     """People join the first room mid-conversation (one a third of the way in, one two thirds)."""
     quick: bool = False
@@ -326,6 +328,8 @@ def write_recipe_folder(folder: Path, options: BenchOptions, spec: BackendSpec, 
         "rules": rules,
         "sources": [*example["sources"], notes],
         "budget": {"max_prompt_tokens": ctx_per_slot},
+        "generation": {**example.get("generation", {}),
+                       **({"max_tokens": options.max_tokens} if options.max_tokens else {})},
     }
     path = folder / "bench.yaml"
     _dump_yaml(path, recipe, "# Written by `turnflow bench`: the voice-chat example, sized for the benchmark.\n")
