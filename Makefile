@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench bench-full overhead lint clean
+.PHONY: install demo test bench bench-full bench-kv overhead lint clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,9 @@ bench: install
 
 bench-full: install
 	$(BIN)/turnflow bench
+
+bench-kv: install
+	$(BIN)/python benchmarks/kv_sweep.py --out docs/bench
 
 overhead: install
 	$(BIN)/python benchmarks/turn_overhead.py
