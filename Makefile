@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test bench bench-full overhead faults lint clean
+.PHONY: install demo test bench bench-full bench-kv overhead faults lint clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ bench: install
 
 bench-full: install
 	$(BIN)/turnflow bench
+
+bench-kv: install
+	$(BIN)/python benchmarks/kv_sweep.py --out docs/bench
 
 overhead: install
 	$(BIN)/python benchmarks/turn_overhead.py

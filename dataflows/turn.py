@@ -19,7 +19,7 @@ from turnflow.backend import AdapterLease, Backend
 from turnflow.kv import KvKey, KvPrepared, kv_source, page_out_idle, prepare_slot
 from turnflow.nodes.images import Image
 from turnflow.nodes.llm import Affinity, ChatReply, ReplyStream
-from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_naive
+from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_append_only, assemble_naive
 from turnflow.nodes.speech import SpokenReply, TtsVoice
 from turnflow.recipe import Persona, Recipe
 from turnflow.store import ConversationStore, Participant, RoomState, SlotClaim, StoredMessage
@@ -85,7 +85,7 @@ def adapter_set_digest(adapter_set: AdapterSet) -> str:
     return adapter_set.digest
 
 
-@config.when_not(assembly="naive")
+@config.when_not_in(assembly=["naive", "unordered", "append_only"])
 def prompt__stable_first(sections: dict[str, SourceOutput], strict: bool, adapter_set: AdapterSet) -> Prompt:
     """The sources assembled stable-first behind the adapter set's salt; in strict mode a tier violation stops
     the turn here."""
@@ -96,14 +96,24 @@ def prompt__stable_first(sections: dict[str, SourceOutput], strict: bool, adapte
     return assemble(sections, salt=adapter_set.salt)
 
 
-@config.when(assembly="naive")
+@config.when_in(assembly=["naive", "unordered"])
 def prompt__naive(
-    sections: dict[str, SourceOutput], now: datetime, persona_id: str, turn: int, adapter_set: AdapterSet
+    sections: dict[str, SourceOutput], now: datetime, persona_id: str, turn: int, adapter_set: AdapterSet,
+    assembly: str,
 ) -> Prompt:
-    """Baseline for benchmarks: sections in completion order under a timestamped system prompt."""
+    """Baseline for benchmarks: sections in completion order under a timestamped system prompt (`naive`), or in
+    completion order alone (`unordered`: the ablation without stable-first ordering)."""
     return assemble_naive(
-        sections, now.isoformat(timespec="seconds"), zlib.crc32(f"{persona_id}:{turn}".encode()), adapter_set.salt
+        sections, now.isoformat(timespec="seconds"), zlib.crc32(f"{persona_id}:{turn}".encode()), adapter_set.salt,
+        timestamp=assembly == "naive",
     )
+
+
+@config.when(assembly="append_only")
+def prompt__append_only(sections: dict[str, SourceOutput], adapter_set: AdapterSet) -> Prompt:
+    """Baseline for benchmarks: what LiveKit Agents or Pipecat send (static instructions, the history appended,
+    the turn's context in the newest user message)."""
+    return assemble_append_only(sections, adapter_set.salt)
 
 
 def tier_violations(sections: dict[str, SourceOutput]) -> list[dict[str, str]]:
@@ -120,13 +130,13 @@ def composition_cache_stats(sections: dict[str, SourceOutput]) -> dict[str, Any]
     }
 
 
-@config.when(assembly="naive")
+@config.when(slot_pinning="off")
 def slot_claim__unpinned() -> SlotClaim | None:
     """Baseline for benchmarks: no slot pinning, the server picks a slot."""
     return None
 
 
-@config.when_not(assembly="naive")
+@config.when_not(slot_pinning="off")
 def slot_claim__pinned(
     persona_id: str, backend: Backend, store: ConversationStore, turn_resources: ExitStack
 ) -> SlotClaim | None:

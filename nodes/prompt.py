@@ -129,17 +129,22 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
     )
 
 
-def assemble_naive(outputs: dict[str, SourceOutput], now_iso: str, shuffle_seed: int, salt: str = "") -> Prompt:
+def assemble_naive(
+    outputs: dict[str, SourceOutput], now_iso: str, shuffle_seed: int, salt: str = "", *, timestamp: bool = True
+) -> Prompt:
     """The baseline most voice pipelines use: sections in completion order, a timestamp on top of the system prompt.
 
     Completion order is simulated by a seeded shuffle per turn (sources that run concurrently finish in
-    varying order). Used only to measure what stable-first saves.
+    varying order). Used only to measure what stable-first saves; without `timestamp` it is the ablation
+    that keeps everything of turnflow but its ordering.
     """
     import random
 
     shuffled = list(outputs.values())
     random.Random(shuffle_seed).shuffle(shuffled)
-    system_sections = [salt, f"Timestamp: {now_iso}"] if salt else [f"Timestamp: {now_iso}"]
+    system_sections = [salt] if salt else []
+    if timestamp:
+        system_sections.append(f"Timestamp: {now_iso}")
     middle: list[dict[str, Any]] = []
     volatile_text: list[str] = []
     volatile_messages: list[dict[str, Any]] = []
@@ -162,6 +167,42 @@ def assemble_naive(outputs: dict[str, SourceOutput], now_iso: str, shuffle_seed:
         semi_stable_bytes=len(canonical_text(middle).encode()),
         volatile_bytes=len(canonical_text([user_message]).encode()),
         order=[o.name for o in shuffled],
+    )
+
+
+
+def assemble_append_only(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
+    """The append-only chat of LiveKit Agents or Pipecat: static instructions, the history appended, and the
+    turn's dynamic context (participants, retrieved notes, tool results, the time) put in the newest user message.
+
+    The system message holds only the invariant text sections; every other text section goes in front of what
+    the speaker said. Used only to measure turnflow against what peers do.
+    """
+    ordered = sorted(outputs.values(), key=lambda o: (TIER_ORDER.index(o.tier), o.name))
+    system_sections: list[str] = [salt] if salt else []
+    middle: list[dict[str, Any]] = []
+    context: list[str] = []
+    volatile_messages: list[dict[str, Any]] = []
+    for output in ordered:
+        if isinstance(output.value, str):
+            if output.value:
+                (system_sections if output.tier == "invariant" else context).append(output.value)
+        elif output.tier == "volatile":
+            volatile_messages.extend(output.value)
+        else:
+            middle.extend(output.value)
+    user_message = _final_user_message(context, volatile_messages)
+    system = "\n\n".join(system_sections)
+    messages = [{"role": "system", "content": system}, *middle, *volatile_messages[:-1], user_message]
+    return Prompt(
+        messages=messages,
+        user_message=user_message,
+        invariant_sha256=_sha(system),
+        invariant_bytes=len(system.encode()),
+        semi_stable_sha256=_sha(canonical_text(middle)),
+        semi_stable_bytes=len(canonical_text(middle).encode()),
+        volatile_bytes=len(canonical_text([user_message]).encode()),
+        order=[o.name for o in ordered],
     )
 
 

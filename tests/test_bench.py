@@ -28,7 +28,8 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
         "--personas", "2", "--turns", "3", "--prompt-tokens", "1500", "--out", str(out),
     ]
     env = {k: v for k, v in os.environ.items() if k != "TURNFLOW_HOME"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)  # ~25 s when idle
+    # six modes (turnflow and five baselines): ~1 min when idle, several when the machine is loaded
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
     assert finished.returncode == 0, finished.stderr[-2000:]
     return json.loads(finished.stdout), out
 
@@ -46,6 +47,17 @@ def test_summary_has_the_promised_keys(tiny_run: tuple[dict, Path]) -> None:
         assert summary[mode]["e2e_ms_p50"] > 0
     assert summary["server_rss_mb"] > 0
     assert 1200 < summary["prompt_tokens_first_turn"] < 2200  # ~1.5k asked for
+    assert set(summary["baselines"]) == {"naive", "append_only", "no_pinning", "no_composition_cache", "no_ordering"}
+    for name, row in summary["baselines"].items():
+        for key in ("cache_hit_ratio", "prompt_tokens_processed", "ttft_ms_p50", "e2e_ms_p50"):
+            assert row[key] is not None, f"baselines.{name}.{key}"
+    kv = summary["kv"]
+    for key in ("bytes_per_token", "pool_tokens_allocated", "tokens_used_peak", "restore_ms_p50", "sources"):
+        assert key in kv, f"kv.{key}"
+    assert set(kv["sources"]) == {"slot", "host-cache", "disk", "recomputed"}
+    assert sum(kv["sources"].values()) == summary["turnflow"]["turns"]
+    assert kv["bytes_per_token"] > 0 and kv["tokens_used_peak"] <= kv["pool_tokens_allocated"]
+    assert summary["kv_arithmetic"]["by_cache_type"]["f16"]["bytes_per_token"] == 147456  # Qwen3-4B: 144 KiB
 
 
 def test_turnflow_processes_fewer_tokens_on_a_stable_prefix(tiny_run: tuple[dict, Path]) -> None:
@@ -89,11 +101,14 @@ def test_an_earlier_run_is_rebuilt_from_its_turns(tiny_run: tuple[dict, Path], t
 def test_writes_raw_data_summary_and_plots(tiny_run: tuple[dict, Path]) -> None:
     summary, out = tiny_run
     records = [json.loads(line) for line in (out / "turns.jsonl").read_text().splitlines()]
-    assert len(records) == 12
-    assert {r["mode"] for r in records} == {"turnflow", "naive"}
+    assert len(records) == 6 * 6  # turnflow and five baselines, 2 personas x 3 turns each
+    assert {r["mode"] for r in records} == {"turnflow", "naive", "append_only", "no_pinning", "no_composition_cache",
+                                            "no_ordering"}
+    assert sum(r["joined"] for r in records if r["mode"] == "turnflow") == 2  # two people join mid-conversation
     pinned = {r["persona"]: r["slot"] for r in records if r["mode"] == "turnflow"}
     assert len(set(pinned.values())) == 2  # one slot per persona
-    assert all(r["slot"] is None for r in records if r["mode"] == "naive")
+    assert all(r["slot"] is None for r in records if r["mode"] in ("naive", "append_only", "no_pinning"))
+    assert all(r["slot"] is not None for r in records if r["mode"] in ("no_composition_cache", "no_ordering"))
     assert json.loads((out / "summary.json").read_text())["ratio_processed"] == summary["ratio_processed"]
     assert "| prompt tokens processed, steady state |" in (out / "summary.md").read_text()
     for name in ("tokens", "latency", "memory"):
@@ -125,6 +140,12 @@ def test_the_script_is_the_same_for_both_modes_and_addresses_personas_by_name() 
     apart = conversation_script([("maya", "Maya"), ("helper", "Helper")], 4, audio=True, rooms="per-persona")
     assert {t.persona: t.room for t in apart} == {"maya": "maya", "helper": "helper"}
     assert [t.text for t in apart] == [t.text for t in script]  # the same words either way
+    late = conversation_script([("maya", "Maya"), ("helper", "Helper")], 6, audio=False, rooms="per-persona",
+                               joins=True)
+    joined = [t for t in late if t.joins]
+    assert [(t.room, t.joins, t.speaker) for t in joined] == [("maya", ("Kai",), "Kai"), ("maya", ("Mara",), "Mara")]
+    with pytest.raises(ValueError, match="--baselines"):
+        BenchOptions.preset(baselines=("peer",))
     assert BenchOptions.preset(quick=True).prompt_tokens == 4000
     assert BenchOptions.preset().rooms == BenchOptions.preset(quick=True).rooms == "per-persona"
     with pytest.raises(ValueError, match="--turns"):

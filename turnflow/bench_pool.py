@@ -21,18 +21,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from turnflow.bench import (
+from turnflow.bench.fixture import (
     BACKEND_NAME,
     BenchOptions,
     ScriptedTurn,
-    _exit_on_sigterm,
-    _preload_adapters,
-    _turnflow_home,
     backend_spec,
     context_per_slot,
     conversation_script,
     write_recipe_folder,
 )
+from turnflow.bench.runner import _exit_on_sigterm, _preload_adapters, _turnflow_home
 from turnflow.placement import Strategy, home_member, placement_key
 from turnflow.recipe import BackendSpec, find_persona, load_recipe
 from turnflow.server import EmbeddedServer

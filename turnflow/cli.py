@@ -159,6 +159,13 @@ def _cmd_server(args: argparse.Namespace) -> int:
     return code
 
 
+def _baselines(value: str | None) -> tuple[str, ...] | None:
+    """`--baselines a,b` (or `none`) as a tuple; None for the default (all)."""
+    if value is None:
+        return None
+    return () if value.strip() in ("", "none") else tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from turnflow.bench import BenchOptions, console_report, rebuild_report, run_bench
 
@@ -192,6 +199,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         model=args.model,
         audio=False if args.no_audio else None,
         rooms=args.rooms,
+        slots=args.slots,
+        cache_ram_mb=args.cache_ram,
+        paging=False if args.no_paging else None,
+        baselines=_baselines(args.baselines),
+        joins=False if args.no_joins else None,
+        max_tokens=args.max_tokens,
     )
     summary = run_bench(options)
     print(summary.model_dump_json(indent=2) if args.json else console_report(summary))
@@ -368,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     server.set_defaults(fn=_cmd_server)
 
     bench = sub.add_parser("bench", help="turnflow against a naive pipeline, same conversation, same model server")
-    bench.add_argument("--quick", action="store_true", help="3 personas, ~4k-token prompts, 5 turns each")
+    bench.add_argument("--quick", action="store_true", help="3 personas, ~4k-token prompts, 5 turns each (or at "
+                       "the --personas/--slots given)")
     bench.add_argument("--personas", type=int, help="personas in the room (default 6)")
     bench.add_argument("--turns", type=int, help="turns per persona (default 20)")
     bench.add_argument("--prompt-tokens", type=int, help="prompt size at a persona's first turn (default 14000)")
@@ -383,6 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rebuild", metavar="DIR", help="re-write the summary, table and plots of an earlier run from its turns.jsonl"
     )
+    bench.add_argument("--slots", type=int, help="slots of the embedded server (default: one per persona)")
+    bench.add_argument("--cache-ram", type=int, metavar="MB", help="llama-server's host prompt cache; 0 turns it off")
+    bench.add_argument("--no-paging", action="store_true", help="turn turnflow's KV paging off (kv_paging: false)")
+    bench.add_argument(
+        "--baselines", metavar="LIST",
+        help="modes run after turnflow: naive,append_only,no_pinning,no_composition_cache,no_ordering (default all; "
+        "none for turnflow alone)",
+    )
+    bench.add_argument("--max-tokens", type=int, help="reply length cap (default: the recipe's, 48)")
+    bench.add_argument("--no-joins", action="store_true", help="nobody joins the first room mid-conversation")
     bench.add_argument(
         "--rooms", choices=("per-persona", "shared"),
         help="per-persona (default): each persona in its own room; shared: all in one room, one shared history",

@@ -158,6 +158,9 @@ def _sections_node(names: list[str]) -> Callable[..., dict[str, SourceOutput]]:
 
 _RESERVED: frozenset[str] | None = None
 
+ASSEMBLIES = ("stable_first", "naive", "unordered", "append_only")
+"""How a turn's prompt is put together: turnflow's stable-first order, or one of the benchmark's baselines."""
+
 
 def reserved_node_names() -> frozenset[str]:
     """The names the turn DAG's own nodes and inputs take (every route), which a recipe's source may not take."""
@@ -167,11 +170,12 @@ def reserved_node_names() -> frozenset[str]:
         for audio_in in ("native", "stt"):
             for audio_out in ("native", "tts"):
                 for images_in in ("native", "describe"):
-                    for assembly in ("stable_first", "naive"):
-                        config = {"route_audio_in": audio_in, "route_audio_out": audio_out,
-                                  "route_images_in": images_in, "assembly": assembly}
-                        built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
-                        names.update(v.name for v in built.build().list_available_variables())
+                    for assembly in ASSEMBLIES:
+                        for pinning in ("on", "off"):
+                            config = {"route_audio_in": audio_in, "route_audio_out": audio_out,
+                                      "route_images_in": images_in, "assembly": assembly, "slot_pinning": pinning}
+                            built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
+                            names.update(v.name for v in built.build().list_available_variables())
         names.update(("composition_cache", "agent_history"))  # inputs only the generated source nodes take
         _RESERVED = frozenset(names)
     return _RESERVED

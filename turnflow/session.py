@@ -27,7 +27,7 @@ from turnflow.adapters import AdapterError, AdapterRegistry, resolve_set
 from turnflow.backend import Backend, Capabilities, open_backend
 from turnflow.cache import CompositionCache, Event
 from turnflow.dataflows.turn import TierViolationError
-from turnflow.driver import build_driver, collect_node_timings, stop_collecting
+from turnflow.driver import ASSEMBLIES, build_driver, collect_node_timings, stop_collecting
 from turnflow.nodes.images import ImageError
 from turnflow.nodes.llm import BackendError, ChatReply
 from turnflow.nodes.media import Audio, AudioError
@@ -99,12 +99,22 @@ class Session:
         assembly: str = "stable_first",
         placement: Strategy = "rendezvous",
         warn: Callable[[str], None] | None = None,
+        pin_slots: bool = True,
+        composition_cache: bool = True,
     ):
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         self.strict = strict
-        if assembly not in ("stable_first", "naive"):
-            raise ValueError(f"assembly {assembly!r}: use 'stable_first' or 'naive' (the benchmark baseline)")
+        if assembly not in ASSEMBLIES:
+            raise ValueError(
+                f"assembly {assembly!r}: use 'stable_first', or a benchmark baseline: "
+                "'naive', 'unordered', 'append_only'"
+            )
         self.assembly = assembly
+        baseline = assembly in ("naive", "append_only")  # peers pin no slot and keep no composition cache
+        self.pin_slots = pin_slots and not baseline
+        """Pin each persona to a slot (`id_slot`); off, the server picks one (a benchmark ablation)."""
+        self.use_composition_cache = composition_cache and not baseline
+        """Serve cached sections from the composition cache; off, every source runs every turn (an ablation)."""
         self._warn = warn or (lambda message: print(message, file=sys.stderr))
         root = Path(state_dir) if state_dir else home()
         self.store = open_store(store, default=root / "rooms.sqlite3")
@@ -264,7 +274,7 @@ class Session:
 
     def _driver_for(self, backend: Backend | None) -> Any:
         caps = backend.capabilities if backend is not None else Capabilities()
-        profile = {**caps.profile, "assembly": self.assembly}
+        profile = {**caps.profile, "assembly": self.assembly, "slot_pinning": "on" if self.pin_slots else "off"}
         if backend is not None:  # what sources defuse follows the model's control tokens
             profile["control_tokens"] = backend.control_tokens.digest
         return build_driver(self.recipe, profile)
@@ -312,7 +322,7 @@ class Session:
             "transcript_in": transcript,
             "strict": self.strict,
             "store": self.store,
-            "composition_cache": self.cache if self.assembly == "stable_first" else None,
+            "composition_cache": self.cache if self.use_composition_cache else None,
             "speech_bridges": self.bridges,
             "adapter_registry": self.adapters,
             "backend": self._backend,  # None until connected: prompts can be assembled without a server
