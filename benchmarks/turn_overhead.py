@@ -33,9 +33,15 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="turnflow-overhead-") as home:
         os.environ["TURNFLOW_HOME"] = home
+        import subprocess
+        import sys
+
         from turnflow.server import EmbeddedServer
         from turnflow.session import Session
 
+        bin_dir = Path(sys.executable).parent  # the example personas' adapters, as `make demo` adds them
+        env = {**os.environ, "TURNFLOW": str(bin_dir / "turnflow"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+        subprocess.run([str(REPO / "scripts" / "example-adapters.sh")], env=env, check=True, capture_output=True)
         session = Session(args.recipe)
         try:
             overheads: list[float] = []
