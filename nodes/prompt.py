@@ -68,6 +68,25 @@ class Prompt:
     order: list[str] = field(default_factory=list)
 
 
+def _prompt(
+    system: str, middle: list[dict[str, Any]], volatile_messages: list[dict[str, Any]],
+    user_message: dict[str, Any], order: list[str],
+) -> Prompt:
+    """The chat messages (system, the semi-stable middle, the volatile tail ending in the user's message) and
+    their hashes."""
+    semi_stable = canonical_text(middle)
+    return Prompt(
+        messages=[{"role": "system", "content": system}, *middle, *volatile_messages[:-1], user_message],
+        user_message=user_message,
+        invariant_sha256=_sha(system),
+        invariant_bytes=len(system.encode()),
+        semi_stable_sha256=_sha(semi_stable),
+        semi_stable_bytes=len(semi_stable.encode()),
+        volatile_bytes=len(canonical_text([user_message]).encode()),
+        order=order,
+    )
+
+
 def _sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -157,17 +176,7 @@ def assemble_naive(
             middle.extend(output.value)
     user_message = _final_user_message(volatile_text, volatile_messages)
     system = "\n\n".join(s for s in system_sections if s)
-    messages = [{"role": "system", "content": system}, *middle, *volatile_messages[:-1], user_message]
-    return Prompt(
-        messages=messages,
-        user_message=user_message,
-        invariant_sha256=_sha(system),
-        invariant_bytes=len(system.encode()),
-        semi_stable_sha256=_sha(canonical_text(middle)),
-        semi_stable_bytes=len(canonical_text(middle).encode()),
-        volatile_bytes=len(canonical_text([user_message]).encode()),
-        order=[o.name for o in shuffled],
-    )
+    return _prompt(system, middle, volatile_messages, user_message, [o.name for o in shuffled])
 
 
 
@@ -193,17 +202,7 @@ def assemble_append_only(outputs: dict[str, SourceOutput], salt: str = "") -> Pr
             middle.extend(output.value)
     user_message = _final_user_message(context, volatile_messages)
     system = "\n\n".join(system_sections)
-    messages = [{"role": "system", "content": system}, *middle, *volatile_messages[:-1], user_message]
-    return Prompt(
-        messages=messages,
-        user_message=user_message,
-        invariant_sha256=_sha(system),
-        invariant_bytes=len(system.encode()),
-        semi_stable_sha256=_sha(canonical_text(middle)),
-        semi_stable_bytes=len(canonical_text(middle).encode()),
-        volatile_bytes=len(canonical_text([user_message]).encode()),
-        order=[o.name for o in ordered],
-    )
+    return _prompt(system, middle, volatile_messages, user_message, [o.name for o in ordered])
 
 
 def _final_user_message(context: list[str], messages: list[dict[str, Any]]) -> dict[str, Any]:
