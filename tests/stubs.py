@@ -15,6 +15,18 @@ import numpy as np
 
 
 @contextmanager
+def _serving(handler: type[BaseHTTPRequestHandler], port: int = 0) -> Iterator[str]:
+    """`handler` served on loopback (`port` 0: a free one) while the block runs; yields the `/v1` URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def speaking_model(loaded_adapters: Sequence[Path] = ()) -> Iterator[tuple[str, list[dict[str, Any]]]]:
     """A model server that hears and speaks (OpenAI audio models; none runs here), with LoRA files "loaded"
     as llama-server lists them at `/lora-adapters`. Yields its `/v1` URL and the request bodies it got."""
@@ -55,12 +67,8 @@ def speaking_model(loaded_adapters: Sequence[Path] = ()) -> Iterator[tuple[str, 
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", requests
-    finally:
-        server.shutdown()
+    with _serving(Handler) as url:
+        yield url, requests
 
 
 @contextmanager
@@ -99,12 +107,8 @@ def echo_model(reply: str, *, chat_template: str | None = None,
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1"
-    finally:
-        server.shutdown()
+    with _serving(Handler) as url:
+        yield url
 
 
 @contextmanager
@@ -155,12 +159,8 @@ def tool_calling_model(name: str, arguments: str) -> Iterator[tuple[str, list[di
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", requests
-    finally:
-        server.shutdown()
+    with _serving(Handler) as url:
+        yield url, requests
 
 
 @contextmanager
@@ -196,10 +196,5 @@ def recording_model(reply: str = "Noted.", port: int = 0) -> Iterator[tuple[str,
             self.end_headers()
             self.wfile.write(payload)
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1", records
-    finally:
-        server.shutdown()
-        server.server_close()
+    with _serving(Handler, port) as url:
+        yield url, records
