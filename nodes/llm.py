@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from turnflow.nodes.text import DEFUSE_MARK
+
 
 class BackendError(RuntimeError):
     """The model server could not produce the reply; the message says what happened and where."""
@@ -331,7 +333,11 @@ class ReplyStream:
 
 
 class StopTrimmer:
-    """Cuts streamed text at the first stop sequence, holding back a tail that could be one's beginning."""
+    """Cuts streamed text at the first stop sequence, holding back a tail that could be one's beginning.
+
+    A model that copies a defused marker from its history (`<\u2060|im_end|\u2060>`: turnflow's own WORD
+    JOINER inside it) has ended its turn just the same: the joiner is dropped before matching.
+    """
 
     def __init__(self, stops: list[str]):
         self.stops = sorted({s for s in stops if s}, key=len, reverse=True)
@@ -343,7 +349,7 @@ class StopTrimmer:
         """The part of `text` (after what was held back) that is surely reply text."""
         if self.stopped or not self.stops:
             return "" if self.stopped else text
-        self._pending += text
+        self._pending += text.replace(DEFUSE_MARK, "")
         cuts = [i for i in (self._pending.find(s) for s in self.stops) if i >= 0]
         if cuts:
             out, self._pending, self.stopped = self._pending[: min(cuts)], "", True

@@ -26,7 +26,7 @@ _CONTROL_TOKEN = re.compile(
     r"|<(?:start_of_turn|end_of_turn|bos|eos|pad)>",
     re.IGNORECASE,
 )
-_ZWJ = "\u2060"  # WORD JOINER: invisible, and splits the token text so no tokenizer reads it as a control token
+DEFUSE_MARK = "\u2060"  # WORD JOINER: invisible, and splits the token text so no tokenizer reads it as a control token
 
 
 _MARKUP = re.compile(r"<[^<>\s]{1,96}>|\[[^\[\]\s]{1,96}\]|\{[^{}\s]{1,96}\}")
@@ -57,8 +57,8 @@ class ControlTokens:
 def _defuse(match: re.Match[str]) -> str:
     token = match.group(0)
     if len(token) == 2:
-        return token[0] + _ZWJ + token[1]
-    return token[0] + _ZWJ + token[1:-1] + _ZWJ + token[-1]
+        return token[0] + DEFUSE_MARK + token[1]
+    return token[0] + DEFUSE_MARK + token[1:-1] + DEFUSE_MARK + token[-1]
 
 
 _NO_MODEL = ControlTokens()

@@ -39,6 +39,12 @@ def test_the_trimmer_holds_back_a_marker_split_across_deltas() -> None:
     assert open_ended.feed("a <|") == "a " and open_ended.flush() == "<|"  # no marker after all: it is text
 
 
+def test_a_model_echoing_a_defused_marker_from_its_history_has_ended_its_turn() -> None:
+    echo = StopTrimmer(["<|im_end|>", "<|im_start|>"])
+    pieces = [echo.feed(p) for p in ("Done.<\u2060|im", "_end|\u2060>\n", "<|im_start|>user")]
+    assert "".join(pieces) == "Done." and echo.stopped
+
+
 def test_a_reply_streamed_over_http_stops_at_the_end_marker() -> None:
     from stubs import echo_model
 

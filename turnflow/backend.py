@@ -123,13 +123,15 @@ class Backend:
     @property
     def stop_sequences(self) -> list[str]:
         """Where a reply ends: the turn markers of the model's chat template (its GGUF's for embedded servers,
-        `/props` for llama.cpp servers), plus `request_defaults.stop`. A base model that does not stop at its
-        template's end marker is cut there, so the marker and what follows never reach history or speech."""
+        else the one the llama.cpp server applies, from `/props`), plus `request_defaults.stop`. A base model
+        that does not stop at its template's end marker is cut there, so the marker and what follows never
+        reach history or speech."""
         if self._stops is None:
             template = ""
             if self.server is not None:
                 template = gguf_chat_template(self.server.model_path)
-            elif self.capabilities.server == "llama.cpp":
+            if not template and self.capabilities.server == "llama.cpp":
+                # a GGUF without a template (Gemma 3 270M's) is served with llama-server's default: ask for it
                 template = str((self.client.get_json("/props", root=True) or {}).get("chat_template") or "")
             extra = self.spec.request_defaults.get("stop") or []
             self._stops = template_stops(template) + [s for s in ([extra] if isinstance(extra, str) else extra)]

