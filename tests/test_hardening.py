@@ -20,13 +20,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from conftest import copy_recipe_folder, without_adapters
+from conftest import copy_recipe_folder, llama_server_or_skip, without_adapters
 
 from turnflow.backend import gguf_special_tokens
 from turnflow.cache import CompositionCache
 from turnflow.modelgen import ensure_text_model
 from turnflow.recipe import BackendSpec, default_backends_path, load_backends
-from turnflow.server import EmbeddedServer, _alive
+from turnflow.server import EmbeddedServer, _alive, needs_no_repack
 from turnflow.session import Session
 from turnflow.store import ConversationStore
 
@@ -265,6 +265,26 @@ def test_a_port_taken_before_the_server_binds_it_is_retried(home: Path, monkeypa
     finally:
         server.down()
         taken.close()
+
+
+def test_a_server_killed_by_an_illegal_instruction_restarts_without_repacking(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = llama_server_or_skip()
+    wrapper = tmp_path / "bin" / "llama-server"  # dies of SIGILL as repacked AMX kernels do on some VMs
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\ncase " $* " in *" --no-repack "*) exec {real} "$@";; esac\nkill -ILL $$\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("TURNFLOW_LLAMA_SERVER", str(wrapper))
+    server = EmbeddedServer("quirky", _spec(slots=1))
+    try:
+        server.up()
+        status = server.status()
+        assert status["healthy"]
+        assert "--no-repack" in Path(f"/proc/{status['pid']}/cmdline").read_bytes().decode().split("\0")
+        assert needs_no_repack(str(wrapper))  # remembered: the next start goes straight to the plain kernels
+    finally:
+        server.down()
 
 
 def test_down_never_stops_a_process_that_is_not_its_server(home: Path) -> None:
