@@ -426,7 +426,9 @@ def _examples() -> Path:
 
 
 def _lora_reply(local: AdapterManifest, lora: Path, base: str | None) -> str:
-    """The base model's reply, under the adapter at scale 1, to PREVIEW_PROMPT (an embedded llama-server)."""
+    """The base model's reply, under the adapter at scale 1, to PREVIEW_PROMPT (an embedded llama-server), cut at
+    the turn markers of the chat template the server applies (a base model such as Gemma 3 270M runs on past them)."""
+    from turnflow.backend import template_stops
     from turnflow.nodes.llm import ChatClient
     from turnflow.recipe import BackendSpec
     from turnflow.server import EmbeddedServer
@@ -438,8 +440,10 @@ def _lora_reply(local: AdapterManifest, lora: Path, base: str | None) -> str:
     try:
         client = ChatClient(server.up())
         try:
+            template = str((client.get_json("/props", root=True) or {}).get("chat_template") or "")
             reply = client.stream([{"role": "user", "content": PREVIEW_PROMPT}], max_tokens=40, temperature=0,
-                                  seed=0, lora=[{"id": 0, "scale": 1.0}], extra=defaults).drain()
+                                  seed=0, lora=[{"id": 0, "scale": 1.0}], extra=defaults,
+                                  stop=template_stops(template) or None).drain()
         finally:
             client.close()
     finally:
