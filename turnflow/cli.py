@@ -219,10 +219,14 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
         if args.action == "add":
             manifest = registry.add(
                 args.path, kind=args.kind, adapter_id=args.id, license=args.license, authors=args.author or (),
-                base=args.base, derived_from=args.derived_from or (),
+                base=args.base, derived_from=args.derived_from or (), base_hub_id=args.base_hub_id,
             )
             print(f"added {manifest.id} ({manifest.kind} {manifest.format}, sha256 {manifest.sha256[:12]}, "
                   f"{_base_text(manifest)}, license {manifest.license or 'none'})")
+            if manifest.base_model is not None:
+                hub_id = manifest.base_model.hub_id
+                print(f"base model on the Hub: {hub_id}" if hub_id else
+                      "base model on the Hub: not known (a published card names none; give it with --base-hub-id)")
             return 0
         if args.action == "list":
             manifests = registry.manifests()
@@ -244,6 +248,8 @@ def _cmd_adapters(args: argparse.Namespace) -> int:
                 print(f"{m.id}  ({m.kind} {m.format})")
                 print(f"  file:      {registry.path(m)}  ({m.size_bytes} bytes, sha256 {m.sha256})")
                 print(f"  base:      {_base_text(m).removeprefix('base ')}")
+                if m.base_model is not None:
+                    print(f"  base on the Hub: {m.base_model.hub_id or 'not known'}")
                 print(f"  license:   {m.license or 'none given'}")
                 print(f"  authors:   {', '.join(m.authors) or 'none given'}")
                 print(f"  source:    {m.source}" + (f" @ {m.revision}" if m.revision else ""))
@@ -423,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--author", action="append", help="an author (repeatable)")
     add.add_argument("--base", help="the base model of a LoRA: a GGUF file, generated:tiny, or an embedded backend")
     add.add_argument("--derived-from", action="append", help="what the adapter derives from (repeatable)")
+    add.add_argument("--base-hub-id", metavar="OWNER/NAME",
+                     help="the base model's Hugging Face Hub id (a published card's base_model); by default the "
+                          "LoRA GGUF's general.base_model.0.repo_url, else the base model's when turnflow knows it")
     listing = actions.add_parser("list", help="the adapters in the registry")
     listing.add_argument("--json", action="store_true")
     show = actions.add_parser("show", help="one adapter: file, base model, license, authors, source, derivation")
