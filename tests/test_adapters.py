@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 import yaml
 from conftest import RECIPE, copy_recipe_folder
+from stubs import speaking_model
 
 from turnflow.adapters import AdapterError, AdapterRegistry
-from turnflow.modelgen import ensure_text_model
+from turnflow.modelgen import ensure_lora, ensure_text_model
 from turnflow.nodes.fingerprint import SAME_VOICE, fingerprint_distance
 from turnflow.session import Session, TurnError
 
@@ -97,6 +98,51 @@ def test_a_voice_profile_is_an_adapter_the_tts_bridge_speaks_with(home: Path, tm
     assert report["adapters"]["licenses"] == {"low-voice": "CC-BY-4.0"}
     fingerprint = report["speech"]["voice_fingerprint"]
     assert fingerprint["f0_hz"] < 100, fingerprint  # espeak-ng's en-us+m1 at pitch 20 is a low voice
+
+
+# ------------------------------------------------------------------ a model server of the user's own
+
+
+def test_a_server_of_your_own_without_an_adapter_fails_the_turn_before_the_model_call(home: Path,
+                                                                                      tmp_path: Path) -> None:
+    registry = AdapterRegistry()
+
+    def registry_file(adapter_id: str) -> Path:
+        return registry.path(registry.get(adapter_id))
+
+    copied = tmp_path / "review.gguf"  # the registry's file under another name: known by its sha256
+    shutil.copyfile(registry_file("code-review"), copied)
+    stranger = ensure_lora("tiny", "not-in-the-registry")  # a file the registry does not know
+    loaded = [
+        registry_file("maya-voice"), registry_file("standup-facilitation"),
+        Path("/srv/loras") / registry_file("helper-voice").name,  # on the server's machine: known by its name
+        copied, stranger,
+    ]  # everything maya needs but incident-comms
+    recipe = _recipe(tmp_path)
+    _persona(recipe.parent, "maya-lite", voice="maya-voice", skills=[{"adapter": "standup-facilitation", "scale": 0.6}])
+    with speaking_model(loaded_adapters=loaded) as (url, requests):
+        (recipe.parent / "backends.yaml").write_text(f"backends:\n  own:\n    kind: openai\n    url: {url}\n")
+        with Session(recipe, backend="own", state_dir=tmp_path / "state") as session:
+            first = session.turn(persona="maya-lite", room="r", text="Morning.", audio_sink=lambda _: None)
+            history = session.store.history("r")
+            calls = len(requests)
+            with pytest.raises(TurnError) as info:
+                session.turn(persona="maya", room="r", text="Anything blocked?", audio_sink=lambda _: None)
+            assert len(requests) == calls  # failed before the model call
+            assert session.store.history("r") == history
+            after = session.turn(persona="maya-lite", room="r", text="Thanks.", audio_sink=lambda _: None)
+    message = str(info.value)
+    print("\n" + message)
+    assert "history unchanged" in message and "has not loaded adapter(s) incident-comms (" in message, message
+    assert registry_file("incident-comms").name in message  # the file to load
+    assert "--lora" in message and "maya-voice" not in message.split("(it has:")[0]
+    adapters = first.report["adapters"]
+    assert adapters["resident"] == ["maya-voice", "standup-facilitation", "helper-voice", "code-review",
+                                    stranger.name]
+    assert adapters["lora"] == [{"id": 0, "scale": 1.0}, {"id": 1, "scale": 0.6}, {"id": 2, "scale": 0.0},
+                                {"id": 3, "scale": 0.0}, {"id": 4, "scale": 0.0}]
+    assert requests[0]["lora"] == adapters["lora"]
+    assert after.report["turn"] == first.report["turn"] + 1  # the failed turn left no trace
 
 
 # ------------------------------------------------------------------ adapters change replies, and only theirs

@@ -522,6 +522,26 @@ class AdapterRegistry:
         self._verified[key] = actual
         return path
 
+    def id_for_file(self, path: str | Path) -> str | None:
+        """The id of the adapter a model server names by its file (`GET /lora-adapters` gives paths): the entry
+        whose file is that path, else whose sha256 that file has (when it is on this machine), else the one id
+        with a file of that name; None when the registry does not know the file."""
+        target = Path(path)
+        manifests = self.manifests()
+        for manifest in manifests:
+            if self.path(manifest) == target:
+                return manifest.id
+        try:
+            digest = file_sha256(target) if target.is_file() else None
+        except OSError:
+            digest = None
+        by_digest = {m.id for m in manifests if digest and m.sha256 == digest}
+        by_name = {m.id for m in manifests if self.path(m).name == target.name}
+        for found in (by_digest, by_name):
+            if len(found) == 1:
+                return found.pop()
+        return None
+
     def profile(self, manifest: AdapterManifest) -> dict[str, Any]:
         """A voice profile adapter's settings (engine, voice, pitch, ...), sha256 checked."""
         if manifest.format != "tts-profile":

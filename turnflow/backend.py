@@ -236,17 +236,31 @@ class Backend:
         ids = _match_loaded(adapters, loaded)
         if len(ids) < len(adapters.loras):
             ids = _match_loaded(adapters, self._server_adapters(refresh=True))
-        missing = [a.id for a in adapters.loras if a.key not in ids]
+        missing = [a for a in adapters.loras if a.key not in ids]
         if missing:
             have = ", ".join(Path(str(e.get("path", "?"))).name for e in self._loaded_adapters or []) or "none"
             raise AdapterError(
-                f"backend {self.name!r} at {self.url} has not loaded adapter(s) {', '.join(missing)} "
-                f"(it has: {have}); start it with --lora FILE,... --lora-init-without-apply"
+                f"backend {self.name!r} at {self.url} has not loaded adapter(s) "
+                f"{', '.join(f'{a.id} ({a.path.name})' for a in missing)} (it has: {have}); start it with "
+                f"--lora FILE,... --lora-init-without-apply"
             )
         by_id = {ids[key]: scale for key, scale in scales.items()}
         loaded = self._loaded_adapters or []
         lora = [{"id": int(e["id"]), "scale": float(by_id.get(int(e["id"]), 0.0))} for e in loaded] or None
-        return AdapterLease(lora, [Path(str(e.get("path", ""))).name for e in loaded])
+        # what the server holds, by registry id: the persona's own adapters, else the registry's entry for the
+        # file, else (a file the registry does not know) the file's name
+        from turnflow.adapters import AdapterRegistry
+
+        persona_ids = {ids[a.key]: a.id for a in adapters.loras}
+        registry: AdapterRegistry | None = None
+        resident = []
+        for entry in loaded:
+            known = persona_ids.get(int(entry["id"]))
+            if known is None:
+                registry = registry or AdapterRegistry()
+                known = registry.id_for_file(str(entry.get("path", ""))) or Path(str(entry.get("path", ""))).name
+            resident.append(known)
+        return AdapterLease(lora, resident)
 
     def _server_adapters(self, *, refresh: bool) -> list[dict[str, Any]]:
         if self._loaded_adapters is None or refresh:
