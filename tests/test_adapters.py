@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import pytest
 import yaml
-from conftest import RECIPE, copy_recipe_folder
+from conftest import RECIPE, copy_recipe_folder, without_adapters
 from stubs import speaking_model
 
 from turnflow.adapters import AdapterError, AdapterRegistry
@@ -98,6 +98,44 @@ def test_a_voice_profile_is_an_adapter_the_tts_bridge_speaks_with(home: Path, tm
     assert report["adapters"]["licenses"] == {"low-voice": "CC-BY-4.0"}
     fingerprint = report["speech"]["voice_fingerprint"]
     assert fingerprint["f0_hz"] < 100, fingerprint  # espeak-ng's en-us+m1 at pitch 20 is a low voice
+
+
+# ------------------------------------------------------------------ what the prompt says is applied
+
+
+def _active_adapters(result: Any) -> str:
+    """The `active_adapters` section of a turn's prompt (its line of the system message)."""
+    system = result.prompt.messages[0]["content"]
+    return next(line for line in system.splitlines() if line.startswith("Active adapters:"))
+
+
+def test_active_adapters_renders_exactly_what_is_applied(home: Path, tmp_path: Path) -> None:
+    registry = AdapterRegistry()
+    profile = tmp_path / "calm-voice.yaml"
+    profile.write_text("engine: espeak-ng\nvoice: en-us+m3\npitch: 40\n")
+    registry.add(profile, kind="voice", adapter_id="calm-voice", license="CC0-1.0")
+    recipe = _recipe(tmp_path, generation="generation:\n  max_tokens: 8\n  temperature: 0\n")  # the prompt matters
+    without_adapters(recipe, "helper")
+    _persona(recipe.parent, "calm", voice="calm-voice", skills=[{"adapter": "code-review", "scale": 1.25}])
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        results = {p: session.turn(persona=p, room=f"aa-{p}", text="Morning.") for p in ("helper", "maya", "calm")}
+    rendered = {p: _active_adapters(r) for p, r in results.items()}
+    print("\n" + "\n".join(f"{p}: {line}" for p, line in rendered.items()))
+    assert rendered["helper"] == "Active adapters: none."
+    assert rendered["maya"] == ("Active adapters: voice maya-voice (LoRA at 1.00); skill standup-facilitation "
+                                "(LoRA at 0.60); skill incident-comms (LoRA at 0.30).")
+    assert rendered["calm"] == ("Active adapters: voice calm-voice (TTS voice profile); "
+                                "skill code-review (LoRA at 1.25).")
+    # ... and that is what the requests carried: the same ids and scales, nothing for the persona without adapters
+    for persona_id, result in results.items():
+        report = result.report["adapters"]
+        applied = sorted(entry["scale"] for entry in report["lora"] or [] if entry["scale"] > 0)
+        assert applied == {"helper": [], "maya": [0.3, 0.6, 1.0], "calm": [1.25]}[persona_id], report
+        named = [report["voice"]] if report["voice"] else []
+        named += [f"{s['id']} (LoRA at {s['scale']:.2f})" for s in report["skills"]]
+        assert all(name in rendered[persona_id] for name in named)
+        others = set(registry.ids()) - {report["voice"], *(s["id"] for s in report["skills"])}
+        assert not any(f" {other} (" in rendered[persona_id] for other in others)  # nothing else
 
 
 # ------------------------------------------------------------------ a model server of the user's own
