@@ -419,8 +419,12 @@ def test_bad_input_gets_a_clear_message(fake_hub: FakeHub, tmp_path: Path) -> No
         ("publish", "no-such-voice", "--repo", "sam/x", "--token", fake_hub.token): "unknown adapter 'no-such-voice'",
         ("pull", "not a repo"): "is not a Hub repo: write OWNER/NAME",
         ("pull", "sam/absent"): "no such repo on the Hub",
-        ("preview", "sam/plain-voice@deadbeef"): "sam/plain-voice",
+        ("preview", "sam/plain-voice@deadbeef"): "sam/plain-voice@deadbeef: no such revision on the Hub",
+        ("preview", "sam/plain-voice@no-such-branch"): "sam/plain-voice@no-such-branch: no such revision on the Hub",
+        ("pull", "sam/plain-voice@deadbeef"): "sam/plain-voice@deadbeef: no such revision on the Hub",
     }
+    _publish("plain-voice", "sam/plain-voice", fake_hub)  # the repo exists: only the revision is wrong
+    assert _cli("adapters", "preview", "sam/plain-voice", "--out", str(tmp_path / "ok.wav")).returncode == 0
     for args, words in cases.items():
         result = _cli("adapters", *args)
         assert result.returncode == 1, (args, result.stdout)
