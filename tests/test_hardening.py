@@ -39,24 +39,32 @@ pytestmark = pytest.mark.server
 def test_a_join_costs_each_persona_only_what_is_new(home: Path, tmp_path: Path) -> None:
     recipe = copy_recipe_folder(tmp_path)
     processed: dict[str, list[int]] = {"maya": [], "helper": []}
+    last: dict[str, list[dict[str, Any]]] = {}
     with Session(recipe, state_dir=tmp_path / "state") as session:
         session.join("room", "alice", display_name="Alice")
         for i in range(12):
             for persona in ("maya", "helper"):
-                report = session.turn(persona=persona, room="room", speaker="alice", text=f"Point {i} for you.").report
-                processed[persona].append(report["llm"]["prompt_tokens_processed"])
+                result = session.turn(persona=persona, room="room", speaker="alice", text=f"Point {i} for you.")
+                processed[persona].append(result.report["llm"]["prompt_tokens_processed"])
+                last[persona] = result.prompt.messages
         session.join("room", "bob", display_name="Bob")
-        after = {persona: session.turn(persona=persona, room="room", speaker="alice", text="Bob is here now.").report
+        after = {persona: session.turn(persona=persona, room="room", speaker="alice", text="Bob is here now.")
                  for persona in ("maya", "helper")}
         event = session.backend.client.count_tokens("[Bob joined the room]") or 0
-        participants = after["maya"]["prefix"]
-    for persona, report in after.items():
+    for persona, result in after.items():
+        report = result.report
         steady = max(processed[persona][2:])
         cost = report["llm"]["prompt_tokens_processed"]
         print(f"\n{persona}: steady turns processed <= {steady}; after Bob joined: {cost} "
               f"(join event {event} tokens) of {report['llm']['prompt_tokens']}")
         assert cost <= steady + event + 64, (persona, cost, steady)
-    assert participants["semi_stable_sha256"]  # the participants section stayed where it was
+        # why: the join only appended. The system message (participants section included) is the one of the
+        # persona's last turn before the join, and so is everything after it up to that turn's own message
+        before = last[persona][:-1]  # that turn's message carried its volatile tail, which history does not keep
+        messages = result.prompt.messages
+        assert messages[0] == before[0] and "Bob" not in str(messages[0]["content"]), persona
+        assert messages[: len(before)] == before, persona
+        assert {"role": "user", "content": "[Bob joined the room]"} in messages[len(before):], persona
 
 
 # ------------------------------------------------------------------ nothing stale
