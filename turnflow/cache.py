@@ -18,18 +18,9 @@ from typing import Any, Literal
 
 import diskcache
 
+from turnflow.dependencies import scopes_of
 from turnflow.nodes.text import canonical_json
 
-#: Which invalidation scopes a cache key field belongs to.
-_SCOPES_OF_KEY: dict[str, tuple[str, ...]] = {
-    "persona_id": ("persona",),
-    "persona_version": ("persona",),
-    "recipe_id": (),
-    "room_id": ("room",),
-    "participants_version": ("room", "participants"),
-    "history_tail_msg_ids": ("room", "messages"),
-    "adapter_set_digest": ("persona",),
-}
 _SCOPE_VALUE_FIELD = {"persona": "persona_id", "room": "room_id", "participants": "room_id", "messages": "room_id"}
 _LEDGER_TTL_S = 30 * 24 * 3600.0
 
@@ -160,7 +151,7 @@ class CompositionCache:
         values = {**(scope_values or {}), **key_values}
         scopes = {f"recipe:{recipe_id}"}
         for field in key_values:
-            for scope in _SCOPES_OF_KEY.get(field, ()):
+            for scope in scopes_of(field):
                 scopes.add(f"{scope}:{values.get(_SCOPE_VALUE_FIELD[scope], '*')}")
         epochs = {scope: self._epoch(scope) for scope in sorted(scopes)}
         blob = canonical_json(

@@ -23,71 +23,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+from turnflow.dependencies import CACHE_KEYS, SOURCE_INPUTS
+
 TIERS: tuple[str, ...] = ("invariant", "semi_stable", "volatile")
 Tier = Literal["invariant", "semi_stable", "volatile"]
-
-#: The cache keys a source may declare, and what each one stands for.
-CACHE_KEYS: dict[str, str] = {
-    "persona_id": "the persona taking the turn",
-    "persona_version": "the persona file's declared version and content",
-    "recipe_id": "the recipe and its content",
-    "room_id": "the room",
-    "participants_version": "who is in the room",
-    "history_tail_msg_ids": "the newest messages of the room's history",
-    "adapter_set_digest": "the persona's adapter files and scales",
-    "instructions_digest": "the LiveKit agent's instructions",
-}
-
-#: The DAG values a source function may take as parameters (Hamilton style: the name is the edge).
-SOURCE_INPUTS: dict[str, str] = {
-    "persona_id": "id of the persona taking the turn",
-    "persona": "the Persona model",
-    "persona_version": "the persona's version key",
-    "recipe": "the Recipe model",
-    "recipe_id": "the recipe's id",
-    "room_id": "id of the room",
-    "room_participants": "list of Participant (people and personas in the room)",
-    "participants_version": "changes whenever someone joins or leaves",
-    "room_messages": "the room's history, list of StoredMessage",
-    "history_tail_msg_ids": "ids of the newest messages of the room",
-    "history_start": "id of the first visible message of the room (changes when the history is compacted)",
-    "turn": "the turn's number in the room (1, 2, ...)",
-    "now": "the turn's timestamp (timezone-aware datetime)",
-    "speaker": "who is speaking this turn",
-    "user_content": "what the speaker said this turn (UserContent)",
-    "hears": "whether the backend's model hears audio (decided when the driver is built)",
-    "adapter_set": "the persona's adapters as applied (AdapterSet: voice, skills, scales)",
-    "adapter_set_digest": "digest of the persona's adapter files and scales",
-    "instructions": "the LiveKit agent's instructions (None outside LiveKit Agents)",
-    "instructions_digest": "digest of the LiveKit agent's instructions",
-    "agent_history": "the LiveKit agent's chat context as OpenAI messages (None outside LiveKit Agents)",
-}
-
-#: For each source input, the cache keys that must be declared for a cached result to follow it.
-INPUT_COVERAGE: dict[str, tuple[str, ...]] = {
-    "persona_id": ("persona_id",),
-    "persona": ("persona_id", "persona_version"),
-    "persona_version": ("persona_version",),
-    "recipe": ("recipe_id",),
-    "recipe_id": ("recipe_id",),
-    "room_id": ("room_id",),
-    "room_participants": ("room_id", "participants_version"),
-    "participants_version": ("participants_version",),
-    "room_messages": ("room_id", "history_tail_msg_ids"),
-    "history_tail_msg_ids": ("history_tail_msg_ids",),
-    "history_start": ("room_id", "participants_version"),  # compaction bumps participants_version
-    "turn": ("<per-turn>",),
-    "now": ("<per-turn>",),
-    "speaker": ("<per-turn>",),
-    "user_content": ("<per-turn>",),
-    "hears": (),  # fixed per driver; the cache namespace includes the capability profile
-    "adapter_set": ("adapter_set_digest",),
-    "adapter_set_digest": ("adapter_set_digest",),
-    "instructions": ("instructions_digest",),
-    "instructions_digest": ("instructions_digest",),
-    "agent_history": ("history_tail_msg_ids",),  # a chat context's digest stands in for the tail ids
-}
-
 
 # --------------------------------------------------------------------------------------------- models
 
@@ -1012,7 +951,7 @@ def _adapter_base_problems(recipe: Recipe, persona: Persona) -> list[Problem]:
 def _lint_source(file: str, line: int, spec: SourceSpec, params: list[str]) -> list[Problem]:
     """Warnings about tiers and cache keys that would make a prompt go stale or break the prefix."""
     problems = []
-    per_turn = [p for p in params if INPUT_COVERAGE.get(p) == ("<per-turn>",)]
+    per_turn = [p for p in params if p in SOURCE_INPUTS and SOURCE_INPUTS[p].per_turn]
     if spec.tier != "volatile" and per_turn:
         problems.append(
             Problem(
@@ -1028,8 +967,9 @@ def _lint_source(file: str, line: int, spec: SourceSpec, params: list[str]) -> l
             {
                 p
                 for p in params
-                if INPUT_COVERAGE.get(p) != ("<per-turn>",)
-                and not set(INPUT_COVERAGE.get(p, ())) <= set(spec.cache_key)
+                if p in SOURCE_INPUTS
+                and not SOURCE_INPUTS[p].per_turn
+                and not set(SOURCE_INPUTS[p].covered_by) <= set(spec.cache_key)
             }
         )
         if uncovered:
