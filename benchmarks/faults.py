@@ -8,8 +8,11 @@ Four parts, each printing its figures (goals in brackets):
   failed turns that left the room unchanged [all], turns that succeeded after a restart.
 - concurrent: 14 personas x 20 concurrent turns, a room each. Replies in the wrong room or persona [0],
   lost turns [0], slot bookkeeping left inconsistent [0].
-- recipes: mutations of the example recipe, personas and backends file (wrong types, keys, tiers,
-  indentation, encodings, huge values, truncation). Rejected with `FILE:LINE:` errors [100%], tracebacks [0].
+- recipes: mutations of the example recipe, personas and backends file (wrong types, misspelt, missing and
+  duplicate keys, unknown tiers and names, indentation, tabs, lost colons, truncation, encodings, huge values,
+  deep nesting, alias bombs), generated until `--recipes` distinct files are malformed; a mutation that left a
+  valid file is counted apart. Malformed files rejected with `FILE:LINE:` errors [100%], malformed files
+  accepted [0], tracebacks [0].
 - media: bad audio and image inputs (truncated, wrong headers, huge, silent, NaN samples). Clean refusals
   [100%], history untouched [100%].
 
@@ -35,18 +38,23 @@ import tempfile
 import threading
 import time
 import traceback
+import types
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 import yaml
+from pydantic import BaseModel
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 LOCATED = re.compile(r"^[^\n:]+:\d+: ", re.MULTILINE)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 NAMES = ["Ada", "Bea", "Cal", "Dov", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kai", "Lia", "Max", "Nia"]
 
 
@@ -254,119 +262,391 @@ def concurrent_turns(personas: int, turns: int, work: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ malformed recipes
 
 
-def _lines_mutation(rng: random.Random, text: str) -> tuple[str, str]:
-    lines = text.splitlines(keepends=True)
-    candidates = [i for i, line in enumerate(lines) if re.match(r"^\s*[a-z_]+:", line)]
-    i = rng.choice(candidates)
-    line = lines[i]
-    key = line.split(":", 1)[0].strip()
-    choice = rng.randrange(7)
-    if choice == 0:  # a key misspelt
-        lines[i] = line.replace(key, key[:-1] + ("x" if key[-1] != "x" else "y"), 1)
-        return "".join(lines), f"misspelt key {key!r}"
-    if choice == 1:  # indentation shifted
-        lines[i] = " " * rng.choice([1, 3, 5]) + line
-        return "".join(lines), f"indentation of {key!r}"
-    if choice == 2:  # a tab for indentation
-        lines[i] = "\t" + line.lstrip(" ")
-        return "".join(lines), f"tab before {key!r}"
-    if choice == 3:  # a value of the wrong type
-        indent = line[: len(line) - len(line.lstrip())]
-        value = rng.choice(["[1, 2, 3]", "{a: 1}", "-12", "3.5e99", "true", "null", "'x' * 3"])
-        lines[i] = f"{indent}{key}: {value}\n"
-        return "".join(lines), f"{key!r} set to {value}"
-    if choice == 4:  # the line duplicated
-        lines.insert(i, line)
-        return "".join(lines), f"duplicate {key!r}"
-    if choice == 5:  # the line removed
-        del lines[i]
-        return "".join(lines), f"{key!r} removed"
-    lines[i] = line.replace(":", "", 1)  # the colon lost
-    return "".join(lines), f"colon after {key!r} lost"
+SAME = "same data"
+"""`judge`'s verdict on a mutation that left the file's data exactly as it was (a comment or spacing edit)."""
 
 
-def mutate(rng: random.Random, name: str, raw: bytes) -> tuple[bytes, str]:
-    """One broken version of a recipe file and what was done to it."""
+def _options(annotation: Any) -> list[Any]:
+    """The alternatives of a union annotation (`int | None` -> [int, NoneType]); any other annotation alone."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [o for arg in typing.get_args(annotation) for o in _options(arg)]
+    return [annotation]
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _child(annotation: Any, part: str | int) -> Any:
+    """The annotation of `part` (a key or a list index) inside a value of `annotation`; None when free-form."""
+    for option in _options(annotation):
+        if _is_model(option) and isinstance(part, str) and part in option.model_fields:
+            return option.model_fields[part].annotation
+        origin, args = typing.get_origin(option), typing.get_args(option)
+        if origin is dict and isinstance(part, str) and len(args) == 2:
+            return args[1]
+        if origin in (tuple, list) and isinstance(part, int) and args:
+            return args[0]
+    return None
+
+
+@dataclass(frozen=True)
+class _Key:
+    """A key of the example file that its schema declares: where it is and what it may hold."""
+
+    path: tuple[str | int, ...]
+    key: yaml.Node
+    value: yaml.Node
+    model: type[BaseModel]
+    annotation: Any
+
+    @property
+    def name(self) -> str:
+        return str(self.path[-1])
+
+    @property
+    def strict(self) -> bool:
+        """Unknown keys beside this one are an error."""
+        return self.model.model_config.get("extra") == "forbid"
+
+    @property
+    def required(self) -> bool:
+        return self.model.model_fields[self.name].is_required()
+
+
+def _schema_of(name: str) -> type[BaseModel]:
+    from turnflow.recipe import BackendsFile, Persona, Recipe
+
+    return BackendsFile if name == "backends.yaml" else Persona if name.startswith("personas/") else Recipe
+
+
+def schema_keys(name: str, text: str) -> list[_Key]:
+    """Every key of a turnflow file that its schema declares, with the line and column YAML found it at."""
+    keys: list[_Key] = []
+
+    def walk(node: yaml.Node, annotation: Any, path: tuple[str | int, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            model = next((o for o in _options(annotation) if _is_model(o)), None)
+            for key, value in node.value:
+                child = _child(annotation, key.value)
+                if model is not None and key.value in model.model_fields:
+                    keys.append(_Key(path + (key.value,), key, value, model, child))
+                if child is not None:
+                    walk(value, child, path + (key.value,))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                child = _child(annotation, i)
+                if child is not None:
+                    walk(item, child, path + (i,))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)  # its marks index characters
+    if root is not None:
+        walk(root, _schema_of(name), ())
+    return keys
+
+
+def _wrong_values(annotation: Any) -> list[str]:
+    """YAML values the annotation does not accept (none when it accepts anything)."""
+    options = _options(annotation)
+    origins = {typing.get_origin(o) or o for o in options}
+    if Any in origins:
+        return []
+    numeric = bool(origins & {int, float, bool})
+    wrong = []
+    if not origins & {tuple, list}:
+        wrong.append("[1, 2, 3]")
+    if not origins & {dict} and not any(_is_model(o) for o in options):
+        wrong.append("{a: 1}")
+    if not numeric:
+        wrong += ["true", "-12"]
+    if numeric and not origins & {str, typing.Literal}:
+        wrong.append("many")
+    if type(None) not in origins:
+        wrong.append("null")
+    return wrong
+
+
+def _value_end(text: str, node: yaml.Node) -> int:
+    """Where a value ends: YAML ends a block value at the next token, which may be indented on a later line."""
+    end = node.end_mark.index
+    line_start = text.rfind("\n", 0, end) + 1
+    return line_start if end > line_start and not text[line_start:end].strip() else end
+
+
+def _line_span(text: str, key: _Key) -> tuple[int, int]:
+    """The character span of a block key's whole entry: its line through the end of its value."""
+    start = text.rfind("\n", 0, key.key.start_mark.index) + 1
+    end = _value_end(text, key.value)
+    if not text[start:end].endswith("\n"):
+        newline = text.find("\n", end)
+        end = len(text) if newline < 0 else newline + 1
+    return start, end
+
+
+def _keyed_mutation(rng: random.Random, text: str, keys: list[_Key]) -> tuple[str, str, str] | None:
+    """One mutation at a key the schema declares: (text, kind, what), or None when the chosen key cannot take it."""
+    key = rng.choice(keys)
+    k, v = key.key.start_mark.index, key.key.end_mark.index
+    line_start = text.rfind("\n", 0, k) + 1
+    prefix = text[line_start:k].strip()
+    block = prefix in ("", "-")  # a `key:` line (maybe a list item's first), not a key inside {...}
+    where = "/".join(str(p) for p in key.path)
+    choice = rng.randrange(8)
+    if choice == 0 and key.strict:  # a key misspelt
+        wrong = key.name[:-1] + ("x" if key.name[-1] != "x" else "y")
+        if wrong in key.model.model_fields:
+            return None
+        return text[:k] + wrong + text[v:], "misspelt key", f"key {where} misspelt {wrong!r}"
+    if choice == 1:  # a value of the wrong type
+        wrong_values = _wrong_values(key.annotation)
+        if not wrong_values:
+            return None
+        value = rng.choice(wrong_values)
+        s, e = key.value.start_mark.index, _value_end(text, key.value)
+        tail = "\n" if text[s:e].endswith("\n") else ""
+        return text[:s] + value + tail + text[e:], "wrong type", f"{where} set to {value}"
+    if choice == 2 and key.required:  # a required key removed
+        if block:
+            s, e = _line_span(text, key)
+            if prefix == "-":  # the first key of a list item: keep the dash
+                s = k
+            return text[:s] + text[e:], "required key removed", f"{where} removed"
+        e = _value_end(text, key.value)
+        if text[e:e + 2] == ", ":
+            return text[:k] + text[e + 2:], "required key removed", f"{where} removed"
+        s = text.rfind(",", line_start, k)
+        if s < 0:
+            return None
+        return text[:s] + text[e:], "required key removed", f"{where} removed"
+    if choice == 3:  # the key given twice
+        if prefix == "":
+            s, e = _line_span(text, key)
+            return text[:e] + text[s:e] + text[e:], "duplicate key", f"{where} twice"
+        if block:
+            return None
+        e = _value_end(text, key.value)
+        return text[:e] + ", " + text[k:e] + text[e:], "duplicate key", f"{where} twice"
+    if choice == 4 and block and key.strict:  # indentation shifted
+        shift = " " * rng.choice([1, 3, 5])
+        return text[:line_start] + shift + text[line_start:], "indentation", f"{where} indented by {len(shift)}"
+    if choice == 5 and block and key.strict:  # a tab for indentation
+        indent = text[line_start:k]
+        return (text[:line_start] + "\t" + indent.lstrip(" ") + text[k:], "tab indentation",
+                f"tab before {where}")
+    if choice == 6 and key.strict:  # the colon lost
+        colon = text.find(":", v)
+        if colon < 0 or text[v:colon].strip():
+            return None
+        return text[:colon] + text[colon + 1:], "colon lost", f"colon after {where} lost"
+    if choice == 7 and len(key.name) >= 2:  # truncated inside a key
+        cut = rng.randrange(k + 1, v)
+        return text[:cut], "truncated", f"truncated inside key {where} (byte {len(text[:cut].encode())})"
+    return None
+
+
+# value words that name something (a tier, a backend kind, a backend, a persona id): reversed, they name nothing
+NAMING = re.compile(r"\b(tier|kind|backend|persona): ([a-z][\w-]*)")
+
+
+def mutate(rng: random.Random, name: str, raw: bytes, keys: list[_Key]) -> tuple[bytes, str, str]:
+    """One broken version of a turnflow file: (bytes, kind of mutation, what was done)."""
     text = raw.decode()
-    choice = rng.randrange(12)
-    if choice < 5:
-        mutated, what = _lines_mutation(rng, text)
-        return mutated.encode(), what
-    if choice == 5:  # truncated at a random byte
-        cut = rng.randrange(1, len(raw))
-        return raw[:cut], f"truncated at byte {cut}"
-    if choice == 6:  # invalid UTF-8
-        at = rng.randrange(len(raw))
-        return raw[:at] + b"\xff\xfe\xc3(" + raw[at:], f"invalid UTF-8 at byte {at}"
-    if choice == 7:  # another encoding
-        return text.encode("utf-16"), "UTF-16 encoded"
-    if choice == 8:  # a huge value
-        key = "system_prompt" if "system_prompt" in text else "description"
-        if "backends:" in text:
-            return text.replace("slots: ", "slots: 9" + "9" * 40 + "", 1).encode(), "huge slots"
-        big = "x" * 3_000_000
-        if key in text:
-            return re.sub(rf"^{key}:.*$", f"{key}: {big}", text, count=1, flags=re.M).encode(), f"3 MB {key}"
-        return (text + f"description: {big}\n").encode(), "3 MB description"
-    if choice == 9:  # nesting far too deep
-        depth = rng.choice([200, 5000])
-        return (text + "extra: " + "[" * depth + "]" * depth + "\n").encode(), f"nesting {depth} deep"
-    if choice == 10:  # tiers and kinds that do not exist
-        for word in ("invariant", "semi_stable", "volatile", "embedded", "voice", "text"):
-            if word in text:
-                return text.replace(word, word[::-1], 1).encode(), f"{word!r} reversed"
-        return b"", "emptied"
-    alias = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True))
-    return (text + alias).encode(), "alias bomb (9^8 items)"
+    while True:
+        choice = rng.randrange(14)
+        if choice < 7:
+            mutated = _keyed_mutation(rng, text, keys)
+            if mutated is not None:
+                return mutated[0].encode(), mutated[1], mutated[2]
+            continue
+        if choice == 7:  # invalid UTF-8
+            at = rng.randrange(len(raw))
+            return raw[:at] + b"\xff\xfe\xc3(" + raw[at:], "invalid UTF-8", f"invalid UTF-8 at byte {at}"
+        if choice == 8:  # another encoding
+            return text.encode("utf-16"), "UTF-16", "UTF-16 encoded"
+        if choice == 9:  # a huge value
+            if name == "backends.yaml":
+                return (text.replace("slots: ", "slots: " + "9" * 41, 1).encode(), "huge value",
+                        "slots: 42 digits")
+            key = "system_prompt" if name.startswith("personas/") else "description"
+            big = "x" * 3_000_000
+            return re.sub(rf"^{key}:.*$", f"{key}: {big}", text, count=1, flags=re.M).encode(), "huge value", \
+                f"3 MB {key}"
+        if choice == 10:  # nesting far too deep, in place of a value
+            depth = rng.choice([200, 5000])
+            at = rng.choice([k for k in keys if k.value.start_mark.line == k.key.start_mark.line])
+            s, e = at.value.start_mark.index, _value_end(text, at.value)
+            return (text[:s] + "[" * depth + "]" * depth + text[e:]).encode(), "deep nesting", \
+                f"{'/'.join(map(str, at.path))}: lists {depth} deep"
+        if choice == 11:  # a tier, kind, backend or persona id that does not exist
+            found = [m for m in NAMING.finditer(text)
+                     if not text[text.rfind("\n", 0, m.start()) + 1: m.start()].lstrip().startswith("#")]
+            if not found:
+                continue
+            m = rng.choice(found)
+            word = m.group(2)[::-1] if m.group(2)[::-1] != m.group(2) else m.group(2) + "x"
+            return (text[: m.start(2)] + word + text[m.end(2):]).encode(), "unknown name", \
+                f"{m.group(1)} {m.group(2)!r} -> {word!r}"
+        if choice == 12:  # not a mapping at all
+            content, what = rng.choice([(b"", "emptied"), (b"- just\n- a list\n", "a list"),
+                                        (b"just words\n", "a bare string")])
+            return content, "not a mapping", what
+        alias = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefg", "bcdefgh", strict=True))
+        return (text + alias).encode(), "alias bomb", "alias bomb (9^8 items)"
+
+
+def _structure_problem(node: yaml.Node) -> str | None:
+    """A key given twice in one mapping, or more values than a turnflow file may expand to through aliases."""
+    from turnflow.recipe import MAX_YAML_VALUES
+
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(node, False)]
+    while stack:  # iterative: the file may nest thousands deep
+        current, done = stack.pop()
+        if isinstance(current, yaml.MappingNode):
+            children = [part for pair in current.value for part in pair]
+        elif isinstance(current, yaml.SequenceNode):
+            children = list(current.value)
+        else:
+            children = []
+        if done:
+            sizes[id(current)] = 1 + sum(sizes[id(c)] for c in children)
+            continue
+        if id(current) in sizes:
+            continue
+        sizes[id(current)] = 0  # an alias back to an ancestor adds nothing more
+        if isinstance(current, yaml.MappingNode):
+            names = [k.value for k, _ in current.value if isinstance(k, yaml.ScalarNode)]
+            if len(names) != len(set(names)):
+                return "a key given twice"
+        stack.append((current, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    if sizes[id(node)] > MAX_YAML_VALUES:
+        return f"expands to more than {MAX_YAML_VALUES:,} values"
+    return None
+
+
+def judge(name: str, raw: bytes, original: Any) -> str | None:
+    """Why a mutated file is not a valid turnflow file, by the format's own rules and apart from turnflow's loader.
+
+    The rules: at most MAX_FILE_BYTES, UTF-8, YAML with no key given twice and at most MAX_YAML_VALUES values
+    once aliases are expanded, a mapping, and valid against the file's schema (the `Recipe`, `Persona` or
+    `BackendsFile` model). Returns the rule broken; `SAME` when the data is exactly the example's; None when the
+    file keeps every rule here (only the checks across files, which the loader makes, can still refuse it).
+    """
+    from pydantic import ValidationError
+
+    from turnflow.recipe import MAX_FILE_BYTES
+
+    if len(raw) > MAX_FILE_BYTES:
+        return "larger than the file size limit"
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "not UTF-8"
+    try:
+        node = yaml.compose(text, Loader=_LOADER)
+    except Exception:  # a syntax error, or nesting too deep for the parser
+        return "not YAML"
+    if node is None:
+        return "empty"
+    problem = _structure_problem(node)
+    if problem:
+        return problem
+    try:
+        data = yaml.load(text, Loader=_LOADER)
+    except Exception:
+        return "does not load"
+    if data == original:
+        return SAME
+    if not isinstance(data, dict):
+        return "not a mapping"
+    try:
+        _schema_of(name).model_validate(data)
+    except ValidationError as exc:
+        return f"schema: {exc.errors()[0]['type']}"
+    return None
 
 
 def malformed_recipes(count: int, seed: int, work: Path) -> dict[str, Any]:
-    """`count` mutated recipe/persona/backends files, each loaded and validated as a user would."""
+    """Mutated recipe/persona/backends files, each loaded and validated as a user would, until `count` of them
+    are malformed (`judge` says so, or turnflow's checks across files refuse them); the mutations that left a
+    valid file are counted apart."""
     from turnflow.recipe import RecipeError, load_recipe, validate_paths
 
     rng = random.Random(seed)
-    personas = [f"personas/{p.name}" for p in (RECIPES / "personas").glob("*.yaml")]
+    personas = sorted(f"personas/{p.name}" for p in (RECIPES / "personas").glob("*.yaml"))
     targets = ["voice-chat.yaml", "backends.yaml", *personas]
-    figures = {"mutations": count, "rejected": 0, "rejected_with_file_line": 0, "accepted": 0, "tracebacks": 0,
-               "cli_checked": 0, "cli_clean": 0}
-    examples: list[str] = []
-    accepted: list[str] = []
+    examples = {name: (RECIPES / name).read_bytes() for name in targets}
+    keys = {name: schema_keys(name, raw.decode()) for name, raw in examples.items()}
+    originals = {name: yaml.load(raw, Loader=_LOADER) for name, raw in examples.items()}
+    figures: dict[str, Any] = {
+        "target": count, "generated": 0, "duplicates_skipped": 0, "malformed": 0, "valid_after_all": 0,
+        "rejected": 0, "rejected_with_file_line": 0, "rejected_by_checks_across_files": 0,
+        "malformed_accepted": 0, "valid_rejected": 0, "tracebacks": 0, "cli_checked": 0, "cli_clean": 0}
+    kinds: dict[str, int] = {}
+    seen: set[tuple[str, bytes]] = set()
+    samples: list[str] = []
+    across: list[str] = []
+    valid: list[str] = []
     problems: list[str] = []
-    for n in range(count):
+    while figures["malformed"] < count and figures["generated"] < 3 * count \
+            and figures["duplicates_skipped"] < 10 * count:
+        name = rng.choice(targets)
+        broken, kind, what = mutate(rng, name, examples[name], keys[name])
+        if (name, broken) in seen:  # every file counted is a different file
+            figures["duplicates_skipped"] += 1
+            continue
+        seen.add((name, broken))
+        n = figures["generated"]
+        figures["generated"] += 1
+        verdict = judge(name, broken, originals[name])
         folder = work / f"recipes-{n}"
         recipe = recipe_copy(folder)
-        name = rng.choice(sorted(targets))
-        path = folder / name
-        broken, what = mutate(rng, name, path.read_bytes())
-        path.write_bytes(broken)
-        outcome = ""
+        (folder / name).write_bytes(broken)
+        outcome, message = "", ""
+        started = time.perf_counter()
         try:
-            started = time.perf_counter()
             validate_paths([recipe])
             load_recipe(recipe)
             outcome = "accepted"
-            figures["accepted"] += 1
-            accepted.append(f"{name}: {what}")
         except RecipeError as exc:
-            figures["rejected"] += 1
-            message = str(exc)
-            if message and all(LOCATED.match(line) for line in message.splitlines() if line.strip()):
-                figures["rejected_with_file_line"] += 1
-                if len(examples) < 6:
-                    examples.append(f"{what}: {message.splitlines()[0][:160]}")
-            else:
-                problems.append(f"{name} ({what}): not located: {message[:200]}")
-            outcome = "rejected"
+            message = str(exc).replace(f"{folder}/", "")
+            located = bool(message) and all(LOCATED.match(line) for line in message.splitlines() if line.strip())
+            outcome = "located" if located else "unlocated"
         except BaseException as exc:  # a traceback for the user
             if isinstance(exc, KeyboardInterrupt):
                 raise
             figures["tracebacks"] += 1
-            tb = traceback.format_exception_only(type(exc), exc)[-1].strip()
-            problems.append(f"{name} ({what}): {tb[:200]}")
+            problems.append(f"{name} ({what}): {traceback.format_exception_only(type(exc), exc)[-1].strip()[:200]}")
             outcome = "traceback"
-        if time.perf_counter() - started > 10:
-            problems.append(f"{name} ({what}): took {time.perf_counter() - started:.0f} s")
+        took = time.perf_counter() - started
+        if took > 10:
+            problems.append(f"{name} ({what}): took {took:.0f} s")
+        malformed = verdict not in (None, SAME) or outcome in ("located", "unlocated") and verdict is None
+        if outcome != "traceback" and outcome != "accepted" and verdict == SAME:
+            figures["valid_rejected"] += 1
+            problems.append(f"{name} ({what}): the data did not change, yet: {message[:200]}")
+        elif malformed:
+            figures["malformed"] += 1
+            kinds[kind] = kinds.get(kind, 0) + 1
+            if outcome == "accepted":
+                figures["malformed_accepted"] += 1
+                problems.append(f"{name} ({what}): accepted, but {verdict}")
+            elif outcome != "traceback":
+                figures["rejected"] += 1
+                if verdict is None:
+                    figures["rejected_by_checks_across_files"] += 1
+                    across.append(f"{name} ({what}): {message.splitlines()[0][:160]}")
+                if outcome == "located":
+                    figures["rejected_with_file_line"] += 1
+                    if len(samples) < 8:
+                        samples.append(f"{name} ({what}): {message.splitlines()[0][:160]}")
+                else:
+                    problems.append(f"{name} ({what}): not located: {message[:200]}")
+        elif outcome == "accepted":
+            figures["valid_after_all"] += 1
+            valid.append(f"{name}: {what}" + (" (same data)" if verdict == SAME else ""))
         if n % 20 == 0:  # the CLI as well: one line per problem, exit 1 or 0, never a traceback
             proc = subprocess.run([sys.executable, "-m", "turnflow.cli", "validate", str(recipe)],
                                   capture_output=True, text=True, timeout=120)
@@ -376,9 +656,11 @@ def malformed_recipes(count: int, seed: int, work: Path) -> dict[str, Any]:
             else:
                 problems.append(f"cli validate {name} ({what}): exit {proc.returncode}: {proc.stderr[-200:]}")
         shutil.rmtree(folder)
-    figures["rejected_with_file_line_pct"] = percent(figures["rejected_with_file_line"], figures["rejected"])
-    figures["examples"] = examples
-    figures["accepted_mutations"] = accepted
+    figures["rejected_with_file_line_pct"] = percent(figures["rejected_with_file_line"], figures["malformed"])
+    figures["kinds"] = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    figures["examples"] = samples
+    figures["rejected_by_checks_across_files_list"] = across
+    figures["valid_after_all_mutations"] = valid
     figures["problems"] = problems[:15]
     return figures
 
@@ -567,7 +849,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--turns", type=int, default=None, help="turns under kill -9 (default 100; quick 12)")
     parser.add_argument("--personas", type=int, default=14)
     parser.add_argument("--concurrent-turns", type=int, default=None, help="turns per persona (20; quick 3)")
-    parser.add_argument("--recipes", type=int, default=None, help="malformed files (default 240; quick 60)")
+    parser.add_argument("--recipes", type=int, default=None, help="malformed files to generate (default 240; quick 60)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--only", default="kill,concurrent,recipes,media")
     parser.add_argument("--json", type=Path, help="also write the figures here")
