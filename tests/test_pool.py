@@ -110,6 +110,33 @@ def test_a_bad_pool_is_named_with_its_file_line_and_fix(tmp_path: Path, pool: di
     assert int(said.split(":")[1]) >= want_line
 
 
+def test_the_pool_bench_summary_gives_the_fraction_a_new_member_takes_over(tmp_path: Path) -> None:
+    from turnflow.bench_pool import moved_on_add, placed_homes, pool_summary
+
+    recipe = _url_recipe(tmp_path)
+    members = [f"member-{i}" for i in range(4)]
+    _write_backends(recipe, {
+        **{m: {"kind": "openai", "url": f"http://127.0.0.1:9/{m}"} for m in members},  # placed, never asked
+        "three": {"kind": "pool", "members": members[:3]},
+        "four": {"kind": "pool", "members": members},
+    })
+    before = placed_homes(recipe, "three", PERSONAS, tmp_path / "state")
+    after = placed_homes(recipe, "four", PERSONAS, tmp_path / "state")
+    moved = moved_on_add(before, after, members[:3])
+    summary = pool_summary({"backends": 3}, {}, {}, moved)
+    fraction = summary["moved_fraction_on_add"]
+    print(f"\nmoved on add: {summary['moved_on_add']}")
+    assert isinstance(fraction, float) and 0.0 <= fraction <= 1.0
+    assert fraction == len(moved["personas_moved"]) / len(PERSONAS)
+    assert moved["only_to_the_new_member"] and moved["new_member"] == "member-3"
+    assert set(before.values()) <= set(members[:3])
+    # the same builder over the 4,000 ids placed directly: about a quarter move, all to the new member
+    three, four = _homes(members[:3]), _homes(members)
+    many = moved_on_add(three, four, members[:3])
+    assert 0.22 < pool_summary({}, {}, {}, many)["moved_fraction_on_add"] < 0.28
+    assert many["only_to_the_new_member"] and 0.22 < many["synthetic_10000"] < 0.28
+
+
 # ------------------------------------------------------------------ affinity
 
 

@@ -5,7 +5,10 @@ persona on its home member), and the baselines `random` and `round_robin` (per t
 people speak in a shuffled order each round (the same order for every placement), as people do. Then the
 rendezvous run is repeated with one member killed halfway through and started again before the last rounds:
 turns lost, histories corrupted, personas re-warmed elsewhere (and the tokens that cost), personas back home.
-`moved_fraction_on_add` is what a fourth member would take over, from the placement itself.
+`moved_fraction_on_add` is the fraction of the bench's personas a new member takes over: each persona is placed by a
+Session on the pool as run and on the same pool with one more member (`pool-grown`, declared in the bench's
+backends.yaml, never started); `moved_on_add` has the details (who moved, where, and the fraction over 10,000
+synthetic ids).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,6 +39,8 @@ from turnflow.recipe import BackendSpec, find_persona, load_recipe
 from turnflow.server import EmbeddedServer
 
 POOL_NAME = "pool"
+GROWN_POOL_NAME = "pool-grown"
+"""The bench's pool with one more member: placement only (the new member is never started)."""
 STRATEGIES: tuple[Strategy, ...] = ("rendezvous", "random", "round_robin")
 
 
@@ -59,8 +64,10 @@ def _shuffled_rounds(script: Sequence[ScriptedTurn], seed: int = 7) -> list[Scri
 
 def _write_pool(folder: Path, spec: BackendSpec, members: list[str]) -> None:
     member = spec.model_dump(mode="json", exclude_defaults=True)
-    backends = {name: dict(member) for name in members}
+    grown = [*members, _members(len(members) + 1)[-1]]
+    backends = {name: dict(member) for name in grown}
     backends[POOL_NAME] = {"kind": "pool", "members": members, "recheck_s": 1.0}
+    backends[GROWN_POOL_NAME] = {"kind": "pool", "members": grown, "recheck_s": 1.0}
     backends[BACKEND_NAME] = dict(member)  # the recipe's own backend (the bench runs it on the pool)
     (folder / "backends.yaml").write_text(json.dumps({"backends": backends}, indent=2))
 
@@ -181,18 +188,48 @@ def _failover_run(
     }
 
 
-def moved_fraction_on_add(personas: Sequence[tuple[str, str]], members: list[str]) -> dict[str, Any]:
-    """What a new member takes over: the bench's personas (id, adapter-set digest), and 10,000 synthetic ids."""
-    grown = [*members, f"member-{len(members)}"]
-    moved = [p for p, digest in personas
-             if home_member(members, placement_key(p, digest)) != home_member(grown, placement_key(p, digest))]
+def placed_homes(recipe_path: Path, pool: str, personas: Sequence[str], state: Path) -> dict[str, str]:
+    """Each persona's home member as a Session on `pool` places it (its id and adapter-set digest; no member is
+    started or asked)."""
+    from turnflow.session import Session
+
+    with Session(recipe_path, backend=pool, state_dir=state) as session:
+        return {p: str(session.route(p)[0][0]) for p in personas}
+
+
+def moved_on_add(before: Mapping[str, str], after: Mapping[str, str], members: Sequence[str]) -> dict[str, Any]:
+    """What a new member took over: the personas whose home changed between placing on `members` (`before`) and on
+    `members` plus one (`after`), and, for a larger sample, the fraction of 10,000 synthetic ids."""
+    added = sorted(set(after.values()) - set(members))
+    grown = [*members, *added] if added else [*members, _members(len(members) + 1)[-1]]
+    moved = sorted(p for p in before if after.get(p) != before[p])
     ids = [f"persona-{i}" for i in range(10000)]
     many = sum(home_member(members, placement_key(p, "")) != home_member(grown, placement_key(p, "")) for p in ids)
     return {
-        "personas": round(len(moved) / max(1, len(personas)), 4),
-        "personas_moved": sorted(moved),
+        "fraction": round(len(moved) / len(before), 4) if before else 0.0,
+        "personas": len(before),
+        "personas_moved": moved,
+        "moved_to": {p: after[p] for p in moved},
+        "only_to_the_new_member": all(after[p] in added for p in moved),
+        "new_member": added[0] if len(added) == 1 else added,
         "synthetic_10000": round(many / len(ids), 4),
         "minimum": round(1 / len(grown), 4),
+    }
+
+
+def pool_summary(
+    config: dict[str, Any], placement: dict[str, Any], failover: dict[str, Any], moved: dict[str, Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """The summary's measured parts: `moved_fraction_on_add` is a number (the fraction of the bench's personas a
+    new member takes over), its details under `moved_on_add`."""
+    return {
+        "config": config,
+        "placement": placement,
+        "failover": failover,
+        "moved_fraction_on_add": float(moved["fraction"]),
+        "moved_on_add": moved,
+        **extra,
     }
 
 
@@ -232,32 +269,32 @@ def run_pool_bench(options: BenchOptions, backends: int) -> dict[str, Any]:
                 checkpoint(placement=placement)
             _stop(servers)
             _start(servers, recipe_path)
-            from turnflow.session import Session
-
-            with Session(recipe_path, backend=POOL_NAME, state_dir=out / "state" / "probe") as probe:
-                digests = [(pid, probe._placement_digest(probe.persona(pid))) for pid, _ in names]
-                homes = [probe.route(pid)[0][0] for pid, _ in names]
-            victim = max(members, key=homes.count)  # the member with the most personas: the hardest case
+            ids = [pid for pid, _ in names]
+            homes = placed_homes(recipe_path, POOL_NAME, ids, out / "state" / "probe")
+            grown_homes = placed_homes(recipe_path, GROWN_POOL_NAME, ids, out / "state" / "probe")
+            moved = moved_on_add(homes, grown_homes, members)
+            checkpoint(moved_fraction_on_add=moved["fraction"], moved_on_add=moved)
+            victim = max(members, key=list(homes.values()).count)  # the member with the most personas: hardest
             failover = _failover_run(recipe_path, script, out / "state" / "failover", servers, victim,
                                      options.turns)
         finally:
             _stop(servers)
-    result.update({
-        "config": {"backends": backends, "personas": options.personas, "turns": options.turns,
-                   "prompt_tokens": options.prompt_tokens, "model": spec.model, "slots_per_member": spec.slots,
-                   "quick": options.quick},
-        "placement": placement,
-        "failover": failover,
-        "moved_fraction_on_add": moved_fraction_on_add(digests, members),
-        "wall_s": round(time.perf_counter() - started, 1),
-        "cpu_count": os.cpu_count(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-        "notes": [
+    config = {"backends": backends, "personas": options.personas, "turns": options.turns,
+              "prompt_tokens": options.prompt_tokens, "model": spec.model, "slots_per_member": spec.slots,
+              "quick": options.quick}
+    result.update(pool_summary(
+        config, placement, failover, moved,
+        wall_s=round(time.perf_counter() - started, 1),
+        cpu_count=os.cpu_count(),
+        load_average=[round(x, 2) for x in os.getloadavg()],
+        notes=[
             "each placement runs on freshly started members (cold KV); steady state is each persona's turns "
             "after its first; the people speak in a shuffled order each round (the same for every placement)",
             "random and round_robin pick a member per turn; a persona's history is the same wherever it runs",
+            "moved_fraction_on_add: the bench's personas placed by a Session on the pool and on the pool with one "
+            "more member (declared, never started); moved_on_add.synthetic_10000 is the same over 10,000 ids",
         ],
-    })
+    ))
     (out / "pool-summary.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -281,8 +318,9 @@ def console_pool_report(summary: dict[str, Any]) -> str:
                  f"corrupted {f['corrupted_histories']}, "
                  f"re-warmed {f['rewarmed_personas']} (+{f['rewarm_extra_prompt_tokens_processed']} tokens), "
                  f"returned home {len(f['returned_home'])}/{len(f['killed_members_personas'])}")
-    m = summary["moved_fraction_on_add"]
-    lines.append(f"  a member added: moves {m['personas']} of the personas ({m['synthetic_10000']} of 10,000 ids; "
+    m = summary["moved_on_add"]
+    lines.append(f"  a member added: moves {summary['moved_fraction_on_add']} of the personas "
+                 f"({len(m['personas_moved'])} of {m['personas']}; {m['synthetic_10000']} of 10,000 ids; "
                  f"minimum {m['minimum']})")
     lines.append(f"  summary: {summary['out']}/pool-summary.json")
     return "\n".join(lines)
