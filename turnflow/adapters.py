@@ -20,12 +20,9 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-import math
-import mmap
 import os
 import re
 import shutil
-import struct
 import tempfile
 import threading
 from collections.abc import Iterable, Sequence
@@ -199,83 +196,12 @@ def gguf_facts(path: str | Path) -> GgufFacts:
     return facts
 
 
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def _gguf_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """A GGUF file's string-valued metadata and its tensors' shapes (ggml order, ne0 first), read from the header
-    alone, and checked that the tensors' data fits in the file. Arrays are stepped over, not decoded: gguf's
-    GGUFReader decodes every field, which takes seconds for a real model's vocabulary of 262,144 tokens."""
-    import gguf
+    """A GGUF file's string-valued metadata and its tensors' shapes, from the header alone."""
+    from turnflow.gguf_header import read_gguf
 
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        pos = 4
-
-        def number(fmt: str) -> int:
-            nonlocal pos
-            value = struct.unpack_from(fmt, data, pos)[0]
-            pos += struct.calcsize(fmt)
-            return int(value)
-
-        def string() -> str:
-            nonlocal pos
-            size = number("<Q")
-            if pos + size > len(data):
-                raise ValueError("a string runs past the end of the file")
-            pos += size
-            return bytes(data[pos - size:pos]).decode("utf-8", errors="replace")
-
-        def skip(kind: int) -> None:
-            nonlocal pos
-            if kind == _GGUF_STRING:
-                size = number("<Q")  # read before `pos +=`, which would keep the old pos
-                pos += size
-            elif kind == _GGUF_ARRAY:
-                inner, count = number("<I"), number("<Q")
-                if inner in _GGUF_SCALARS:
-                    pos += count * struct.calcsize(_GGUF_SCALARS[inner])
-                else:
-                    for _ in range(count):
-                        skip(inner)
-            elif kind in _GGUF_SCALARS:
-                pos += struct.calcsize(_GGUF_SCALARS[kind])
-            else:
-                raise ValueError(f"unknown GGUF value type {kind}")
-            if pos > len(data):
-                raise ValueError("a value runs past the end of the file")
-
-        version = number("<I")
-        if version not in (2, 3):
-            raise ValueError(f"GGUF version {version} (llama.cpp reads versions 2 and 3)")
-        n_tensors, n_kv = number("<Q"), number("<Q")
-        if n_tensors > len(data) or n_kv > len(data):
-            raise ValueError("the header's counts exceed the file")
-        texts: dict[str, str] = {}
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        for _ in range(n_kv):
-            key, kind = string(), number("<I")
-            if kind == _GGUF_STRING:
-                texts[key] = string()
-            elif key == "general.alignment" and kind == 4:
-                alignment = number("<I") or alignment
-            else:
-                skip(kind)
-        tensors: dict[str, tuple[int, ...]] = {}
-        end = 0
-        for _ in range(n_tensors):
-            name, dims = string(), number("<I")
-            if dims > 8:
-                raise ValueError(f"tensor {name!r} has {dims} dimensions")
-            shape = tuple(number("<Q") for _ in range(dims))
-            kind, offset = number("<I"), number("<Q")
-            block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
-            end = max(end, offset + math.prod(shape) // block * size)
-            tensors[name] = shape
-        start = -(-pos // alignment) * alignment
-        if start + end > len(data):
-            raise ValueError(f"the tensor data needs {start + end} bytes; the file has {len(data)} (cut short?)")
-    return texts, tensors
+    metadata, tensors = read_gguf(path)
+    return {k: v for k, v in metadata.items() if isinstance(v, str)}, tensors
 
 
 def hub_id_of(value: str | None) -> str | None:

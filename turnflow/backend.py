@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from turnflow.adapters import AdapterError, AdapterSet, BaseModelRef, resolve_base
+from turnflow.gguf_header import read_gguf
 from turnflow.kv import KvFiles
 from turnflow.nodes.llm import ChatClient
 from turnflow.nodes.prompt import Prompt
@@ -336,12 +337,9 @@ def template_stops(template: str) -> list[str]:
 
 def gguf_chat_template(path: Path) -> str:
     """A GGUF model's packaged chat template (`tokenizer.chat_template`), or ''."""
-    import gguf
-
     key = str(path)
     if key not in _TEMPLATES:
-        field = gguf.GGUFReader(key).get_field("tokenizer.chat_template")
-        _TEMPLATES[key] = bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None else ""
+        _TEMPLATES[key] = str(read_gguf(path)[0].get("tokenizer.chat_template") or "")
     return _TEMPLATES[key]
 
 
@@ -354,15 +352,13 @@ def gguf_special_tokens(path: Path) -> list[str]:
 
     key = str(path)
     if key not in _SPECIAL:
-        reader = gguf.GGUFReader(key)
-        tokens, types = reader.get_field("tokenizer.ggml.tokens"), reader.get_field("tokenizer.ggml.token_type")
+        metadata = read_gguf(path, string_arrays=["tokenizer.ggml.tokens"])[0]
+        tokens, types = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.token_type")
         special = []
         if tokens is not None and types is not None:
             kinds = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNKNOWN),
                      int(gguf.TokenType.UNUSED)}
-            type_list = [int(types.parts[i][0]) for i in types.data]
-            for index, kind in zip(tokens.data, type_list, strict=False):
-                text = bytes(tokens.parts[index]).decode("utf-8", errors="replace")
+            for text, kind in zip(tokens, [int(t) for t in types], strict=False):
                 if kind in kinds and text.strip():
                     special.append(text)
         _SPECIAL[key] = special

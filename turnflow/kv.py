@@ -48,18 +48,12 @@ class KvShape:
     @classmethod
     def of(cls, path: str | Path) -> KvShape:
         """Read the shape from a GGUF file's header."""
-        import gguf
+        from turnflow.gguf_header import read_gguf
 
-        reader = gguf.GGUFReader(str(path))
+        metadata = read_gguf(path)[0]
 
         def value(key: str) -> Any:
-            field = reader.get_field(key)
-            if field is None:
-                return None
-            try:
-                return field.contents()
-            except Exception:
-                return None
+            return metadata.get(key)
 
         arch = value("general.architecture") or "llama"
         n_layer = int(value(f"{arch}.block_count") or 0)
