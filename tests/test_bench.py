@@ -115,6 +115,23 @@ def test_writes_raw_data_summary_and_plots(tiny_run: tuple[dict, Path]) -> None:
         path = Path(summary["plots"][name])
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert not list((out / "home" / "servers").glob("*.json")), "the bench left its model server running"
+    assert all(r["server_rss_mb"] for r in records)  # followed across restarts (modes, a growing KV pool)
+
+
+def test_a_run_of_turnflow_alone_reports_no_naive_column(tiny_run: tuple[dict, Path], tmp_path: Path) -> None:
+    _, out = tiny_run
+    copy = tmp_path / "alone"
+    copy.mkdir()
+    shutil.copy(out / "summary.json", copy / "summary.json")
+    turns = [line for line in (out / "turns.jsonl").read_text().splitlines() if json.loads(line)["mode"] == "turnflow"]
+    (copy / "turns.jsonl").write_text("\n".join(turns) + "\n")
+    finished = subprocess.run([sys.executable, "-m", "turnflow.cli", "bench", "--rebuild", str(copy)],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    report = (copy / "summary.md").read_text()
+    assert "| | turnflow |\n" in report and "| prompt tokens processed, steady state | " in report
+    assert "naive" not in report.split("KV (turnflow run)")[0]
+    assert not [line for line in finished.stdout.splitlines() if "naive" in line and not line.startswith("note:")]
 
 
 def test_more_personas_than_examples_get_their_own_identity() -> None:

@@ -38,6 +38,7 @@ from turnflow.bench.summary import (
     STEADY_FROM_TURN,
     BenchSummary,
     TurnRecord,
+    _ratio,
     baseline_row,
     kv_arithmetic,
     kv_block,
@@ -106,9 +107,11 @@ class _Run:
     records: list[TurnRecord] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     wall_s: dict[str, float] = field(default_factory=dict)
+    server: Any = None
+    """The embedded server (None for a server reached by URL)."""
     server_pid: int | None = None
     peaks: list[float] = field(default_factory=list)
-    """Peak RSS of the server of each mode before the last (the server restarts between modes)."""
+    """Peak RSS of each server process seen (the server restarts between modes, and when its KV pool grows)."""
 
 
 def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: float, run: _Run) -> TurnRecord:
@@ -203,13 +206,26 @@ def _run_mode(
                 kwargs["audio_sink"] = _played
             turn_started = time.perf_counter()
             result = session.turn(**kwargs)
-            record = _record(mode, turn, result.report, (time.perf_counter() - turn_started) * 1000, run)
+            elapsed_ms = (time.perf_counter() - turn_started) * 1000
+            _follow_server(run)
+            record = _record(mode, turn, result.report, elapsed_ms, run)
             run.records.append(record)
             sink.write(record.model_dump_json() + "\n")
             sink.flush()
             progress.set_postfix(processed=record.prompt_tokens_processed, e2e_ms=round(record.e2e_ms), refresh=False)
             progress.update(1)
     run.wall_s[mode] = round(time.perf_counter() - started, 2)
+
+
+def _follow_server(run: _Run) -> None:
+    """Note the server's peak memory so far, and follow it to its new process when it restarted (a growing KV pool
+    or an adapter page-in restarts it); the old process's peak was noted after the turn before."""
+    if run.server is None:
+        return
+    pid = run.server.status().get("pid")
+    if pid and pid != run.server_pid:
+        run.server_pid = pid
+    run.peaks.append(_peak_rss_mb(run.server_pid) or 0.0)
 
 
 def _preload_adapters(server: Any, recipe: Any) -> str:
@@ -264,7 +280,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
             recipe = load_recipe(recipe_path)
             if server:
                 url = _preload_adapters(server, recipe)
-                run.server_pid = server.status().get("pid")
+                run.server, run.server_pid = server, server.status().get("pid")
             names = [(pid, find_persona(recipe, pid).name) for pid in recipe.personas or ()]
             script = conversation_script(names, options.turns, audio=audio, rooms=options.rooms, joins=options.joins)
             clips = _speak_script(script) if audio else {}
@@ -277,7 +293,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
             ):
                 for index, mode in enumerate(modes):
                     if server and index:  # every mode starts cold: no slot, host cache or saved KV of another
-                        run.peaks.append(_peak_rss_mb(run.server_pid) or 0.0)
+                        _follow_server(run)
                         server.down()
                         shutil.rmtree(server.slot_dir, ignore_errors=True)
                         server.up()
@@ -353,10 +369,13 @@ def rebuild_report(out: Path) -> BenchSummary:
         "turnflow": before.turnflow.wall_s, "naive": before.naive.wall_s}
     modes = {mode: summarise_mode(rows, walls.get(mode, 0.0)) for mode, rows in by_mode.items() if rows}
     tf = modes["turnflow"]
+    naive = modes.get("naive") or summarise_mode([], 0.0)
     summary = before.model_copy(
         update={
             "turnflow": tf,
-            "naive": modes.get("naive", before.naive),
+            "naive": naive,
+            "ratio_processed": _ratio(naive.prompt_tokens_processed, tf.prompt_tokens_processed),
+            "ratio_processed_all_turns": _ratio(naive.prompt_tokens_processed_all, tf.prompt_tokens_processed_all),
             "modes": modes,
             "baselines": {mode: baseline_row(m, tf) for mode, m in modes.items() if mode != "turnflow"},
             "kv": kv_block(by_mode["turnflow"], before.server),

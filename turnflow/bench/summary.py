@@ -403,12 +403,14 @@ def markdown_report(summary: BenchSummary) -> str:
     model = summary.server.get("model") or summary.server.get("url")
     steady_ratio = _fmt_ratio(nv.prompt_tokens_processed, tf.prompt_tokens_processed)
     all_ratio = _fmt_ratio(nv.prompt_tokens_processed_all, tf.prompt_tokens_processed_all)
+    ran_naive = nv.llm_invocations > 0
     lines = [
         f"# turnflow bench — {summary.created_at}",
         "",
         f"{c['personas']} personas ({rooms}), {c['turns']} turns each, ~{summary.prompt_tokens_first_turn:,.0f}-token "
         f"prompts at a persona's first turn; {tf.audio_turns} audio turns per mode. Model server: {model}, "
-        f"{summary.server.get('slots') or '?'} slots. Both modes on the same server, one after the other. "
+        f"{summary.server.get('slots') or '?'} slots. "
+        f"{'Both modes on the same server, one after the other. ' if ran_naive else 'turnflow alone (no baselines). '}"
         f"Token counts are the server's own `timings`. Steady state = each persona's turns "
         f"{summary.steady_state_from_turn}+. {summary.cpu_count} CPU cores, load average "
         f"{summary.load_average['start'][0]:.1f} → {summary.load_average['end'][0]:.1f}; wall time "
@@ -448,6 +450,10 @@ def markdown_report(summary: BenchSummary) -> str:
         f"{'yes' if nv.prefix_stable else 'no'} | |",
         f"| wall time of the mode | {_fmt_s(tf.wall_s)} | {_fmt_s(nv.wall_s)} | |",
         "",
+    ]
+    if not ran_naive:  # turnflow alone: its column only
+        lines = [_first_cells(line, 2) if line.startswith("|") else line for line in lines]
+    lines += [
         *_baselines_table(summary),
         *_kv_lines(summary),
         f"Model server resident memory, peak: {_fmt_int(summary.server_rss_mb)} MB (one server configuration); "
@@ -468,9 +474,15 @@ def markdown_report(summary: BenchSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _first_cells(row: str, count: int) -> str:
+    """A Markdown table row cut to its first `count` cells."""
+    return "|" + "|".join(row.split("|")[1:count + 1]) + "|"
+
+
 def _baselines_table(summary: BenchSummary) -> list[str]:
     """Every mode side by side (steady state), with the turns right after someone joined."""
-    if not summary.modes:
+    ran = {name: mode for name, mode in summary.modes.items() if mode.llm_invocations}
+    if len(ran) < 2:
         return []
     lines = [
         "Every mode on the same server configuration (restarted cold between modes), steady state:",
@@ -480,7 +492,7 @@ def _baselines_table(summary: BenchSummary) -> list[str]:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     tf = summary.modes.get("turnflow")
-    for name, mode in summary.modes.items():
+    for name, mode in ran.items():
         ratio = _fmt_ratio(mode.prompt_tokens_processed, tf.prompt_tokens_processed) if tf else ""
         lines.append(
             f"| `{name}` | {mode.cache_hit_ratio or 0:.3f} | {_fmt_int(mode.prompt_tokens_processed)} | {ratio} | "
@@ -524,12 +536,15 @@ def console_report(summary: BenchSummary) -> str:
     """A few lines for the terminal: the headline numbers and where everything was written."""
     tf, nv = summary.turnflow, summary.naive
     plots = ", ".join(Path(p).name for p in summary.plots.values())
+    vs = nv.llm_invocations > 0
     return "\n".join(
         [
-            f"ratio_processed {summary.ratio_processed} (steady state; all turns: {summary.ratio_processed_all_turns})",
-            f"cache_hit_ratio turnflow {tf.cache_hit_ratio} | naive {nv.cache_hit_ratio}",
-            f"prompt tokens processed turnflow {tf.prompt_tokens_processed:,} | naive {nv.prompt_tokens_processed:,}",
-            f"e2e p50 turnflow {_fmt_ms(tf.e2e_ms_p50)} | naive {_fmt_ms(nv.e2e_ms_p50)}",
+            *([f"ratio_processed {summary.ratio_processed} (steady state; all turns: "
+               f"{summary.ratio_processed_all_turns})"] if vs else []),
+            f"cache_hit_ratio turnflow {tf.cache_hit_ratio}" + (f" | naive {nv.cache_hit_ratio}" if vs else ""),
+            f"prompt tokens processed turnflow {tf.prompt_tokens_processed:,}"
+            + (f" | naive {nv.prompt_tokens_processed:,}" if vs else ""),
+            f"e2e p50 turnflow {_fmt_ms(tf.e2e_ms_p50)}" + (f" | naive {_fmt_ms(nv.e2e_ms_p50)}" if vs else ""),
             *[f"baseline {name}: hit {row['cache_hit_ratio']} processed {row['prompt_tokens_processed']:,} "
               f"ttft p50 {_fmt_ms(row['ttft_ms_p50'])} e2e p50 {_fmt_ms(row['e2e_ms_p50'])}"
               for name, row in summary.baselines.items() if row.get("turns")],
