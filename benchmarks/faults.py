@@ -473,10 +473,10 @@ def mutate(rng: random.Random, name: str, raw: bytes, keys: list[_Key]) -> tuple
                 f"3 MB {key}"
         if choice == 10:  # nesting far too deep, in place of a value
             depth = rng.choice([200, 5000])
-            at = rng.choice([k for k in keys if k.value.start_mark.line == k.key.start_mark.line])
-            s, e = at.value.start_mark.index, _value_end(text, at.value)
+            spot = rng.choice([k for k in keys if k.value.start_mark.line == k.key.start_mark.line])
+            s, e = spot.value.start_mark.index, _value_end(text, spot.value)
             return (text[:s] + "[" * depth + "]" * depth + text[e:]).encode(), "deep nesting", \
-                f"{'/'.join(map(str, at.path))}: lists {depth} deep"
+                f"{'/'.join(map(str, spot.path))}: lists {depth} deep"
         if choice == 11:  # a tier, kind, backend or persona id that does not exist
             found = [m for m in NAMING.finditer(text)
                      if not text[text.rfind("\n", 0, m.start()) + 1: m.start()].lstrip().startswith("#")]
