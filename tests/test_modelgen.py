@@ -444,6 +444,7 @@ def test_gemma_loads_its_example_loras_and_a_turn_applies_them(
     """The example adapters on the real model: the registry takes the Gemma variants, a turn on `local-gemma`
     pages them into llama-server and applies them by the request's `lora`, which moves the model's numbers a
     little and leaves its greedy words as they were."""
+    import yaml
     from conftest import copy_recipe_folder
 
     from turnflow.adapters import AdapterRegistry
@@ -459,6 +460,13 @@ def test_gemma_loads_its_example_loras_and_a_turn_applies_them(
         assert manifest.base_model is not None and manifest.base_model.architecture == "gemma3"
         assert manifest.base_model.hub_id == "google/gemma-3-270m"
     recipe = copy_recipe_folder(tmp_path)
+    # a short prompt: Gemma's cold prompt is the slow part on 2 cores, and beside the point here
+    data = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**data, "rules": "Speak in short sentences."}, sort_keys=False))
+    maya = recipe.parent / "personas" / "maya.yaml"
+    data = yaml.safe_load(maya.read_text())
+    maya.write_text(yaml.safe_dump({**data, "system_prompt": "You are Maya. You run the standup.", "tools": []},
+                                   sort_keys=False))
     server = EmbeddedServer("local-gemma", load_backends(default_backends_path())["local-gemma"])
     try:
         with Session(recipe, backend="local-gemma", state_dir=tmp_path / "state") as session:
@@ -476,7 +484,7 @@ def test_gemma_loads_its_example_loras_and_a_turn_applies_them(
         scales = {int(entry["id"]): entry["scale"] for entry in adapters["lora"]}
         wanted = {"maya-voice": 1.0, "standup-facilitation": 0.6, "incident-comms": 0.3}
         assert {expected[name]: scales[i] for name, i in names.items() if name in expected} == wanted
-        assert report["llm"]["prompt_tokens"] > 1000 and report["llm"]["backend"] == "local-gemma"
+        assert report["llm"]["backend"] == "local-gemma" and report["prefix"]["invariant_bytes"] < 2000
 
         def first_token(lora: list[dict[str, Any]]) -> tuple[str, float]:
             body = {"messages": [{"role": "user", "content": "The capital of France is"}], "max_tokens": 1,
