@@ -41,6 +41,14 @@ class ServerError(RuntimeError):
     """The embedded model server could not be started or reached."""
 
 
+POOL_HEADROOM = 1.15
+"""An unbudgeted KV pool is sized to this much of what its slots need (rounded up to 256 tokens): it grows by a
+restart only after the slots' history has grown by ~15%, and stays within 1.25 x what the slots use at peak."""
+
+POOL_FLOOR_TOKENS = 4096
+"""The least KV an unbudgeted pool starts with (one slot's worth, when ctx_per_slot is smaller)."""
+
+
 def llama_server_binary() -> str:
     """Path of llama-server: `$TURNFLOW_LLAMA_SERVER`, the `server` extra's build, or `llama-server` on PATH."""
     explicit = os.environ.get("TURNFLOW_LLAMA_SERVER")
@@ -302,10 +310,12 @@ class EmbeddedServer:
         return bool(self.spec.kv_budget_tokens or self.spec.kv_budget_mb)
 
     def pool_tokens(self, needed: int = 0) -> int:
-        """The KV pool to start with: what the slots were seen to use (plus a quarter), at least `needed`.
+        """The KV pool to start with: what the slots were seen to use (plus `POOL_HEADROOM`), at least `needed`.
 
         Without a budget the pool starts from the peak the slots used before (remembered per backend), grows
         (a restart that keeps every slot's KV) when a turn needs more, and never exceeds slots x ctx_per_slot.
+        The first start holds one slot's worth (at most `POOL_FLOOR_TOKENS`): the pool is shared, so one
+        request of that size fits even on a server used directly; the turns' own needs grow it from there.
         """
         spec = self.spec
         if not spec.kv_unified:
@@ -313,9 +323,9 @@ class EmbeddedServer:
         if self.budgeted:
             return self.max_pool_tokens()
         learned = self._peak_tokens()
-        floor = spec.slots * min(spec.ctx_per_slot, 4096)
-        wanted = max(floor, int(1.25 * max(learned, needed)))
-        return min(self.max_pool_tokens(), -(-wanted // 1024) * 1024)
+        floor = min(spec.ctx_per_slot, POOL_FLOOR_TOKENS)
+        wanted = max(floor, int(POOL_HEADROOM * max(learned, needed)))
+        return min(self.max_pool_tokens(), -(-wanted // 256) * 256)
 
     def _peak_tokens(self) -> int:
         try:
