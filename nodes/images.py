@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from .openai_http import OpenAiHttp, api_base
+
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
 
 _SIGNATURES = (
@@ -90,17 +92,21 @@ def load_image(source: str | Path | bytes | dict[str, Any]) -> Image:
     return Image(data, mime, name)
 
 
-class HttpDescriber:
+class HttpDescriber(OpenAiHttp):
     """The description bridge: an OpenAI-compatible vision chat endpoint that describes an image in words."""
 
     prompt = "Describe this image for someone who cannot see it, in two plain sentences."
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
-        base = url.rstrip("/")
-        self.url = (base if base.endswith("/v1") else base + "/v1") + "/chat/completions"
+        super().__init__(api_key=api_key, timeout=timeout)
+        self.url = api_base(url) + "/chat/completions"
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=timeout)
+
+    def _error(self, message: str) -> Exception:
+        return ImageError(f"the description bridge at {self.url} failed: {message}")
+
+    def _unreachable(self, url: str, exc: httpx.HTTPError) -> Exception:
+        return self._error(str(exc))
 
     def describe(self, image: Image) -> str:
         """A short description of the image."""
@@ -112,12 +118,11 @@ class HttpDescriber:
                 {"type": "image_url", "image_url": {"url": image.data_url}},
             ]}],
         }
+        response = self._post(self.url, json=body)
         try:
-            response = self._client.post(self.url, json=body)
-            response.raise_for_status()
             return str(response.json()["choices"][0]["message"]["content"]).strip()
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-            raise ImageError(f"the description bridge at {self.url} failed: {exc}") from None
+        except (KeyError, IndexError, ValueError) as exc:
+            raise self._error(str(exc)) from None
 
 
 def make_describer(spec: str | dict[str, Any] | None) -> HttpDescriber | None:

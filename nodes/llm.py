@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from turnflow.nodes.openai_http import OpenAiHttp, api_base, server_root, why
 from turnflow.nodes.text import DEFUSE_MARK
 
 
@@ -69,38 +70,24 @@ class ChatReply:
     """The function calls the model made, in order (assembled from the streamed pieces)."""
 
 
-def api_base(url: str) -> str:
-    """The OpenAI API base (`.../v1`) of a server URL given with or without `/v1`."""
-    url = url.rstrip("/")
-    return url if url.endswith("/v1") else url + "/v1"
-
-
-def server_root(url: str) -> str:
-    """The server's root URL (where llama-server serves `/props` and `/health`)."""
-    url = url.rstrip("/")
-    return url[: -len("/v1")] if url.endswith("/v1") else url
-
-
-class ChatClient:
+class ChatClient(OpenAiHttp):
     """One OpenAI-compatible model server."""
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None, timeout_s: float = 120.0):
+        super().__init__(api_key=api_key, timeout=timeout_s, connect_timeout=5.0)
         self.url = server_root(url)
         self.base = api_base(url)
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=5.0), headers=headers)
 
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
+    def _error(self, message: str) -> Exception:
+        return BackendError(message)
+
+    def _unreachable(self, url: str, exc: httpx.HTTPError) -> Exception:
+        return BackendError(f"cannot reach the model server at {self.url}: {why(exc)}")
 
     def get_json(self, path: str, *, root: bool = False) -> dict[str, Any] | None:
         """GET a JSON document from the server, or None when it does not serve that path."""
-        try:
-            response = self._http.get((self.url if root else self.base) + path, timeout=10.0)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"cannot reach the model server at {self.url}: {_why(exc)}") from None
+        response = self._request("GET", (self.url if root else self.base) + path, timeout=10.0)
         if response.status_code >= 400:
             return None
         try:
@@ -111,10 +98,7 @@ class ChatClient:
 
     def get_json_list(self, path: str) -> list[Any]:
         """GET a JSON list from the server root (llama-server's `/lora-adapters`, `/slots`); [] when not served."""
-        try:
-            response = self._http.get(self.url + path, timeout=10.0)
-        except httpx.HTTPError as exc:
-            raise BackendError(f"cannot reach the model server at {self.url}: {_why(exc)}") from None
+        response = self._request("GET", self.url + path, timeout=10.0)
         try:
             value = response.json() if response.status_code < 400 else []
         except ValueError:
@@ -279,7 +263,7 @@ class ReplyStream:
                         break  # leaving the block closes the connection: the server stops generating
         except httpx.HTTPError as exc:
             raise BackendError(
-                f"the model server at {client.url} failed during the reply: {_why(exc)}; "
+                f"the model server at {client.url} failed during the reply: {why(exc)}; "
                 f"the turn was not committed (`turnflow server status` shows the embedded server)"
             ) from None
         except json.JSONDecodeError as exc:
@@ -369,12 +353,3 @@ class StopTrimmer:
         out, self._pending = ("" if self.stopped else self._pending), ""
         return out
 
-
-def _why(exc: httpx.HTTPError) -> str:
-    if isinstance(exc, httpx.ConnectError):
-        return "connection refused (is it running?)"
-    if isinstance(exc, httpx.RemoteProtocolError):
-        return "it closed the connection mid-reply (did it crash or get stopped?)"
-    if isinstance(exc, httpx.TimeoutException):
-        return f"timed out ({type(exc).__name__})"
-    return f"{type(exc).__name__}: {exc}"

@@ -18,13 +18,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, Self, runtime_checkable
-from urllib.parse import urlsplit
+from typing import Any, Protocol, runtime_checkable
 
-import httpx
 import numpy as np
 
 from .media import Audio, AudioError, load_audio
+from .openai_http import OpenAiHttp, endpoint_url
 
 __all__ = [
     "EspeakTts",
@@ -182,37 +181,18 @@ def whisper_base_dir() -> Path:
     return target
 
 
-class _OpenAiHttpEngine:
-    """Shared manners of the OpenAI-compatible HTTP engines: endpoint, auth, errors."""
+class _OpenAiHttpEngine(OpenAiHttp):
+    """Shared manners of the OpenAI-compatible HTTP engines: their endpoint, and SpeechError for what fails."""
 
     endpoint_path = ""
 
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float) -> None:
-        self.url = _endpoint_url(url, self.endpoint_path)
+        super().__init__(api_key=api_key, timeout=timeout)
+        self.url = endpoint_url(url, self.endpoint_path)
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(headers=headers, timeout=timeout)
 
-    def close(self) -> None:
-        """Close the HTTP connections."""
-        self._client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _post(self, **request: Any) -> httpx.Response:
-        try:
-            response = self._client.post(self.url, **request)
-        except httpx.HTTPError as error:
-            raise SpeechError(f"request to {self.url} failed: {type(error).__name__}: {error}") from error
-        if response.status_code >= 400:
-            raise SpeechError(
-                f"{self.url} answered HTTP {response.status_code}: {response.text[:300]!r}"
-            )
-        return response
+    def _error(self, message: str) -> Exception:
+        return SpeechError(message)
 
 
 class HttpStt(_OpenAiHttpEngine):
@@ -237,7 +217,7 @@ class HttpStt(_OpenAiHttpEngine):
         fields = {"model": self.model, "response_format": "json"}
         if self.language:
             fields["language"] = self.language
-        response = self._post(files={"file": ("audio.wav", wav, "audio/wav")}, data=fields)
+        response = self._post(self.url, files={"file": ("audio.wav", wav, "audio/wav")}, data=fields)
         try:
             text = response.json()["text"]
         except (ValueError, KeyError, TypeError) as error:
@@ -409,7 +389,7 @@ class HttpTts(_OpenAiHttpEngine):
             "response_format": "wav",
             "speed": voice.speed if voice.speed is not None else 1.0,
         }
-        response = self._post(json=body)
+        response = self._post(self.url, json=body)
         try:
             return load_audio(response.content, max_duration_s=float("inf"))
         except AudioError as error:
@@ -450,17 +430,6 @@ def _http_options(spec: dict[str, Any], engine: type, allowed: set[str]) -> dict
     if not isinstance(spec.get("url"), str) or not spec["url"]:
         raise ValueError(f"{engine.__name__} needs a 'url' string, got {spec.get('url')!r}")
     return dict(spec)
-
-
-def _endpoint_url(url: str, endpoint_path: str) -> str:
-    """``url`` itself when it names an endpoint; the OpenAI path appended to a bare server or /v1 URL."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"speech server URL must be http(s)://host[:port][/path], got {url!r}")
-    path = parts.path.rstrip("/")
-    if path in ("", "/v1"):
-        return url.rstrip("/").removesuffix("/v1") + endpoint_path
-    return url
 
 
 class SentenceSplitter:

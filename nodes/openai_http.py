@@ -1,0 +1,92 @@
+"""What turnflow's clients of OpenAI-compatible HTTP servers share: URLs, the API key, timeouts, errors, closing.
+
+The model server (:class:`turnflow.nodes.llm.ChatClient`), the speech bridges (``HttpStt``, ``HttpTts``) and the
+image description bridge (``HttpDescriber``) are each one :class:`OpenAiHttp`; each says which of turnflow's own
+errors a failed request raises (``BackendError``, ``SpeechError``, ``ImageError``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Self
+from urllib.parse import urlsplit
+
+import httpx
+
+
+def api_base(url: str) -> str:
+    """The OpenAI API base (`.../v1`) of a server URL given with or without `/v1`."""
+    url = url.rstrip("/")
+    return url if url.endswith("/v1") else url + "/v1"
+
+
+def server_root(url: str) -> str:
+    """The server's root URL (where llama-server serves `/props` and `/health`)."""
+    url = url.rstrip("/")
+    return url[: -len("/v1")] if url.endswith("/v1") else url
+
+
+def endpoint_url(url: str, endpoint_path: str) -> str:
+    """``url`` itself when it names an endpoint; the OpenAI path (``/v1/...``) appended to a bare server or /v1 URL."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"speech server URL must be http(s)://host[:port][/path], got {url!r}")
+    path = parts.path.rstrip("/")
+    if path in ("", "/v1"):
+        return url.rstrip("/").removesuffix("/v1") + endpoint_path
+    return url
+
+
+def why(exc: httpx.HTTPError) -> str:
+    """What a failed request ran into, in words."""
+    if isinstance(exc, httpx.ConnectError):
+        return "connection refused (is it running?)"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return "it closed the connection mid-reply (did it crash or get stopped?)"
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class OpenAiHttp:
+    """One OpenAI-compatible server's connection pool: the API key as a bearer token, timeouts, errors.
+
+    Subclasses set their URLs (with :func:`api_base`, :func:`server_root`, :func:`endpoint_url`) and turn a
+    failed request into their own error (:meth:`_error`, and :meth:`_unreachable` for a transport failure).
+    """
+
+    def __init__(self, *, api_key: str | None, timeout: float, connect_timeout: float | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        limits = httpx.Timeout(timeout, connect=connect_timeout) if connect_timeout is not None else timeout
+        self._http = httpx.Client(headers=headers, timeout=limits)
+
+    def close(self) -> None:
+        """Close the HTTP connections."""
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _error(self, message: str) -> Exception:
+        """The error a failed request raises, saying `message`."""
+        return RuntimeError(message)
+
+    def _unreachable(self, url: str, exc: httpx.HTTPError) -> Exception:
+        """The error raised when a request to `url` got no answer."""
+        return self._error(f"request to {url} failed: {type(exc).__name__}: {exc}")
+
+    def _request(self, method: str, url: str, **request: Any) -> httpx.Response:
+        """The server's answer, whatever its status; no answer at all raises :meth:`_unreachable`."""
+        try:
+            return self._http.request(method, url, **request)
+        except httpx.HTTPError as exc:
+            raise self._unreachable(url, exc) from None  # the message says what httpx ran into
+
+    def _post(self, url: str, **request: Any) -> httpx.Response:
+        """POST to `url`; no answer, or an HTTP error status, raises the subclass's error."""
+        response = self._request("POST", url, **request)
+        if response.status_code >= 400:
+            raise self._error(f"{url} answered HTTP {response.status_code}: {response.text[:300]!r}")
+        return response
