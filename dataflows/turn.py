@@ -20,7 +20,8 @@ from turnflow.kv import KvKey, KvPrepared, kv_source, page_out_idle, prepare_slo
 from turnflow.nodes.images import Image
 from turnflow.nodes.llm import Affinity, ChatReply, ReplyStream
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_append_only, assemble_naive
-from turnflow.nodes.speech import SpokenReply, TtsVoice
+from turnflow.nodes.speech import TtsVoice
+from turnflow.nodes.streaming import SpokenReply
 from turnflow.recipe import Persona, Recipe
 from turnflow.store import ConversationStore, Participant, RoomState, SlotClaim, StoredMessage
 

@@ -25,7 +25,8 @@ from turnflow.nodes.fingerprint import voice_fingerprint as fingerprint
 from turnflow.nodes.images import Image, ImageError, load_image
 from turnflow.nodes.llm import ChatReply, Delta, ReplyStream
 from turnflow.nodes.media import Audio, decode_input_audio, load_audio, normalise
-from turnflow.nodes.speech import SentenceSplitter, SpeechBridges, SpokenReply, TtsVoice
+from turnflow.nodes.speech import SpeechBridges, TtsVoice
+from turnflow.nodes.streaming import SentenceSplitter, SpokenReply
 from turnflow.nodes.text import neutralise_control_tokens
 from turnflow.recipe import Persona, Recipe, TtsProfile
 from turnflow.store import UserContent

@@ -4,7 +4,7 @@ A turn uses these only where its model cannot hear or speak by itself. Engines a
 (pocketsphinx and espeak-ng always; Whisper base and Piper with the ``whisper`` and ``piper`` extras) or any
 OpenAI-compatible HTTP server (``/v1/audio/transcriptions`` as served by whisper.cpp's server or speaches;
 ``/v1/audio/speech`` as served by Kokoro-FastAPI).
-:class:`SentenceSplitter` cuts a streamed reply into sentences so speech can start before the reply ends.
+What a turn does with the streamed reply (sentences, spoken parts, what listeners heard) is in :mod:`.streaming`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from .media import Audio, AudioError, load_audio
 from .openai_http import OpenAiHttp, endpoint_url
+from .streaming import SentenceSplitter, SpokenReply, words_heard
 
 __all__ = [
     "EspeakTts",
@@ -33,12 +33,14 @@ __all__ = [
     "PocketsphinxStt",
     "SentenceSplitter",
     "SpeechError",
+    "SpokenReply",
     "Stt",
     "Tts",
     "TtsVoice",
     "WhisperStt",
     "make_stt",
     "make_tts",
+    "words_heard",
 ]
 
 _ESPEAK_DEFAULT_WPM = 175
@@ -432,85 +434,6 @@ def _http_options(spec: dict[str, Any], engine: type, allowed: set[str]) -> dict
     return dict(spec)
 
 
-class SentenceSplitter:
-    """Cuts a streamed reply into sentences for TTS, giving the same sentences however the text is chunked.
-
-    A sentence ends at ``.``, ``!``, ``?`` or ``…`` (with any closing quotes or brackets) followed by
-    whitespace, or at a newline. Abbreviations (Dr., Mr., e.g., i.e., U.S.), initials (J. Smith) and
-    decimals (3.14) do not end a sentence. A sentence of fewer than ``min_words`` words is held and
-    spoken together with the next one, so TTS never says a lone "Sure."
-    """
-
-    ABBREVIATIONS = frozenset(
-        {"mr.", "mrs.", "ms.", "dr.", "prof.", "sr.", "jr.", "st.", "vs.", "cf.", "approx.", "fig."}
-    )
-    _TERMINATORS = ".!?…"
-    _CLOSERS = "\"')]}”’»"
-
-    def __init__(self, min_words: int = 2) -> None:
-        if min_words < 1:
-            raise ValueError(f"min_words must be >= 1, got {min_words!r}")
-        self.min_words = min_words
-        self._buffer = ""
-        self._checked = 0  # buffer[:_checked] holds no sentence end
-        self._held = ""
-
-    def feed(self, delta: str) -> list[str]:
-        """Add streamed text; returns the sentences it completed, in order."""
-        self._buffer += delta
-        sentences: list[str] = []
-        while (end := self._next_sentence_end()) is not None:
-            sentence, self._buffer, self._checked = self._buffer[:end], self._buffer[end:], 0
-            sentences += self._emit(sentence)
-        return sentences
-
-    def flush(self) -> list[str]:
-        """The text not yet returned, as a last sentence (empty list when there is none)."""
-        rest = " ".join(part for part in (self._held, self._buffer.strip()) if part)
-        self._buffer, self._checked, self._held = "", 0, ""
-        return [rest] if rest else []
-
-    def _emit(self, sentence: str) -> list[str]:
-        sentence = " ".join(part for part in (self._held, sentence.strip()) if part)
-        if len(sentence.split()) < self.min_words:
-            self._held = sentence
-            return []
-        self._held = ""
-        return [sentence]
-
-    def _next_sentence_end(self) -> int | None:
-        """Index just past the first complete sentence in the buffer, or None if more text is needed."""
-        text, index = self._buffer, self._checked
-        while index < len(text):
-            char = text[index]
-            if char in "\r\n":
-                return index + 1
-            if char not in self._TERMINATORS:
-                index += 1
-                continue
-            after = index + 1
-            while after < len(text) and (text[after] in self._TERMINATORS or text[after] in self._CLOSERS):
-                after += 1
-            if after == len(text):
-                self._checked = index  # whether this ends a sentence depends on the next character
-                return None
-            if text[after].isspace() and not self._is_abbreviation(text[: index + 1]):
-                return after
-            index = after
-        self._checked = len(text)
-        return None
-
-    def _is_abbreviation(self, text_through_period: str) -> bool:
-        if not text_through_period.endswith("."):
-            return False
-        word = text_through_period.rsplit(None, 1)[-1].lstrip("\"'([{“‘«").lower()
-        if word in self.ABBREVIATIONS:
-            return True
-        letters = word.split(".")[:-1]
-        # Initials and dotted abbreviations: "J.", "e.g.", "i.e.", "U.S.", "a.m."
-        return bool(letters) and all(len(letter) == 1 and letter.isalpha() for letter in letters)
-
-
 class SpeechBridges:
     """The recipe's STT and TTS bridges, made on first use (pocketsphinx takes a moment to load)."""
 
@@ -544,65 +467,3 @@ class SpeechBridges:
 
             self._describer = make_describer(self._describe_spec)
         return self._describer
-
-
-@dataclass
-class SpokenReply:
-    """The reply's audio as it was produced, with when each part became ready."""
-
-    route: str
-    chunks: list[Audio] = field(default_factory=list)
-    sentences: list[str] = field(default_factory=list)
-    first_audio_ms: float | None = None
-    tts_ttfb_ms: float | None = None
-    #: How many characters of the reply the model had streamed when the first audio went to the sink.
-    first_audio_at_char: int | None = None
-
-    def add(
-        self, audio: Audio, sentence: str, *, asked: float | None, turn_started: float, sink: Any,
-        streamed_chars: int,
-    ) -> None:
-        """Record one chunk of reply audio and hand it to the sink at once."""
-        now = time.perf_counter()
-        if self.first_audio_ms is None:
-            self.first_audio_ms = (now - turn_started) * 1000
-            self.first_audio_at_char = streamed_chars
-            if asked is not None:
-                self.tts_ttfb_ms = (now - asked) * 1000
-        self.chunks.append(audio)
-        if sentence:
-            self.sentences.append(sentence)
-            if not audio.caption:
-                audio = replace(audio, caption=sentence)
-        if sink is not None:
-            sink(audio)
-
-    @property
-    def audio(self) -> Audio | None:
-        """The whole reply audio, at the first chunk's rate."""
-        if not self.chunks:
-            return None
-        rate = self.chunks[0].sample_rate
-        return Audio(np.concatenate([c.resampled(rate).samples for c in self.chunks]), rate)
-
-
-def words_heard(captioned: Sequence[tuple[float, str]], played_s: float) -> str:
-    """What listeners heard of a reply cut after `played_s` seconds of audio.
-
-    `captioned` is the reply's audio as it was sent, as (duration in seconds, caption) per chunk. Chunks
-    played to the end count whole; of the chunk playing at the cut, the share of its words that its
-    played share of time covers (speech runs at a roughly even pace within a sentence).
-    """
-    heard: list[str] = []
-    start = 0.0
-    for duration, caption in captioned:
-        words = caption.split()
-        if start + duration <= played_s:
-            heard.extend(words)
-        elif played_s > start and duration > 0:
-            heard.extend(words[: int(len(words) * (played_s - start) / duration)])
-            break
-        else:
-            break
-        start += duration
-    return " ".join(heard)

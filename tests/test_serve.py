@@ -23,7 +23,8 @@ from turnflow.backend import Capabilities
 from turnflow.cli import main
 from turnflow.dataflows.voice import media
 from turnflow.nodes.media import Audio, trim_silence
-from turnflow.nodes.speech import EspeakTts, PocketsphinxStt, TtsVoice, words_heard
+from turnflow.nodes.speech import EspeakTts, PocketsphinxStt, TtsVoice
+from turnflow.nodes.streaming import words_heard
 from turnflow.serve import EndOfTurnDetector, LiveKitCredentials, RoomAgent, choose_persona
 from turnflow.session import Session
 from turnflow.store import Participant

@@ -31,7 +31,6 @@ from turnflow.nodes.speech import (
     HttpTts,
     PiperTts,
     PocketsphinxStt,
-    SentenceSplitter,
     SpeechBridges,
     SpeechError,
     TtsVoice,
@@ -40,6 +39,7 @@ from turnflow.nodes.speech import (
     make_tts,
     piper_voice_files,
 )
+from turnflow.nodes.streaming import SentenceSplitter
 from turnflow.recipe import load_recipe
 
 FOX = "The quick brown fox jumps over the lazy dog."
