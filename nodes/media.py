@@ -13,6 +13,7 @@ import hashlib
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ __all__ = [
     "AudioError",
     "NoSpeechError",
     "INPUT_AUDIO_FORMATS",
+    "VAD_RATE",
+    "SpeechFrames",
     "decode_input_audio",
     "load_audio",
     "normalise",
@@ -35,7 +38,8 @@ __all__ = [
 # OpenAI ``input_audio.format`` values we decode, and the container libsndfile must find behind each.
 INPUT_AUDIO_FORMATS: dict[str, str] = {"wav": "WAV", "mp3": "MP3", "flac": "FLAC", "ogg": "OGG"}
 
-_VAD_RATE = 16000
+VAD_RATE = 16000
+"""The rate speech is detected at: audio is resampled to it for webrtcvad."""
 _VAD_FRAME_MS = 30
 # libsndfile's SF_ERR_UNRECOGNISED_FORMAT: the bytes are no container it knows.
 _SF_UNRECOGNISED_FORMAT = 1
@@ -134,6 +138,27 @@ def load_audio(
     )
 
 
+class SpeechFrames:
+    """webrtcvad's verdict, frame by frame, on 16 kHz PCM16: the one frame loop behind :func:`trim_silence` and
+    the end-of-turn detector of ``turnflow serve``."""
+
+    def __init__(self, aggressiveness: int = 2, frame_ms: int = _VAD_FRAME_MS) -> None:
+        if frame_ms not in (10, 20, 30):
+            raise ValueError(f"frame_ms must be 10, 20 or 30 (webrtcvad frames), got {frame_ms!r}")
+        if isinstance(aggressiveness, bool) or aggressiveness not in (0, 1, 2, 3):
+            raise ValueError(f"aggressiveness must be 0, 1, 2 or 3 (webrtcvad modes), got {aggressiveness!r}")
+        self.frame_ms = frame_ms
+        self.frame_bytes = VAD_RATE * frame_ms // 1000 * 2
+        """Bytes of PCM16 in one frame."""
+        self._vad = webrtcvad.Vad(aggressiveness)
+
+    def voiced(self, pcm: bytes) -> Iterator[bool]:
+        """Whether each whole frame of ``pcm`` (16 kHz PCM16) is speech, in order; a part frame at the end is
+        not decided."""
+        for start in range(0, len(pcm) - self.frame_bytes + 1, self.frame_bytes):
+            yield self._vad.is_speech(pcm[start : start + self.frame_bytes], VAD_RATE)
+
+
 def trim_silence(audio: Audio, *, aggressiveness: int = 2, pad_ms: int = 150) -> Audio:
     """The audio from shortly before the first speech to shortly after the last (webrtcvad).
 
@@ -141,19 +166,12 @@ def trim_silence(audio: Audio, *, aggressiveness: int = 2, pad_ms: int = 150) ->
     ``pad_ms`` of context on each side. Audio in which the VAD finds no speech at all raises
     :class:`NoSpeechError` (an :class:`AudioError`): a turn with nothing said is the caller's decision.
     """
-    if isinstance(aggressiveness, bool) or aggressiveness not in (0, 1, 2, 3):
-        raise ValueError(f"aggressiveness must be 0, 1, 2 or 3 (webrtcvad modes), got {aggressiveness!r}")
+    frames = SpeechFrames(aggressiveness, _VAD_FRAME_MS)
     if pad_ms < 0:
         raise ValueError(f"pad_ms must be >= 0, got {pad_ms!r}")
 
-    pcm = audio.resampled(_VAD_RATE).to_pcm16()
-    frame_bytes = _VAD_RATE * _VAD_FRAME_MS // 1000 * 2
-    vad = webrtcvad.Vad(aggressiveness)
-    speech_frames = [
-        index
-        for index in range(len(pcm) // frame_bytes)
-        if vad.is_speech(pcm[index * frame_bytes : (index + 1) * frame_bytes], _VAD_RATE)
-    ]
+    pcm = audio.resampled(VAD_RATE).to_pcm16()
+    speech_frames = [index for index, voiced in enumerate(frames.voiced(pcm)) if voiced]
     if not speech_frames:
         raise NoSpeechError(
             f"no speech found in {audio.duration_s:.2f} s of audio "

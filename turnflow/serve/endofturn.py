@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
-import webrtcvad
 
-from turnflow.nodes.media import Audio
-
-_VAD_RATE = 16000
+from turnflow.nodes.media import VAD_RATE, Audio, SpeechFrames
 
 
 class EndOfTurnDetector:
@@ -29,10 +26,7 @@ class EndOfTurnDetector:
         frame_ms: int = 30,
         max_utterance_s: float = 60.0,
     ) -> None:
-        if frame_ms not in (10, 20, 30):
-            raise ValueError(f"frame_ms must be 10, 20 or 30 (webrtcvad frames), got {frame_ms!r}")
-        if isinstance(aggressiveness, bool) or aggressiveness not in (0, 1, 2, 3):
-            raise ValueError(f"aggressiveness must be 0, 1, 2 or 3 (webrtcvad modes), got {aggressiveness!r}")
+        self._frames = SpeechFrames(aggressiveness, frame_ms)
         if end_of_turn_silence_ms < frame_ms:
             raise ValueError(f"end_of_turn_silence_ms must be at least one frame ({frame_ms} ms), "
                              f"got {end_of_turn_silence_ms!r}")
@@ -47,8 +41,6 @@ class EndOfTurnDetector:
         self.max_utterance_s = max_utterance_s
         self._start_frames = -(-start_speech_ms // frame_ms)
         self._end_frames = -(-end_of_turn_silence_ms // frame_ms)
-        self._frame_bytes = _VAD_RATE * frame_ms // 1000 * 2
-        self._vad = webrtcvad.Vad(aggressiveness)
         self._rate: int | None = None
         self._samples_in = 0  # original-rate samples pushed so far
         self._vad_samples_in = 0  # 16 kHz samples made from them (kept in step, no drift)
@@ -84,11 +76,12 @@ class EndOfTurnDetector:
         self._chunks.append(audio.samples)
         self._samples_in += audio.samples.size
         self._vad_pcm += self._for_vad(audio).to_pcm16()
+        whole = len(self._vad_pcm) - len(self._vad_pcm) % self._frames.frame_bytes
+        pcm = bytes(self._vad_pcm[:whole])
+        del self._vad_pcm[:whole]
         ended: list[Audio] = []
-        while len(self._vad_pcm) >= self._frame_bytes:
-            frame = bytes(self._vad_pcm[: self._frame_bytes])
-            del self._vad_pcm[: self._frame_bytes]
-            utterance = self._decide(self._vad.is_speech(frame, _VAD_RATE))
+        for voiced in self._frames.voiced(pcm):
+            utterance = self._decide(voiced)
             if utterance is not None:
                 ended.append(utterance)
         return ended
@@ -102,14 +95,14 @@ class EndOfTurnDetector:
     def _for_vad(self, audio: Audio) -> Audio:
         """The chunk at 16 kHz, trimmed or padded so the 16 kHz stream keeps exact step with the original."""
         assert self._rate is not None
-        converted = audio.resampled(_VAD_RATE).samples
-        wanted = self._samples_in * _VAD_RATE // self._rate - self._vad_samples_in
+        converted = audio.resampled(VAD_RATE).samples
+        wanted = self._samples_in * VAD_RATE // self._rate - self._vad_samples_in
         if converted.size > wanted:
             converted = converted[:wanted]
         elif converted.size < wanted:
             converted = np.concatenate([converted, np.zeros(wanted - converted.size, np.float32)])
         self._vad_samples_in += wanted
-        return Audio(np.ascontiguousarray(converted), _VAD_RATE)
+        return Audio(np.ascontiguousarray(converted), VAD_RATE)
 
     def _decide(self, voiced: bool) -> Audio | None:
         index = self._frames_decided

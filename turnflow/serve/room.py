@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from livekit import rtc
 
-from turnflow.nodes.media import Audio, AudioError
+from turnflow.nodes.media import VAD_RATE, Audio, AudioError
 from turnflow.nodes.publish import LiveKitPublisher, participant_token
 from turnflow.nodes.speech import words_heard
 from turnflow.nodes.text import neutralise_control_tokens
 from turnflow.serve.credentials import LiveKitCredentials, RoomConnectError, persona_identity
-from turnflow.serve.endofturn import _VAD_RATE, EndOfTurnDetector
+from turnflow.serve.endofturn import EndOfTurnDetector
 from turnflow.serve.routing import choose_persona
 
 if TYPE_CHECKING:
@@ -320,7 +320,7 @@ class RoomAgent:
                         break
                 elif detector.speaking:
                     # A track that stops sending frames has stopped talking: count the gap as silence.
-                    chunk = Audio(np.zeros(round(gap_s * _VAD_RATE), np.float32), _VAD_RATE)
+                    chunk = Audio(np.zeros(round(gap_s * VAD_RATE), np.float32), VAD_RATE)
                 else:
                     continue
                 for utterance in detector.push(chunk):
@@ -407,7 +407,7 @@ class RoomAgent:
                 return
             if publication.sid in self._listeners:
                 return
-            stream = rtc.AudioStream.from_track(track=track, sample_rate=_VAD_RATE, num_channels=1)
+            stream = rtc.AudioStream.from_track(track=track, sample_rate=VAD_RATE, num_channels=1)
             self._log(f"listening to {participant.identity} ({publication.name or publication.sid})")
             task = asyncio.get_running_loop().create_task(
                 self._follow(participant.identity, participant.name or None, stream)
