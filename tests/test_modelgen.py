@@ -9,10 +9,8 @@ import base64
 import hashlib
 import io
 import re
-import socket
 import subprocess
 import threading
-import time
 import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from turnflow.modelgen import (
     ensure_lora,
     ensure_text_model,
 )
+from turnflow.server import _free_port, kill_group, spawn, wait_healthy
 
 SERVER_START_TIMEOUT = 60.0
 """Seconds to wait for a started llama-server to answer /health."""
@@ -55,15 +54,9 @@ PROSE = (
 # helpers
 
 
-def _free_port() -> int:
-    """A currently free TCP port on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class LlamaServer:
-    """A llama-server child process on a free loopback port (`--parallel 2 --ctx-size 32768`)."""
+    """A llama-server child process on a free loopback port (`--parallel 2 --ctx-size 32768`), started and
+    stopped by the embedded server's launch helpers."""
 
     def __init__(self, binary: str, model: Path, extra: list[str], log_path: Path, label: str = "") -> None:
         self.label = label
@@ -84,31 +77,20 @@ class LlamaServer:
                 self.binary, "-m", str(self.model), "--host", "127.0.0.1", "--port", str(port),
                 "--parallel", "2", "--ctx-size", "32768", *self.extra,
             ]
-            with open(self.log_path, "wb") as log:
-                self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            deadline = time.monotonic() + SERVER_START_TIMEOUT
-            while time.monotonic() < deadline and self.process.poll() is None:
-                try:
-                    if self.client.get(self.url + "/health", timeout=1.0).status_code == 200:
-                        return
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.05)
-            log_tail = self.log_path.read_text(errors="replace")[-3000:]
+            self.process = spawn(cmd, self.log_path)
+            outcome = wait_healthy(self.process, self.url, SERVER_START_TIMEOUT, self.log_path, "llama-server")
+            if outcome == "healthy":
+                return
             self.stop()
-            if "bind" not in log_tail:
-                raise RuntimeError(f"llama-server did not become healthy: {cmd}\n{log_tail}")
+            if outcome != "port-taken":
+                raise RuntimeError(f"llama-server did not become healthy: {cmd}\n{outcome}")
         raise RuntimeError("llama-server could not bind a free port")
 
     def stop(self) -> None:
-        """Terminate the server (kill after 5 s) and reap it."""
+        """Stop the server's process group (SIGKILL after 10 s) and reap it."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            kill_group(self.process.pid)
+            self.process.poll()
         self.process = None
 
     def get(self, path: str) -> Any:

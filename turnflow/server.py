@@ -249,6 +249,41 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def spawn(command: Sequence[str], log_file: Path) -> subprocess.Popen[bytes]:
+    """Start a llama-server command line in a session of its own (stop it with `kill_group`), output to `log_file`."""
+    with open(log_file, "wb") as log:
+        return subprocess.Popen(
+            list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+
+
+def wait_healthy(process: subprocess.Popen[bytes], url: str, timeout_s: float, log_file: Path, what: str) -> str:
+    """Wait for a started server to answer /health: `healthy`, `port-taken` (it exited unable to bind its port),
+    or why it did not come up (`what` names it), with the end of its log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            tail = log_tail(log_file)
+            if "bind" in tail.lower() or "address already in use" in tail.lower():
+                return "port-taken"
+            return (
+                f"{what} exited with code {process.returncode} while starting; "
+                f"last lines of {log_file}:\n{tail}"
+            )
+        if _healthy(url):
+            return "healthy"
+        time.sleep(0.1)
+    return f"{what} did not become healthy in {timeout_s:.0f} s"
+
+
+def log_tail(log_file: Path, lines: int = 15) -> str:
+    """The last lines of a server's log."""
+    try:
+        return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def spec_digest(spec: BackendSpec) -> str:
     """What identifies a server: everything in the spec that changes the process (not request defaults)."""
     data = spec.model_dump(mode="json", exclude={"request_defaults", "capabilities", "api_key_env"})
@@ -471,10 +506,7 @@ class EmbeddedServer:
         for attempt in range(4):
             chosen = port if (port and attempt == 0) else _free_port()
             command = self.command(chosen, resident, pool)
-            with open(self.log_file, "wb") as log:
-                process = subprocess.Popen(
-                    command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-                )
+            process = spawn(command, self.log_file)
             url = f"http://127.0.0.1:{chosen}"
             state = ServerState(
                 self.name, process.pid, chosen, url, self._digest(), time.time(), str(self.log_file),
@@ -484,16 +516,16 @@ class EmbeddedServer:
                 pool_tokens=pool,
             )
             try:
-                outcome = self._wait_healthy(process, url, timeout_s)
+                outcome = wait_healthy(process, url, timeout_s, self.log_file, f"llama-server for {self.name!r}")
             except BaseException:  # Ctrl-C during the wait: no orphan server
-                _kill_group(process.pid)
+                kill_group(process.pid)
                 raise
             if outcome == "healthy":
                 self._write_state(state)
                 return state
             if outcome == "port-taken":
                 continue
-            _kill_group(process.pid)
+            kill_group(process.pid)
             if process.returncode == -signal.SIGILL and "--no-repack" not in command:
                 remember_no_repack(command[0], f"illegal instruction loading {self.model_path.name}")
                 print(
@@ -504,22 +536,6 @@ class EmbeddedServer:
                 continue
             raise ServerError(outcome)
         raise ServerError(f"llama-server for {self.name!r} could not bind a free port after 4 attempts")
-
-    def _wait_healthy(self, process: subprocess.Popen[bytes], url: str, timeout_s: float) -> str:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                tail = self._log_tail()
-                if "bind" in tail.lower() or "address already in use" in tail.lower():
-                    return "port-taken"
-                return (
-                    f"llama-server for {self.name!r} exited with code {process.returncode} while starting; "
-                    f"last lines of {self.log_file}:\n{tail}"
-                )
-            if _healthy(url):
-                return "healthy"
-            time.sleep(0.1)
-        return f"llama-server for {self.name!r} did not become healthy in {timeout_s:.0f} s"
 
     def down(self) -> bool:
         """Stop the server; True when one was running."""
@@ -533,14 +549,8 @@ class EmbeddedServer:
 
     def _stop(self, state: ServerState) -> None:
         if _is_our_server(state):
-            _kill_group(state.pid)
+            kill_group(state.pid)
         self.state_file.unlink(missing_ok=True)
-
-    def _log_tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     # -- adapters
 
@@ -707,7 +717,7 @@ def stop_all_recorded() -> list[str]:
         except (OSError, ValueError, TypeError):
             continue
         if _is_our_server(state):
-            _kill_group(state.pid)
+            kill_group(state.pid)
             stopped.append(state.name)
         state_file.unlink(missing_ok=True)
     return stopped
@@ -755,7 +765,7 @@ def prime(url: str, slot: int, lora: list[dict[str, Any]] | None) -> None:
     httpx.post(url + "/completion", json=body, timeout=60).raise_for_status()
 
 
-def _kill_group(pid: int) -> None:
+def kill_group(pid: int) -> None:
     """SIGTERM the server's process group, then SIGKILL what is left after 10 s."""
     try:
         os.killpg(pid, signal.SIGTERM)
