@@ -73,10 +73,14 @@ class AdapterError(ValueError):
     """An adapter that cannot be added, found or loaded; the message says why and what would be right."""
 
 
-class BaseModelRef(BaseModel):
-    """The model an adapter was made for: its architecture and the sha256 of its GGUF file."""
+class FrozenModel(BaseModel):
+    """A model that refuses unknown keys and cannot change once made (manifests, base model references)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseModelRef(FrozenModel):
+    """The model an adapter was made for: its architecture and the sha256 of its GGUF file."""
 
     architecture: str
     digest: str
@@ -90,16 +94,16 @@ class BaseModelRef(BaseModel):
         return f"{self.architecture}@{self.digest[:12]}" + (f" ({self.name})" if self.name else "")
 
 
-class AdapterManifest(BaseModel):
-    """What the registry knows about one adapter file."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class AdapterFacts(FrozenModel):
+    """What an adapter file is, whose work and from where: what the registry's manifest and a published
+    adapter's `turnflow-adapter.json` both say."""
 
     id: str
     kind: AdapterKind
     format: AdapterFormat
     file: str
-    """The file's name in its entry folder, or an absolute path (files in the Hugging Face cache)."""
+    """The file's name in its entry folder (or in the published repository), or an absolute path (files in
+    the Hugging Face cache)."""
     sha256: str
     size_bytes: int
     base_model: BaseModelRef | None = None
@@ -108,6 +112,11 @@ class AdapterManifest(BaseModel):
     authors: tuple[str, ...] = ()
     source: str = ""
     derived_from: tuple[str, ...] = ()
+
+
+class AdapterManifest(AdapterFacts):
+    """What the registry knows about one adapter file."""
+
     revision: str | None = None
     """For a Hub adapter: the commit sha it was pulled at."""
     added_at: str = ""

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from turnflow.adapters import (
     ACCEPTED,
@@ -36,11 +36,10 @@ from turnflow.adapters import (
     PREVIEW_SUFFIXES,
     PROFILE_SUFFIXES,
     AdapterError,
-    AdapterFormat,
-    AdapterKind,
+    AdapterFacts,
     AdapterManifest,
     AdapterRegistry,
-    BaseModelRef,
+    FrozenModel,
     check_spdx,
     file_sha256,
     load_profile,
@@ -78,10 +77,8 @@ class HubUnreachable(HubError):
     """The Hub cannot be reached (offline mode, or no network)."""
 
 
-class PreviewSpec(BaseModel):
+class PreviewSpec(FrozenModel):
     """What preview.wav says and who speaks it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     text: str
     spoken_by: str
@@ -90,23 +87,10 @@ class PreviewSpec(BaseModel):
     """For a LoRA: what the base model was asked, under the adapter, to write `text`."""
 
 
-class HubManifest(BaseModel):
+class HubManifest(AdapterFacts):
     """`turnflow-adapter.json`: what a published adapter is, whose work it is and under what license."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     schema_version: int = 1
-    id: str
-    kind: AdapterKind
-    format: AdapterFormat
-    file: str
-    sha256: str
-    size_bytes: int
-    base_model: BaseModelRef | None = None
-    license: str | None = None
-    authors: tuple[str, ...] = ()
-    derived_from: tuple[str, ...] = ()
-    source: str = ""
     preview: PreviewSpec | None = None
 
 

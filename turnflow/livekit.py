@@ -25,6 +25,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
+from turnflow.extras import missing_agents
+
 try:
     from livekit.agents import llm as lk_llm
     from livekit.agents._exceptions import APIConnectionError
@@ -32,9 +34,7 @@ try:
     from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, APIConnectOptions, NotGivenOr
     from livekit.agents.utils import aio
 except ImportError as exc:  # pragma: no cover - the optional extra is missing
-    raise ImportError(
-        f"turnflow.livekit needs LiveKit Agents ({exc}); install it with: pip install 'turnflow[agents]'"
-    ) from exc
+    raise missing_agents("turnflow.livekit", exc) from exc
 
 from turnflow.nodes.prompt import Prompt
 from turnflow.nodes.text import canonical_json

@@ -289,6 +289,13 @@ def _finish(writer: gguf.GGUFWriter) -> None:
     writer.close()
 
 
+def _add_counts(writer: gguf.GGUFWriter, prefix: str, counts: dict[str, int]) -> None:
+    """The sizes of a transformer stack as uint32 keys `{prefix}.{name}`, written in the order given (the text
+    model's under its architecture, the audio encoder's under `clip.audio`)."""
+    for name, value in counts.items():
+        writer.add_uint32(f"{prefix}.{name}", value)
+
+
 def _matrix(rng: np.random.Generator, rows: int, cols: int, std: float, dtype: str = "f32") -> np.ndarray:
     """A random (rows, cols) weight matrix; ggml sees it as ne = (cols, rows)."""
     data = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(std)
@@ -323,12 +330,9 @@ def _write_text_model(spec: TextModelSpec, kind: str, out: Path) -> None:
     writer.add_name(f"turnflow-{kind}")
     writer.add_description(f"turnflow generated test model ({kind}), random weights, generator v{GENERATOR_VERSION}")
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if wt == "f16" else gguf.LlamaFileType.ALL_F32)
-    writer.add_context_length(spec.context_length)
-    writer.add_embedding_length(spec.n_embd)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.n_ff)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
+    _add_counts(writer, "llama", {"context_length": spec.context_length, "embedding_length": spec.n_embd,
+                                  "block_count": spec.n_layer, "feed_forward_length": spec.n_ff,
+                                  "attention.head_count": spec.n_head, "attention.head_count_kv": spec.n_head_kv})
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(spec.rope_freq_base)
@@ -395,12 +399,9 @@ def _write_audio_projector(spec: AudioProjectorSpec, n_embd_text: int, kind: str
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     writer.add_clip_has_audio_encoder(True)
     writer.add_clip_projector_type(spec.projector)
-    writer.add_audio_projection_dim(n_embd_text)
-    writer.add_audio_embedding_length(spec.n_embd)
-    writer.add_audio_feed_forward_length(spec.n_ff)
-    writer.add_audio_block_count(spec.n_layer)
-    writer.add_audio_head_count(spec.n_head)
-    writer.add_audio_num_mel_bins(spec.n_mel)
+    _add_counts(writer, "clip.audio", {"projection_dim": n_embd_text, "embedding_length": spec.n_embd,
+                                       "feed_forward_length": spec.n_ff, "block_count": spec.n_layer,
+                                       "attention.head_count": spec.n_head, "num_mel_bins": spec.n_mel})
     writer.add_audio_attention_layernorm_eps(1e-5)
 
     if spec.projector == "gemma4ua":

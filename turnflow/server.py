@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -284,6 +284,17 @@ def log_tail(log_file: Path, lines: int = 15) -> str:
         return "(no log)"
 
 
+@contextmanager
+def _flocked(path: Path, mode: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (opened with `mode`) for the block."""
+    with open(path, mode) as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def spec_digest(spec: BackendSpec) -> str:
     """What identifies a server: everything in the spec that changes the process (not request defaults)."""
     data = spec.model_dump(mode="json", exclude={"request_defaults", "capabilities", "api_key_env"})
@@ -432,14 +443,8 @@ class EmbeddedServer:
         stable = [a for i, a in enumerate(command) if i == 0 or command[i - 1] not in changing]
         return hashlib.sha256(json.dumps(stable).encode()).hexdigest()[:16]
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self.lock_file, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return _flocked(self.lock_file, "w")
 
     @contextmanager
     def _try_locked(self) -> Iterator[bool]:
@@ -454,15 +459,9 @@ class EmbeddedServer:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    @contextmanager
-    def _no_turns_running(self) -> Iterator[None]:
+    def _no_turns_running(self) -> AbstractContextManager[None]:
         """Wait until no turn holds a lease, and keep new ones out."""
-        with open(self.use_file, "a+") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        return _flocked(self.use_file, "a+")
 
     def _read_state(self) -> ServerState | None:
         try:

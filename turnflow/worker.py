@@ -19,12 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from turnflow.extras import missing_agents
+
 try:
     from livekit.agents import AutoSubscribe, JobContext, JobProcess, WorkerOptions, cli
 except ImportError as exc:  # pragma: no cover - the optional extra is missing
-    raise ImportError(
-        f"turnflow worker needs LiveKit Agents ({exc}); install it with: pip install 'turnflow[agents]'"
-    ) from exc
+    raise missing_agents("turnflow worker", exc) from exc
 
 from turnflow.recipe import load_recipe
 from turnflow.serve import LiveKitCredentials, RoomAgent
