@@ -9,6 +9,9 @@ Routes are chosen when the driver is built, from what the backend reports it can
 - `route_audio_out=native`: the model speaks; its audio deltas are played as they arrive, no TTS.
 - `route_audio_out=tts`: the TTS bridge speaks each sentence in the persona's voice as soon as the
   sentence exists, while the model keeps generating.
+
+`speech` is the one node that reads the model's reply stream, to its end (so its time is the model call's
+and the speaking's); `reply` is the finished reply it hands on.
 """
 
 from __future__ import annotations
@@ -143,7 +146,8 @@ def speech__tts(
     reply_stream: ReplyStream, speech_bridges: SpeechBridges, tts_voice: TtsVoice, audio_sink: Any,
     turn_started: float,
 ) -> SpokenReply:
-    """The reply spoken sentence by sentence by the TTS bridge while the model keeps generating."""
+    """The reply stream read to its end, spoken sentence by sentence by the TTS bridge while the model keeps
+    generating."""
     spoken = SpokenReply(route="tts" if audio_sink is not None else "none")
     splitter = SentenceSplitter()
 
@@ -159,12 +163,13 @@ def speech__tts(
             speak(splitter.feed(delta.text))
     if audio_sink is not None and not reply_stream.cancelled:  # a cut reply says nothing more
         speak(splitter.flush())
+    spoken.reply = reply_stream.reply
     return spoken
 
 
 @config.when(route_audio_out="native")
 def speech__native(reply_stream: ReplyStream, audio_sink: Any, turn_started: float) -> SpokenReply:
-    """The model's own audio, played as it streams; no TTS."""
+    """The reply stream read to its end, the model's own audio played as it streams; no TTS."""
     spoken = SpokenReply(route="native" if audio_sink is not None else "none")
     words = ""  # the transcript streamed since the last audio chunk: that chunk's caption
     for delta in reply_stream:
@@ -174,6 +179,7 @@ def speech__native(reply_stream: ReplyStream, audio_sink: Any, turn_started: flo
             spoken.add(audio, "", asked=None, turn_started=turn_started, sink=audio_sink,
                        streamed_chars=reply_stream.streamed_chars)
             words = ""
+    spoken.reply = reply_stream.reply
     return spoken
 
 
@@ -191,6 +197,8 @@ def voice_fingerprint(speech: SpokenReply) -> dict[str, Any] | None:
     return found.as_dict() if found is not None else None
 
 
-def reply(reply_stream: ReplyStream, speech: SpokenReply) -> ChatReply:
-    """The finished reply (read by the speech node as it streamed)."""
-    return reply_stream.reply
+def reply(speech: SpokenReply) -> ChatReply:
+    """The finished reply, as `speech` read it from the stream (the one place the stream is read)."""
+    if speech.reply is None:
+        raise RuntimeError("the speech node returned without reading the reply stream to its end")
+    return speech.reply

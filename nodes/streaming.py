@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .llm import ChatReply
 from .media import Audio
 
 __all__ = ["SentenceSplitter", "SpokenReply", "words_heard"]
@@ -100,7 +101,7 @@ class SentenceSplitter:
 
 @dataclass
 class SpokenReply:
-    """The reply's audio as it was produced, with when each part became ready."""
+    """The reply's audio as it was produced, with when each part became ready, and the finished reply."""
 
     route: str
     chunks: list[Audio] = field(default_factory=list)
@@ -109,6 +110,8 @@ class SpokenReply:
     tts_ttfb_ms: float | None = None
     #: How many characters of the reply the model had streamed when the first audio went to the sink.
     first_audio_at_char: int | None = None
+    #: The finished reply, once the stream this was spoken from has been read to its end.
+    reply: ChatReply | None = None
 
     def add(
         self, audio: Audio, sentence: str, *, asked: float | None, turn_started: float, sink: Any,
