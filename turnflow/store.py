@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from turnflow.nodes.text import canonical_json
+
 Content = str | list[dict[str, Any]]
 
 STORE_ENV = "TURNFLOW_STORE"
@@ -61,6 +63,7 @@ CREATE TABLE IF NOT EXISTS messages (
     created_at {real} NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
+CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (room_id, turn);
 CREATE TABLE IF NOT EXISTS turns (
     room_id TEXT NOT NULL REFERENCES rooms(room_id),
     turn INTEGER NOT NULL,
@@ -303,6 +306,17 @@ class StoredMessage:
     display_name: str
     content: Content
     text: str
+    _lines: dict[tuple[str, bool], tuple[dict[str, Any], str]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+
+    def seen_line(self, persona_id: str, *, hears: bool = True) -> tuple[dict[str, Any], str]:
+        """`as_seen_by` and that message's canonical JSON line, made once per persona (a message never changes)."""
+        found = self._lines.get((persona_id, hears))
+        if found is None:
+            message = self.as_seen_by(persona_id, hears=hears)
+            found = self._lines[(persona_id, hears)] = (message, canonical_json(message) + "\n")
+        return dict(found[0]), found[1]
 
     def as_seen_by(self, persona_id: str, *, hears: bool = True) -> dict[str, Any]:
         """This message as a chat message for `persona_id`: its own words as assistant, others' as user.
@@ -339,6 +353,23 @@ class UserContent:
         return {"role": "user", "content": text_parts + list(self.parts)}
 
 
+@dataclass
+class _KnownRoom:
+    """What the store last read of a room: its visible messages (from `floor` on) and its participants."""
+
+    floor: int
+    messages: list[StoredMessage] = field(default_factory=list)
+    participants: tuple[Participant, ...] | None = None
+    participants_version: int = -1
+    last_turn: int = 0
+    """The highest turn number among the messages."""
+
+    @property
+    def last_id(self) -> int:
+        """The id of the newest message read (0: none)."""
+        return self.messages[-1].id if self.messages else 0
+
+
 @dataclass(frozen=True)
 class RoomState:
     """A room as a turn sees it when it starts."""
@@ -366,6 +397,8 @@ class ConversationStore:
         """The SQLite file, or the PostgreSQL URL without its password."""
         self._db = engine.db
         self._lock = threading.Lock()  # one connection per store: one transaction at a time on it
+        self._rooms: dict[str, _KnownRoom] = {}
+        """Each room's visible history as last read (messages are immutable once committed)."""
 
     @property
     def kind(self) -> str:
@@ -392,33 +425,63 @@ class ConversationStore:
             yield db
 
     def room(self, room_id: str, *, tail: int = 2) -> RoomState:
-        """The room's visible history (since the last compaction), participants and counters, read at once."""
+        """The room's visible history (since the last compaction), participants and counters, read at once.
+
+        Committed messages never change, so the store keeps the room's decoded history in memory and reads only
+        the messages added since (by this or any other process); a count check catches anything else and reads
+        the room again in full.
+        """
         with self._snapshot() as db:
             row = db.execute(
                 "SELECT participants_version, history_floor_id, compaction_epoch FROM rooms WHERE room_id = ?",
                 (room_id,),
             ).fetchone()
             version, floor, epoch = row if row else (0, 0, 0)
+            known = self._rooms.get(room_id)
+            if known is None or known.floor != floor:
+                known = _KnownRoom(floor)
+            count = db.execute(
+                "SELECT COUNT(*) FROM messages WHERE room_id = ? AND id >= ?", (room_id, floor)
+            ).fetchone()[0]
             rows = db.execute(
                 "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
                 "WHERE room_id = ? AND id >= ? ORDER BY id",
-                (room_id, floor),
+                (room_id, max(floor, known.last_id + 1)),
             ).fetchall()
-            people = db.execute(
-                "SELECT participant, kind, display_name, joined_after FROM participants WHERE room_id = ? ORDER BY seq",
-                (room_id,),
-            ).fetchall()
-            last_turn = db.execute(
-                "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
-            ).fetchone()[0]
-        messages = [
-            StoredMessage(id, turn, speaker, kind, name, _load_content(content), text)
-            for id, turn, speaker, kind, name, content, text in rows
-        ]
+            if len(known.messages) + len(rows) != count:  # not an append: read the whole room again
+                known = _KnownRoom(floor)
+                rows = db.execute(
+                    "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
+                    "WHERE room_id = ? AND id >= ? ORDER BY id",
+                    (room_id, floor),
+                ).fetchall()
+            if known.participants_version != version or known.participants is None:
+                people = db.execute(
+                    "SELECT participant, kind, display_name, joined_after FROM participants WHERE room_id = ? "
+                    "ORDER BY seq",
+                    (room_id,),
+                ).fetchall()
+                known.participants = tuple(Participant(p, k, n, after) for p, k, n, after in people)
+                known.participants_version = version
+            known.messages.extend(  # under the store's lock: another thread may read the same room
+                StoredMessage(id, turn, speaker, kind, name, _load_content(content), text)
+                for id, turn, speaker, kind, name, content, text in rows
+            )
+            known.last_turn = max([known.last_turn, *(row[1] for row in rows)])
+            self._rooms[room_id] = known
+            messages = list(known.messages)
+            participants = list(known.participants)
+            # a turn's number is above every earlier one, so with anything visible the visible messages hold the
+            # room's last turn; with nothing visible, ask the table
+            last_turn = known.last_turn if messages else None
+            if last_turn is None:
+                last_turn = db.execute(
+                    "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
+                ).fetchone()[0]
         return RoomState(
             room_id=room_id,
             messages=messages,
-            participants=[Participant(p, k, n, after) for p, k, n, after in people],
+            participants=participants,
             participants_version=version,
             last_turn=last_turn,
             compaction_epoch=epoch,
@@ -437,6 +500,10 @@ class ConversationStore:
         return [StoredMessage(i, t, s, k, n, _load_content(c), x) for i, t, s, k, n, c, x in rows]
 
     def _join(self, db: _Db, room_id: str, who: Participant) -> bool:
+        if db.execute(  # the common case, someone already in the room: one key lookup
+            "SELECT 1 FROM participants WHERE room_id = ? AND participant = ?", (room_id, who.participant)
+        ).fetchone():
+            return False
         self._ensure_room(db, room_id)
         seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM participants WHERE room_id = ?", (room_id,)).fetchone()
         newest = db.execute("SELECT COALESCE(MAX(id), 0) FROM messages WHERE room_id = ?", (room_id,)).fetchone()
