@@ -13,11 +13,10 @@ before it. The prefix hashes in the report prove it turn by turn.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnflow.nodes.text import canonical_json
+from turnflow.nodes.text import CanonicalMessages, canonical_json, sha256_text
 
 TIER_ORDER = ("invariant", "semi_stable", "volatile")
 
@@ -49,6 +48,8 @@ def canonical_text(value: str | list[dict[str, Any]]) -> str:
     """Text as is; a message list as one canonical JSON line per message (so appending keeps a byte prefix)."""
     if isinstance(value, str):
         return value
+    if isinstance(value, CanonicalMessages):
+        return value.canonical
     return "".join(canonical_json(message) + "\n" for message in value)
 
 
@@ -88,7 +89,7 @@ def _prompt(
 
 
 def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return sha256_text(text)
 
 
 def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:

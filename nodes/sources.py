@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from turnflow.adapters import AdapterSet
-from turnflow.nodes.text import canonical_json, neutralise_control_tokens
+from turnflow.nodes.text import CanonicalMessages, canonical_json, neutralise_control_tokens
 from turnflow.recipe import Persona, Recipe
 from turnflow.store import Participant, StoredMessage, UserContent
 
@@ -78,13 +78,18 @@ def conversation_history(
     for participant in room_participants:
         if not _listed(participant, history_start):
             joins.setdefault(participant.joined_after, []).append(participant)
-    seen = []
-    for message in room_messages:
-        seen.append(message.as_seen_by(persona_id, hears=hears))
-        for joined in joins.get(message.id, ()):
+    seen: list[dict[str, Any]] = []
+    lines: list[str] = []
+    for stored in room_messages:
+        message, line = stored.seen_line(persona_id, hears=hears)
+        seen.append(message)
+        lines.append(line)
+        for joined in joins.get(stored.id, ()):
             name = neutralise_control_tokens(joined.display_name)
-            seen.append({"role": "user", "content": f"[{name} joined the room]"})
-    return seen
+            event = {"role": "user", "content": f"[{name} joined the room]"}
+            seen.append(event)
+            lines.append(canonical_json(event) + "\n")
+    return CanonicalMessages(seen, "".join(lines))
 
 
 def _defused(message: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import contextvars
 import hashlib
 import json
 import re
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -96,3 +97,59 @@ def message_text(message: dict[str, Any]) -> str:
     if isinstance(content, list):
         return "".join(part.get("text", "") for part in content if isinstance(part, dict))
     return ""
+
+
+class CanonicalMessages(list[dict[str, Any]]):
+    """Chat messages that carry their canonical text (one canonical JSON line per message), when the source made
+    it from lines it keeps per message: a long history is then not serialised again every turn."""
+
+    def __init__(self, messages: Iterable[dict[str, Any]], canonical: str):
+        super().__init__(messages)
+        self.canonical = canonical
+
+
+class TextDigests:
+    """SHA-256 of texts that mostly repeat or extend one seen before (a persona's system prompt, its history).
+
+    A text that starts with a recently hashed one is hashed from where that one ended (hashlib state is copied,
+    the prefix is compared, not hashed again); one that is the very object hashed before costs a lookup. Any other
+    text is hashed in full. Candidates are found by the text's first bytes, so histories that share a start (a
+    room's personas) keep one candidate each.
+    """
+
+    _HEAD = 512
+    _PER_HEAD = 4
+
+    def __init__(self, capacity: int = 128):
+        self._capacity = capacity
+        self._seen: dict[str, list[tuple[str, Any]]] = {}
+
+    def sha256(self, text: str) -> str:
+        """The hex SHA-256 of `text` encoded as UTF-8."""
+        head = text[: self._HEAD]
+        candidates = self._seen.pop(head, [])
+        state: Any = None
+        for index, (before, before_state) in enumerate(candidates):
+            if before is text or (len(before) <= len(text) and text.startswith(before)):
+                state = before_state.copy()
+                if len(before) < len(text):
+                    state.update(text[len(before):].encode())
+                del candidates[index]
+                break
+        if state is None:
+            state = hashlib.sha256(text.encode())
+        candidates.insert(0, (text, state))
+        self._seen[head] = candidates[: self._PER_HEAD]  # re-inserted: the newest heads stay
+        while len(self._seen) > self._capacity:
+            self._seen.pop(next(iter(self._seen)))
+        return str(state.hexdigest())
+
+
+_DIGESTS = TextDigests()
+_DIGESTS_LOCK = threading.Lock()
+
+
+def sha256_text(text: str) -> str:
+    """The hex SHA-256 of `text` (UTF-8), from an earlier text it extends when there is one (see `TextDigests`)."""
+    with _DIGESTS_LOCK:
+        return _DIGESTS.sha256(text)

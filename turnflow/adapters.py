@@ -18,6 +18,7 @@ checked against its manifest whenever it is loaded.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 import os
@@ -353,6 +354,8 @@ class AdapterRegistry:
         self._generation_file = self.root / "generation"
         self._cache: tuple[str, dict[str, list[AdapterManifest]]] | None = None
         self._verified: dict[tuple[str, int, int], str] = {}
+        self._sets: dict[Any, tuple[str, list[tuple[Path, tuple[int, int]]], AdapterSet]] = {}
+        """Resolved adapter sets (see `resolve_set`), with the generation and file stamps they were resolved at."""
 
     # -- reading
 
@@ -707,7 +710,7 @@ class AdapterSet:
         voice = (self.voice,) if self.voice is not None and self.voice.manifest.format == "lora" else ()
         return voice + self.skills
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         """SHA-256 over the set's LoRA files and scales: equal sets, equal digests; the empty set has one too."""
         items = sorted((a.key, round(a.scale, 6)) for a in self.loras)
@@ -740,7 +743,37 @@ def resolve_set(
     voice: tuple[str, float] | None, skills: Sequence[tuple[str, float]], registry: AdapterRegistry,
     base: BaseModelRef | None,
 ) -> AdapterSet:
-    """A persona's adapters (voice id and scale, skill ids and scales) resolved for a backend's base model."""
+    """A persona's adapters (voice id and scale, skill ids and scales) resolved for a backend's base model.
+
+    The registry remembers the answer until it changes (its generation) or an adapter's file does (size or
+    modification time; a changed file is hashed again and refused if its bytes are not the manifest's)."""
+    key = (voice, tuple(skills), base.digest if base is not None else None)
+    generation = registry._generation()
+    known = registry._sets.get(key)
+    if known is not None and known[0] == generation and all(_same_file(p, s) for p, s in known[1]):
+        return known[2]
+    resolved = _resolve_set(voice, skills, registry, base)
+    every = ((resolved.voice,) if resolved.voice else ()) + resolved.skills
+    registry._sets[key] = (generation, [(a.path, _file_stamp(a.path)) for a in every], resolved)
+    return resolved
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
+def _same_file(path: Path, stamp: tuple[int, int]) -> bool:
+    try:
+        return _file_stamp(path) == stamp
+    except OSError:
+        return False
+
+
+def _resolve_set(
+    voice: tuple[str, float] | None, skills: Sequence[tuple[str, float]], registry: AdapterRegistry,
+    base: BaseModelRef | None,
+) -> AdapterSet:
     voice_adapter = None
     if voice is not None:
         manifest = registry.get(voice[0], base)

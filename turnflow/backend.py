@@ -7,6 +7,7 @@ DAG's branches, so one built driver is cached per capability profile.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
@@ -166,12 +167,12 @@ class Backend:
             self._kv_files = KvFiles(self.server.slot_dir, self.spec.kv_disk_budget_mb)
         return self._kv_files
 
-    @property
+    @functools.cached_property
     def model_digest(self) -> str:
         """SHA-256 of the model file (embedded servers; empty for a server reached by URL)."""
         return self.server.model_digest if self.server is not None else ""
 
-    @property
+    @functools.cached_property
     def kv_bytes_per_token(self) -> float | None:
         """KV bytes per token of context, from the model file (embedded servers)."""
         return self.server.bytes_per_token() if self.server is not None else None

@@ -11,7 +11,11 @@ under each key, kept longer than the entries themselves.
 from __future__ import annotations
 
 import hashlib
+import math
+import threading
+import time
 import zlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -106,11 +110,16 @@ def fingerprint(text: str) -> str:
 class CompositionCache:
     """Source outputs under recipe-declared keys, with TTL, event invalidation and the tier ledger."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, memory_entries: int = 4096):
         self.directory = Path(directory)
         # JSON on disk, never pickles: a shared $TURNFLOW_HOME cannot make this process run code
         self._store = diskcache.Cache(str(self.directory), size_limit=2**30, disk=JsonOnlyDisk)
         self._epochs: dict[str, int] | None = None
+        self._memory: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        """Entries and ledger records this process read or wrote, with their expiry (`time.time()`): a hit is
+        served from here without decoding the disk's JSON. Keys carry the epochs, so events still reach them."""
+        self._memory_entries = memory_entries
+        self._lock = threading.Lock()
 
     def close(self) -> None:
         """Close the cache files."""
@@ -159,10 +168,41 @@ class CompositionCache:
         )
         return "entry:" + fingerprint(blob)
 
-    def get(self, key: str) -> tuple[bool, Any]:
-        """(True, value) on a hit, (False, None) on a miss or an expired entry."""
-        value = self._read(key, _MISSING)
+    def get(self, key: str, *, shared: bool = True) -> tuple[bool, Any]:
+        """(True, value) on a hit, (False, None) on a miss or an expired entry; `shared=False`: an entry kept in
+        this process only (see `set`)."""
+        value = self._remembered(key)
+        if value is _MISSING and shared:
+            expire_time: float | None
+            value, expire_time = self._read_with_expiry(key)
+            if value is not _MISSING:
+                self._remember(key, value, expire_time)
         return (False, None) if value is _MISSING else (True, value)
+
+    def _remembered(self, key: str) -> Any:
+        with self._lock:
+            found = self._memory.get(key)
+            if found is None:
+                return _MISSING
+            if found[0] <= time.time():
+                del self._memory[key]
+                return _MISSING
+            self._memory.move_to_end(key)
+            return found[1]
+
+    def _remember(self, key: str, value: Any, expire_time: float | None) -> None:
+        with self._lock:
+            self._memory[key] = (expire_time if expire_time is not None else math.inf, value)
+            self._memory.move_to_end(key)
+            while len(self._memory) > self._memory_entries:
+                self._memory.popitem(last=False)
+
+    def _read_with_expiry(self, key: str) -> tuple[Any, float | None]:
+        try:
+            value, expire_time = self._store.get(key, default=_MISSING, expire_time=True)
+        except (ValueError, zlib.error):
+            return _MISSING, None
+        return value, expire_time
 
     def _read(self, key: str, default: Any = None) -> Any:
         """A stored value; a pickled or undecodable row is never read: it counts as absent (and is rewritten)."""
@@ -179,23 +219,40 @@ class CompositionCache:
         """Keep a small value beside the entries."""
         self._store.set(f"marker:{name}", value)
 
-    def set(self, key: str, value: Any, ttl_s: float) -> None:
-        """Store a source's output for `ttl_s` seconds."""
-        self._store.set(key, value, expire=ttl_s)
+    def set(self, key: str, value: Any, ttl_s: float, *, shared: bool = True) -> None:
+        """Store a source's output for `ttl_s` seconds; `shared=False` keeps it in this process only (for keys that
+        change with every message: another process would rarely meet the key again, and writing a long history
+        to disk every turn costs more than rendering it)."""
+        self._remember(key, value, time.time() + ttl_s)
+        if shared:
+            self._store.set(key, value, expire=ttl_s)
 
     # -- tier ledger
 
+    def _ledger_read(self, key: str, *, shared: bool) -> Any:
+        value = self._remembered(key)
+        if value is _MISSING:
+            value = self._read(key) if shared else None
+        return value
+
+    def _ledger_write(self, key: str, value: Any, *, shared: bool) -> None:
+        self._remember(key, value, time.time() + _LEDGER_TTL_S)
+        if shared:
+            self._store.set(key, value, expire=_LEDGER_TTL_S)
+
     def check_invariant(
-        self, source: str, ledger_key: str, text: str, *, digest: str | None = None
+        self, source: str, ledger_key: str, text: str, *, digest: str | None = None, shared: bool = True
     ) -> Violation | None:
         """Record what an invariant source rendered; a violation if it rendered differently under the same key.
 
-        `digest` is `fingerprint(text)` when the caller has it already.
+        `digest` is `fingerprint(text)` when the caller has it already; `shared=False` keeps the record in this
+        process (see `set`).
         """
         key = f"ledger:inv:{source}:{ledger_key}"
         now = digest or fingerprint(text)
-        before = self._read(key)
-        self._store.set(key, now, expire=_LEDGER_TTL_S)
+        before = self._ledger_read(key, shared=shared)
+        if before != now:
+            self._ledger_write(key, now, shared=shared)
         if before is not None and before != now:
             return Violation(
                 source,
@@ -207,23 +264,32 @@ class CompositionCache:
         return None
 
     def check_semi_stable(
-        self, source: str, ledger_key: str, text: str, *, digest: str | None = None
+        self, source: str, ledger_key: str, text: str, *, digest: str | None = None, shared: bool = True
     ) -> Violation | None:
         """Record a semi-stable source's rendering; a violation unless it only appended to the last one.
 
-        `digest` is `fingerprint(text)` when the caller has it already.
+        `digest` is `fingerprint(text)` when the caller has it already. The text this process recorded last is
+        kept in memory, so an append is recognised by comparing, not hashing, what came before. `shared=False`
+        keeps the record in this process (a source whose key changes with every message is recorded every turn).
         """
         key = f"ledger:semi:{source}:{ledger_key}"
-        before = self._read(key)
+        before = self._ledger_read(key, shared=shared)
         digest = digest or fingerprint(text)
-        self._store.set(key, (len(text), digest), expire=_LEDGER_TTL_S)
+        self._ledger_write(key, (len(text), digest), shared=shared)
+        previous = self._remembered(f"{key}:text")
+        self._remember(f"{key}:text", (text, digest), time.time() + _LEDGER_TTL_S)
         if before is None:
             return None
         length, digest_before = before
         if len(text) == length and digest == digest_before:
             return None
-        if len(text) > length and fingerprint(text[:length]) == digest_before:
-            return None
+        if len(text) > length:
+            if previous is not _MISSING and previous[1] == digest_before:  # the text recorded last is at hand
+                appended = text.startswith(previous[0])
+            else:
+                appended = fingerprint(text[:length]) == digest_before
+            if appended:
+                return None
         return Violation(
             source,
             "semi_stable",

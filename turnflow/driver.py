@@ -13,16 +13,19 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from hamilton import ad_hoc_utils, driver
 from hamilton.function_modifiers import group, inject, source, tag
 from hamilton.lifecycle import api as lifecycle
+from hamilton.node import DependencyType
 
-from turnflow.cache import CompositionCache, Violation, fingerprint
+from turnflow.cache import CompositionCache, Violation
 from turnflow.dataflows import turn as turn_dataflow
 from turnflow.dataflows import voice as voice_dataflow
+from turnflow.dependencies import scopes_of
 from turnflow.nodes.prompt import SourceOutput, canonical_text
+from turnflow.nodes.text import CanonicalMessages, sha256_text
 from turnflow.recipe import Recipe, SourceSpec, code_digest, resolve_source_fn, source_parameters, source_params
 
 # A failed turn is reported once, as a TurnError; Hamilton's own error banner is for its logs, not stderr.
@@ -67,7 +70,7 @@ def _validate_output(name: str, value: Any) -> str | list[dict[str, Any]]:
     if isinstance(value, str):
         return value
     if isinstance(value, list | tuple) and all(isinstance(m, dict) and "role" in m for m in value):
-        return [dict(m) for m in value]
+        return value if isinstance(value, CanonicalMessages) else [dict(m) for m in value]
     raise TypeError(
         f"source {name!r} returned {type(value).__name__}; a source returns text (str) "
         f"or a list of chat messages (dicts with 'role' and 'content')"
@@ -88,6 +91,7 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
                           code_digest(recipe, spec)])
     user_defined = spec.fn is not None
     bound = source_params(recipe, spec)
+    shared = not _per_message(spec)  # entries under a key that changes with every message stay in this process
 
     def render(**kwargs: Any) -> SourceOutput:
         cache: CompositionCache | None = kwargs["composition_cache"]
@@ -98,14 +102,14 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
         scope_values = {"persona_id": kwargs["persona_id"], "room_id": kwargs["room_id"]}
         key = cache.key(recipe.recipe, namespace, spec.name, key_values, scope_values) if spec.cached else None
         if key is not None:
-            hit, value = cache.get(key)
+            hit, value = cache.get(key, shared=shared)
             if hit:
                 return SourceOutput(spec.name, spec.tier, value, "hit", user_defined)
         value = _validate_output(spec.name, impl(**{p: kwargs[p] for p in impl_params}, **bound))
         text = canonical_text(value)
         violations = _check_tier(cache, spec, key, kwargs, text, namespace)
         if key is not None:
-            cache.set(key, value, ttl_s)
+            cache.set(key, value, ttl_s, shared=shared)
         return SourceOutput(
             spec.name, spec.tier, value, "miss" if key else "off", user_defined, tuple(v.as_dict() for v in violations),
             known_canonical=text,
@@ -136,15 +140,21 @@ def _check_tier(
     if spec.tier == "volatile":
         return []
     scope = key or f"{namespace}|{values['persona_id']}|{values['room_id']}"
-    digest = fingerprint(text)
+    digest = sha256_text(text)
+    shared = not _per_message(spec)
     found: list[Violation | None] = []
     if spec.tier == "invariant":
-        found.append(cache.check_invariant(spec.name, scope, text, digest=digest))
+        found.append(cache.check_invariant(spec.name, scope, text, digest=digest, shared=shared))
     else:
-        found.append(cache.check_invariant(spec.name, scope, text, digest=digest) if key else None)
+        found.append(cache.check_invariant(spec.name, scope, text, digest=digest, shared=shared) if key else None)
         stream_scope = f"{namespace}|{values['persona_id']}|{values['room_id']}|{values['compaction_epoch']}"
-        found.append(cache.check_semi_stable(spec.name, stream_scope, text, digest=digest))
+        found.append(cache.check_semi_stable(spec.name, stream_scope, text, digest=digest, shared=shared))
     return [v for v in found if v is not None]
+
+
+def _per_message(spec: SourceSpec) -> bool:
+    """Whether the source's cache key changes with every message of the room (its entries stay in-process)."""
+    return any("messages" in scopes_of(key) for key in spec.cache_key)
 
 
 def _sections_node(names: list[str]) -> Callable[..., dict[str, SourceOutput]]:
@@ -181,10 +191,96 @@ def reserved_node_names() -> frozenset[str]:
     return _RESERVED
 
 
-_DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...], str], driver.Driver] = {}
+class TurnDriver:
+    """A built turn DAG and the plan that runs it each turn.
+
+    Hamilton builds the graph (config, decorators, the recipe's source nodes), validates it and draws it. A turn
+    runs the same nodes in the same order every time, so the order for a set of requested outputs is worked out
+    once; each node is then called with its dependencies' values and timed. Hamilton's own `execute` walks the
+    graph again on every call, which for this DAG costs about as much as everything else turnflow does in a
+    turn (see `benchmarks/turn_overhead.py`); `execute(..., via_hamilton=True)` runs a turn through it instead,
+    and the tests check that both give the same outputs.
+    """
+
+    def __init__(self, hamilton: driver.Driver):
+        self.hamilton = hamilton
+        """The Hamilton driver (for drawing, listing and validating the graph)."""
+        self._nodes = {n.name: n for n in hamilton.graph.get_nodes()}
+        self._config = dict(hamilton.graph.config)
+        """The profile the graph was built for: nodes may take its values as inputs, as with Hamilton."""
+        self._plans: dict[tuple[str, ...], list[_Step]] = {}
+
+    def list_available_variables(self) -> list[Any]:
+        """The graph's nodes and inputs (Hamilton's `HamiltonNode`s)."""
+        return self.hamilton.list_available_variables()
+
+    def execute(self, final_vars: list[str], inputs: dict[str, Any], *, via_hamilton: bool = False) -> dict[str, Any]:
+        """The requested outputs of one turn run on `inputs`; node times go where `collect_node_timings` says."""
+        if via_hamilton:
+            return self.hamilton.execute(final_vars, inputs=inputs)  # type: ignore[no-any-return]
+        plan = self._plans.get(tuple(final_vars))
+        if plan is None:
+            plan = self._plans[tuple(final_vars)] = self._plan(final_vars)
+        timings = _node_timings.get()
+        computed: dict[str, Any] = {}
+        for step in plan:
+            name = step.name
+            if step.fn is None:  # an input: an optional one may be left out (the node's default applies)
+                if name in inputs:
+                    computed[name] = inputs[name]
+                elif name in self._config:
+                    computed[name] = self._config[name]
+                elif step.required:
+                    raise ValueError(f"the turn DAG needs the input {name!r}, which was not given")
+                continue
+            kwargs = {dep: computed[dep] for dep in step.dependencies if dep in computed}
+            started = time.perf_counter()
+            computed[name] = step.fn(**kwargs)
+            if timings is not None:
+                timings[name] = (time.perf_counter() - started) * 1000
+        return {name: computed[name] for name in final_vars}
+
+    def _plan(self, final_vars: list[str]) -> list[_Step]:
+        """The nodes the outputs need, each after its dependencies (a depth-first walk, as Hamilton's)."""
+        unknown = [name for name in final_vars if name not in self._nodes]
+        if unknown:
+            raise ValueError(f"unknown nodes {unknown} requested")
+        order: list[_Step] = []
+        required: set[str] = set()
+        placed: set[str] = set()
+
+        def visit(name: str) -> None:
+            if name in placed:
+                return
+            placed.add(name)
+            node = self._nodes[name]
+            for dependency in node.dependencies:
+                if node.input_types[dependency.name][1] == DependencyType.REQUIRED:
+                    required.add(dependency.name)
+                visit(dependency.name)
+            dependencies = tuple(d.name for d in node.dependencies)
+            order.append(_Step(name, None if node.user_defined else node.callable, dependencies))
+
+        for name in final_vars:
+            visit(name)
+        return [step._replace(required=step.name in required) for step in order]
 
 
-def build_driver(recipe: Recipe, profile: dict[str, str]) -> driver.Driver:
+class _Step(NamedTuple):
+    """One node of a turn's plan."""
+
+    name: str
+    fn: Callable[..., Any] | None
+    """The node's function; None for an input."""
+    dependencies: tuple[str, ...]
+    required: bool = False
+    """For an input: a node needs it (an optional one may be missing)."""
+
+
+_DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...], str], TurnDriver] = {}
+
+
+def build_driver(recipe: Recipe, profile: dict[str, str]) -> TurnDriver:
     """The turn DAG for `recipe` and a capability profile (cached)."""
     cache_key = (recipe.digest, str(recipe.folder), tuple(sorted(profile.items())), code_digest(recipe))
     built = _DRIVERS.get(cache_key)
@@ -201,8 +297,8 @@ def build_driver(recipe: Recipe, profile: dict[str, str]) -> driver.Driver:
         .with_adapters(NodeTimer())
         .build()
     )
-    _DRIVERS[cache_key] = built
-    return built
+    turn_driver = _DRIVERS[cache_key] = TurnDriver(built)
+    return turn_driver
 
 
 def _module_name(recipe: Recipe, profile: dict[str, str]) -> str:

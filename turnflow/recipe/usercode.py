@@ -66,8 +66,20 @@ def source_params(recipe: Recipe, spec: SourceSpec) -> dict[str, Any]:
     return params
 
 
+_SOURCE_FILES: dict[tuple[str, str, str], list[Path]] = {}
+
+
 def source_files(recipe: Recipe, spec: SourceSpec) -> list[Path]:
-    """The files a source's output follows: its own module (for `fn` sources) and the files its params name."""
+    """The files a source's output follows: its own module (for `fn` sources) and the files its params name
+    (found once per recipe content and folder; `code_digest` checks them each time)."""
+    key = (recipe.digest, str(recipe.folder), spec.name)
+    known = _SOURCE_FILES.get(key)
+    if known is None:
+        known = _SOURCE_FILES[key] = _find_source_files(recipe, spec)
+    return known
+
+
+def _find_source_files(recipe: Recipe, spec: SourceSpec) -> list[Path]:
     files = []
     if spec.fn:
         module_name = spec.fn.partition(":")[0]
@@ -88,8 +100,23 @@ def code_digest(recipe: Recipe, spec: SourceSpec | None = None) -> str:
     import hashlib
 
     specs = [spec] if spec is not None else list(recipe.sources)
-    parts = [f"{s.name}:{p}:{file_digest(p)}" for s in specs for p in source_files(recipe, s)]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16] if parts else ""
+    files = [(s.name, p) for s in specs for p in source_files(recipe, s)]
+    if not files:
+        return ""
+    stamps = tuple((name, str(p), *_stamp(p)) for name, p in files)  # a turn checks files, not their bytes
+    known = _CODE_DIGESTS.get(stamps)
+    if known is None:
+        parts = [f"{name}:{p}:{file_digest(p)}" for name, p in files]
+        known = _CODE_DIGESTS[stamps] = hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+    return known
+
+
+_CODE_DIGESTS: dict[tuple[Any, ...], str] = {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
 
 
 def resolve_source_fn(recipe: Recipe, spec: SourceSpec) -> Callable[..., Any]:
