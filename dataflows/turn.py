@@ -19,6 +19,7 @@ from turnflow.backend import AdapterLease, Backend
 from turnflow.kv import KvKey, KvPrepared, kv_source, page_out_idle, prepare_slot
 from turnflow.nodes.images import Image
 from turnflow.nodes.llm import Affinity, ChatReply, ReplyStream
+from turnflow.nodes.media import Audio
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_append_only, assemble_naive
 from turnflow.nodes.speech import TtsVoice
 from turnflow.nodes.streaming import SpokenReply
@@ -253,7 +254,8 @@ def turn_report(
     reply: ChatReply,
     speech: SpokenReply,
     transcript: str | None,
-    audio_route_in: str,
+    media: Audio | None,
+    route_audio_in: str,
     images: list[Image],
     route_images_in: str,
     slot: int | None,
@@ -293,7 +295,7 @@ def turn_report(
             "ttft_ms": _round(reply.ttft_ms),
         },
         "route": {
-            "audio_in": audio_route_in,
+            "audio_in": route_audio_in if media is not None else "none",
             "audio_out": speech.route,
             "images_in": route_images_in if images else "none",
         },

@@ -126,11 +126,6 @@ def hears(route_audio_in: str) -> bool:
     return route_audio_in == "native"
 
 
-def audio_route_in(media: Audio | None, route_audio_in: str) -> str:
-    """How the speaker's audio reached the model: native, stt, or none for a text turn."""
-    return "none" if media is None else route_audio_in
-
-
 def tts_voice(persona: Persona, adapter_set: AdapterSet, adapter_registry: AdapterRegistry) -> TtsVoice:
     """The persona's voice for the TTS bridge: its voice-profile adapter when it has one, else its `voice.tts`."""
     voice = adapter_set.voice
