@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnflow.nodes.text import CanonicalMessages, canonical_json, sha256_text
+from turnflow.nodes.text import CanonicalMessages, canonical_json, text_digest
 
 TIER_ORDER = ("invariant", "semi_stable", "volatile")
 
@@ -64,6 +64,7 @@ class Prompt:
     invariant_sha256: str
     invariant_bytes: int
     semi_stable_sha256: str
+    """SHA-256 over the semi-stable sections' own SHA-256s (each section only grows; their concatenation does not)."""
     semi_stable_bytes: int
     volatile_bytes: int
     order: list[str] = field(default_factory=list)
@@ -89,7 +90,7 @@ def _prompt(
 
 
 def _sha(text: str) -> str:
-    return sha256_text(text)
+    return text_digest(text)[0]
 
 
 def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
@@ -134,16 +135,17 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         messages.extend(volatile_messages[:-1] if volatile_messages else [])
         messages.append(user_message)
 
-    invariant = "\x1e".join(tier_text["invariant"])
-    semi_stable = "\x1e".join(tier_text["semi_stable"])
+    invariant_sha256, invariant_bytes = text_digest("\x1e".join(tier_text["invariant"]))
+    # the semi-stable sections each only grow, their concatenation does not: hash each, then their digests
+    sections = [text_digest(text) for text in tier_text["semi_stable"]]
     order = [o.name for tier in TIER_ORDER for o in by_tier[tier]]
     return Prompt(
         messages=messages,
         user_message=user_message,
-        invariant_sha256=_sha(invariant),
-        invariant_bytes=len(invariant.encode()),
-        semi_stable_sha256=_sha(semi_stable),
-        semi_stable_bytes=len(semi_stable.encode()),
+        invariant_sha256=invariant_sha256,
+        invariant_bytes=invariant_bytes,
+        semi_stable_sha256=_sha("\x1e".join(digest for digest, _ in sections)),
+        semi_stable_bytes=sum(size for _, size in sections) + max(0, len(sections) - 1),
         volatile_bytes=len(tier_text["volatile"][0].encode()),
         order=order,
     )

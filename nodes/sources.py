@@ -6,7 +6,10 @@ from here, so the same function can serve recipes with different caching needs.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -78,9 +81,19 @@ def conversation_history(
     for participant in room_participants:
         if not _listed(participant, history_start):
             joins.setdefault(participant.joined_after, []).append(participant)
-    seen: list[dict[str, Any]] = []
-    lines: list[str] = []
-    for stored in room_messages:
+    # a history only grows between turns: render what is new since the last rendering of the same room's history
+    # for this persona (the same StoredMessage objects, from the store's memory) and keep the rest
+    key = (persona_id, hears, tuple((after, p.display_name) for after, ps in sorted(joins.items()) for p in ps),
+           room_messages[0].id if room_messages else 0)
+    with _HISTORIES_LOCK:
+        known = _HISTORIES.get(key)
+    start, seen, canonical = 0, [], ""
+    if known is not None and len(known.messages) <= len(room_messages) and all(
+        a is b for a, b in zip(known.messages, room_messages, strict=False)
+    ):
+        start, seen, canonical = len(known.messages), list(known.seen), known.canonical
+    lines: list[str] = [canonical]
+    for stored in room_messages[start:]:
         message, line = stored.seen_line(persona_id, hears=hears)
         seen.append(message)
         lines.append(line)
@@ -89,7 +102,26 @@ def conversation_history(
             event = {"role": "user", "content": f"[{name} joined the room]"}
             seen.append(event)
             lines.append(canonical_json(event) + "\n")
-    return CanonicalMessages(seen, "".join(lines))
+    rendered = _RenderedHistory(tuple(room_messages), tuple(seen), "".join(lines))
+    with _HISTORIES_LOCK:
+        _HISTORIES[key] = rendered
+        _HISTORIES.move_to_end(key)
+        while len(_HISTORIES) > 1024:
+            _HISTORIES.popitem(last=False)
+    return CanonicalMessages(seen, rendered.canonical)
+
+
+@dataclass(frozen=True)
+class _RenderedHistory:
+    """A history as last rendered for one persona: the stored messages, the chat messages, their canonical text."""
+
+    messages: tuple[StoredMessage, ...]
+    seen: tuple[dict[str, Any], ...]
+    canonical: str
+
+
+_HISTORIES: OrderedDict[tuple[Any, ...], _RenderedHistory] = OrderedDict()
+_HISTORIES_LOCK = threading.Lock()
 
 
 def _defused(message: dict[str, Any]) -> dict[str, Any]:

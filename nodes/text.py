@@ -122,27 +122,30 @@ class TextDigests:
 
     def __init__(self, capacity: int = 128):
         self._capacity = capacity
-        self._seen: dict[str, list[tuple[str, Any]]] = {}
+        self._seen: dict[str, list[tuple[str, Any, int]]] = {}
 
-    def sha256(self, text: str) -> str:
-        """The hex SHA-256 of `text` encoded as UTF-8."""
+    def sha256(self, text: str) -> tuple[str, int]:
+        """The hex SHA-256 of `text` encoded as UTF-8, and that encoding's length in bytes."""
         head = text[: self._HEAD]
         candidates = self._seen.pop(head, [])
-        state: Any = None
-        for index, (before, before_state) in enumerate(candidates):
+        found: tuple[Any, int] | None = None
+        for index, (before, state, size) in enumerate(candidates):
             if before is text or (len(before) <= len(text) and text.startswith(before)):
-                state = before_state.copy()
+                found = state.copy(), size
                 if len(before) < len(text):
-                    state.update(text[len(before):].encode())
+                    rest = text[len(before):].encode()
+                    found[0].update(rest)
+                    found = found[0], size + len(rest)
                 del candidates[index]
                 break
-        if state is None:
-            state = hashlib.sha256(text.encode())
-        candidates.insert(0, (text, state))
+        if found is None:
+            encoded = text.encode()
+            found = hashlib.sha256(encoded), len(encoded)
+        candidates.insert(0, (text, *found))
         self._seen[head] = candidates[: self._PER_HEAD]  # re-inserted: the newest heads stay
         while len(self._seen) > self._capacity:
             self._seen.pop(next(iter(self._seen)))
-        return str(state.hexdigest())
+        return str(found[0].hexdigest()), found[1]
 
 
 _DIGESTS = TextDigests()
@@ -151,5 +154,10 @@ _DIGESTS_LOCK = threading.Lock()
 
 def sha256_text(text: str) -> str:
     """The hex SHA-256 of `text` (UTF-8), from an earlier text it extends when there is one (see `TextDigests`)."""
+    return text_digest(text)[0]
+
+
+def text_digest(text: str) -> tuple[str, int]:
+    """`sha256_text` and the length of `text` in UTF-8 bytes."""
     with _DIGESTS_LOCK:
         return _DIGESTS.sha256(text)

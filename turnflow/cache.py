@@ -119,6 +119,8 @@ class CompositionCache:
         """Entries and ledger records this process read or wrote, with their expiry (`time.time()`): a hit is
         served from here without decoding the disk's JSON. Keys carry the epochs, so events still reach them."""
         self._memory_entries = memory_entries
+        self._key_scopes: dict[Any, tuple[str, ...]] = {}
+        self._keys: dict[Any, str] = {}
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -157,16 +159,37 @@ class CompositionCache:
         history, its participants) is scoped to the turn's room even when `room_id` is not a declared key,
         so an event about that room reaches exactly the entries it makes stale.
         """
-        values = {**(scope_values or {}), **key_values}
-        scopes = {f"recipe:{recipe_id}"}
-        for field in key_values:
-            for scope in scopes_of(field):
-                scopes.add(f"{scope}:{values.get(_SCOPE_VALUE_FIELD[scope], '*')}")
-        epochs = {scope: self._epoch(scope) for scope in sorted(scopes)}
-        blob = canonical_json(
-            {"recipe": [recipe_id, recipe_digest], "source": source, "key": key_values, "epochs": epochs}
-        )
-        return "entry:" + fingerprint(blob)
+        try:  # key values are short strings: the scopes and the key are worked out once per value and epochs
+            memo: Any = (recipe_id, recipe_digest, source, tuple(key_values.items()),
+                         tuple((scope_values or {}).items()))
+            hash(memo)
+        except TypeError:
+            memo = None
+        scopes = self._key_scopes.get(memo) if memo is not None else None
+        if scopes is None:
+            values = {**(scope_values or {}), **key_values}
+            found = {f"recipe:{recipe_id}"}
+            for field in key_values:
+                for scope in scopes_of(field):
+                    found.add(f"{scope}:{values.get(_SCOPE_VALUE_FIELD[scope], '*')}")
+            scopes = tuple(sorted(found))
+            if memo is not None:
+                self._remember_key(self._key_scopes, memo, scopes)
+        epochs = tuple(self._epoch(scope) for scope in scopes)
+        key = self._keys.get((memo, epochs)) if memo is not None else None
+        if key is None:
+            blob = canonical_json({"recipe": [recipe_id, recipe_digest], "source": source, "key": key_values,
+                                   "epochs": dict(zip(scopes, epochs, strict=True))})
+            key = "entry:" + fingerprint(blob)
+            if memo is not None:
+                self._remember_key(self._keys, (memo, epochs), key)
+        return key
+
+    @staticmethod
+    def _remember_key(table: dict[Any, Any], memo: Any, value: Any) -> None:
+        if len(table) >= 8192:  # bounded: a new history tail every turn makes new keys
+            table.clear()
+        table[memo] = value
 
     def get(self, key: str, *, shared: bool = True) -> tuple[bool, Any]:
         """(True, value) on a hit, (False, None) on a miss or an expired entry; `shared=False`: an entry kept in

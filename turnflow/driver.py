@@ -69,8 +69,10 @@ def stop_collecting(token: contextvars.Token[dict[str, float] | None]) -> None:
 def _validate_output(name: str, value: Any) -> str | list[dict[str, Any]]:
     if isinstance(value, str):
         return value
+    if isinstance(value, CanonicalMessages):  # made message by message from the store's history
+        return value
     if isinstance(value, list | tuple) and all(isinstance(m, dict) and "role" in m for m in value):
-        return value if isinstance(value, CanonicalMessages) else [dict(m) for m in value]
+        return [dict(m) for m in value]
     raise TypeError(
         f"source {name!r} returned {type(value).__name__}; a source returns text (str) "
         f"or a list of chat messages (dicts with 'role' and 'content')"

@@ -317,6 +317,7 @@ class EmbeddedServer:
         self.usage_file = servers_dir() / f"{stem}.kv-usage"
         self._slot_dir: Path | None = None
         self._known_peak: int | None = None
+        self._state_seen: tuple[tuple[int, int, int], ServerState] | None = None
 
     @property
     def model_path(self) -> Path:
@@ -463,11 +464,20 @@ class EmbeddedServer:
         """Wait until no turn holds a lease, and keep new ones out."""
         return _flocked(self.use_file, "a+")
 
-    def _read_state(self) -> ServerState | None:
+    def _read_state(self, *, shared: bool = False) -> ServerState | None:
+        """The server's state file; `shared=True` may return the object read last while the file is unchanged
+        (the caller must not change it)."""
         try:
-            return ServerState(**json.loads(self.state_file.read_text()))
+            stat = self.state_file.stat()
+            stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if shared and self._state_seen is not None and self._state_seen[0] == stamp:
+                return self._state_seen[1]
+            state = ServerState(**json.loads(self.state_file.read_text()))
         except (OSError, ValueError, TypeError):
             return None
+        if shared:
+            self._state_seen = (stamp, state)
+        return state
 
     def _write_state(self, state: ServerState) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.")
@@ -578,7 +588,7 @@ class EmbeddedServer:
         for _ in range(8):
             handle = open(self.use_file, "a+")
             fcntl.flock(handle, fcntl.LOCK_SH)
-            state = self._read_state()
+            state = self._read_state(shared=True)  # the state file is written anew (a new inode) on every change
             if (state and _alive(state.pid) and set(keys) <= set(state.resident_keys)
                     and (state.pool_tokens or 0) >= grow_to):
                 self._remember_use(state, keys, slot, slot_set)

@@ -99,8 +99,11 @@ def code_digest(recipe: Recipe, spec: SourceSpec | None = None) -> str:
     """Digest of the files the recipe's sources (or one source) follow: edits to them are never served stale."""
     import hashlib
 
-    specs = [spec] if spec is not None else list(recipe.sources)
-    files = [(s.name, p) for s in specs for p in source_files(recipe, s)]
+    found = (recipe.digest, str(recipe.folder), spec.name if spec is not None else None)
+    files = _CODE_FILES.get(found)
+    if files is None:
+        specs = [spec] if spec is not None else list(recipe.sources)
+        files = _CODE_FILES[found] = [(s.name, p) for s in specs for p in source_files(recipe, s)]
     if not files:
         return ""
     stamps = tuple((name, str(p), *_stamp(p)) for name, p in files)  # a turn checks files, not their bytes
@@ -112,6 +115,7 @@ def code_digest(recipe: Recipe, spec: SourceSpec | None = None) -> str:
 
 
 _CODE_DIGESTS: dict[tuple[Any, ...], str] = {}
+_CODE_FILES: dict[tuple[str, str, str | None], list[tuple[str, Path]]] = {}
 
 
 def _stamp(path: Path) -> tuple[int, int]:
