@@ -34,8 +34,11 @@ bench-full: install
 bench-kv: install
 	$(BIN)/python benchmarks/kv_sweep.py --out docs/bench
 
+HISTORY ?= 100
+PROMPT_TOKENS ?= 14000
 overhead: install
-	$(BIN)/python benchmarks/turn_overhead.py
+	$(BIN)/python benchmarks/turn_overhead.py --history $(HISTORY) --prompt-tokens $(PROMPT_TOKENS) \
+		--json docs/bench/overhead.json
 
 faults: install
 	$(BIN)/python benchmarks/faults.py --json docs/bench/faults.json

@@ -1,69 +1,152 @@
-"""turnflow's own work per turn: everything but the model call, measured over consecutive turns.
+"""turnflow's own work per turn: everything but the model, STT and TTS, measured over consecutive turns.
 
-    .venv/bin/python benchmarks/turn_overhead.py [--turns 60] [--recipe recipes/voice-chat.yaml]
+    .venv/bin/python benchmarks/turn_overhead.py [--history 100] [--prompt-tokens 14000] [--turns 60]
+                                                 [--json FILE] [--profile FILE]
 
-Runs a real conversation on the embedded `local` backend (started in a throw-away TURNFLOW_HOME and
-stopped afterwards) and prints p50/p95 of the per-turn overhead (`timings_ms.turnflow` = total minus the
-`reply` node, which is the model call) and of each node. Target: p50 <= 5 ms on a 2-core machine.
+Runs a conversation on an embedded llama-server with the generated `tiny` model (started in a throw-away
+TURNFLOW_HOME and stopped afterwards) with the bench's recipe: the voice-chat example padded to
+`--prompt-tokens` of invariant text. Each of two personas talks in its own room, whose history is first
+seeded with `--history` messages. Prints p50/p95 of the per-turn overhead (`timings_ms.turnflow`: the turn's
+total minus the model stream, STT, TTS and adapter page-ins) and of each node. Target: p50 <= 1 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+EXTERNAL_NODES = ("speech", "transcript", "voice_fingerprint")
+"""The nodes whose time is the model stream, STT and TTS (`timings_ms.turnflow` leaves them out)."""
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0-100) of values."""
+    """The q-th percentile (0-100) of values (nearest rank)."""
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
 
 
+def seed_history(session: Any, room: str, persona: str, persona_name: str, messages: int) -> None:
+    """Give `room` a history of `messages` messages (a person and `persona` taking turns), as turns commit them."""
+    from turnflow.store import Participant
+
+    person = Participant("Dana", "person", "Dana")
+    who = Participant(persona, "persona", persona_name)
+    for turn in range(1, messages // 2 + 1):
+        said = f"Dana: question {turn}: what should we look at next about the release and its migration?"
+        reply = f"Reply {turn}: look at the migration's rollback plan first, then the flaky pipeline, then the demo."
+        session.store.commit_turn(room, turn, person, said, said, who, reply)
+
+
 def main() -> None:
     """Run the turns and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--turns", type=int, default=60)
-    parser.add_argument("--recipe", default=str(REPO / "recipes" / "voice-chat.yaml"))
+    parser.add_argument("--history", type=int, default=100, help="messages in each room before the timed turns")
+    parser.add_argument("--prompt-tokens", type=int, default=14000, help="the prompt's size at the first turn")
+    parser.add_argument("--turns", type=int, default=60, help="timed turns (after 4 warm-up turns)")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
+    parser.add_argument("--profile", type=Path, help="write a cProfile of the timed turns to this file")
+    parser.add_argument("--own-core", action="store_true",
+                        help="pin the model server to CPU 0 and turnflow to the other cores (needs 2 or more)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="turnflow-overhead-") as home:
         os.environ["TURNFLOW_HOME"] = home
-        import subprocess
-        import sys
-
+        from turnflow.bench.fixture import BenchOptions, backend_spec, context_per_slot, write_recipe_folder
+        from turnflow.recipe import find_persona, load_recipe
         from turnflow.server import EmbeddedServer
         from turnflow.session import Session
 
-        bin_dir = Path(sys.executable).parent  # the example personas' adapters, as `make demo` adds them
-        env = {**os.environ, "TURNFLOW": str(bin_dir / "turnflow"), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
-        subprocess.run([str(REPO / "scripts" / "example-adapters.sh")], env=env, check=True, capture_output=True)
-        session = Session(args.recipe)
+        options = BenchOptions.preset(personas=2, turns=args.history // 2 + args.turns + 4,
+                                      prompt_tokens=args.prompt_tokens, model="tiny", audio=False, max_tokens=24)
+        spec = backend_spec(options, ctx_per_slot=context_per_slot(options), audio=False)
+        server = EmbeddedServer("bench", spec)
         try:
-            overheads: list[float] = []
-            nodes: dict[str, list[float]] = {}
-            personas = ["maya", "helper"]
-            for i in range(args.turns):
-                result = session.turn(persona=personas[i % 2], room="bench", text=f"Question number {i}?")
-                timings = result.report["timings_ms"]
-                if i >= 2:  # the first turns warm the composition cache and the model server
-                    overheads.append(timings["turnflow"])
-                    for name, ms in timings["nodes"].items():
-                        nodes.setdefault(name, []).append(ms)
+            url = server.up()
+            if args.own_core:  # the model server on CPU 0, turnflow on the others: as with a GPU, they do not share
+                pid = server.status().get("pid")
+                if pid:
+                    os.sched_setaffinity(pid, {0})
+                os.sched_setaffinity(0, set(range(1, os.cpu_count() or 2)))
+            recipe_path = write_recipe_folder(Path(home) / "recipe", options, spec, url, context_per_slot(options))
+            recipe = load_recipe(recipe_path)
+            personas = list(recipe.personas or ())
+            with Session(recipe, backend="bench", state_dir=Path(home) / "state") as session:
+                for persona in personas:
+                    room = f"room-{persona}"
+                    session.join(room, "Dana")
+                    session.join(room, persona, kind="persona", display_name=find_persona(recipe, persona).name)
+                    seed_history(session, room, persona, find_persona(recipe, persona).name, args.history)
+                results = run_turns(session, personas, args.turns, args.profile)
         finally:
-            session.close()
-            EmbeddedServer(session.backend_name, session._backend_spec).down()
-    print(f"turnflow overhead per turn over {len(overheads)} turns (model call excluded):")
-    print(f"  p50 {statistics.median(overheads):.2f} ms   p95 {percentile(overheads, 95):.2f} ms   "
-          f"max {max(overheads):.2f} ms   (target p50 <= 5 ms)")
-    print("per node (p50 / p95 ms):")
-    for name, values in sorted(nodes.items(), key=lambda kv: -statistics.median(kv[1])):
-        if name != "reply":
-            print(f"  {name:26s} {statistics.median(values):7.3f} / {percentile(values, 95):7.3f}")
+            server.down()
+    report(results, args)
+
+
+def run_turns(session: Any, personas: list[str], turns: int, profile: Path | None) -> dict[str, Any]:
+    """Run 4 warm-up turns, then `turns` timed ones; the per-turn overhead, per-node times and prompt sizes."""
+    import cProfile
+
+    overheads: list[float] = []
+    nodes: dict[str, list[float]] = {}
+    prompt_tokens: list[int] = []
+    history: list[int] = []
+    profiler = cProfile.Profile() if profile else None
+    for i in range(turns + 4):
+        persona = personas[i % len(personas)]
+        room = f"room-{persona}"
+        timed = i >= 4  # the first turns warm the composition cache and the model server
+        if profiler and timed:
+            profiler.enable()
+        result = session.turn(persona=persona, room=room, speaker="Dana", text=f"Question number {i}?")
+        if profiler and timed:
+            profiler.disable()
+        if not timed:
+            continue
+        timings = result.report["timings_ms"]
+        overheads.append(timings["turnflow"])
+        for name, ms in timings["nodes"].items():
+            nodes.setdefault(name, []).append(ms)
+        prompt_tokens.append(result.report["llm"]["prompt_tokens"] or 0)
+        history.append(len(session.store.room(room).messages))
+    if profiler and profile:
+        profiler.dump_stats(str(profile))
+    return {"overheads": overheads, "nodes": nodes, "prompt_tokens": prompt_tokens, "history": history}
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Print the table (and write the JSON)."""
+    overheads, nodes = results["overheads"], results["nodes"]
+    own = {name: values for name, values in nodes.items() if name not in EXTERNAL_NODES}
+    summary = {
+        "turns": len(overheads),
+        "history_messages": [min(results["history"]), max(results["history"])],
+        "prompt_tokens_p50": statistics.median(results["prompt_tokens"]),
+        "turnflow_ms": {"p50": round(statistics.median(overheads), 3), "p95": round(percentile(overheads, 95), 3),
+                        "max": round(max(overheads), 3)},
+        "nodes_ms": {name: {"p50": round(statistics.median(v), 3), "p95": round(percentile(v, 95), 3)}
+                     for name, v in sorted(own.items(), key=lambda kv: -statistics.median(kv[1]))},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "cpu": os.cpu_count(),
+    }
+    print(f"turnflow's own work per turn over {summary['turns']} turns (model, STT and TTS excluded); "
+          f"prompt p50 {summary['prompt_tokens_p50']:.0f} tokens, history {summary['history_messages'][0]}-"
+          f"{summary['history_messages'][1]} messages:")
+    t = summary["turnflow_ms"]
+    print(f"  p50 {t['p50']:.3f} ms   p95 {t['p95']:.3f} ms   max {t['max']:.3f} ms   (target p50 <= 1 ms)")
+    print("per node (p50 / p95 ms), the nodes the model stream, STT and TTS run in left out:")
+    for name, v in summary["nodes_ms"].items():
+        print(f"  {name:26s} {v['p50']:7.3f} / {v['p95']:7.3f}")
+    print(f"load average {summary['load_average']}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"options": {"history": args.history, "prompt_tokens": args.prompt_tokens,
+                                                     "turns": args.turns}, **summary}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
