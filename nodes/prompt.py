@@ -13,6 +13,7 @@ before it. The prefix hashes in the report prove it turn by turn.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,20 +168,12 @@ def assemble_naive(
     system_sections = [salt] if salt else []
     if timestamp:
         system_sections.append(f"Timestamp: {now_iso}")
-    middle: list[dict[str, Any]] = []
-    volatile_text: list[str] = []
-    volatile_messages: list[dict[str, Any]] = []
-    for output in shuffled:
-        if isinstance(output.value, str):
-            (volatile_text if output.tier == "volatile" else system_sections).append(output.value)
-        elif output.tier == "volatile":
-            volatile_messages.extend(output.value)
-        else:
-            middle.extend(output.value)
+    middle, volatile_text, volatile_messages = _baseline_layout(
+        shuffled, system_sections, lambda o: o.tier == "volatile"
+    )
     user_message = _final_user_message(volatile_text, volatile_messages)
     system = "\n\n".join(s for s in system_sections if s)
     return _prompt(system, middle, volatile_messages, user_message, [o.name for o in shuffled])
-
 
 
 def assemble_append_only(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
@@ -192,20 +185,31 @@ def assemble_append_only(outputs: dict[str, SourceOutput], salt: str = "") -> Pr
     """
     ordered = sorted(outputs.values(), key=lambda o: (TIER_ORDER.index(o.tier), o.name))
     system_sections: list[str] = [salt] if salt else []
+    middle, context, volatile_messages = _baseline_layout(
+        [o for o in ordered if not (isinstance(o.value, str) and not o.value)], system_sections,
+        lambda o: o.tier != "invariant",
+    )
+    user_message = _final_user_message(context, volatile_messages)
+    system = "\n\n".join(system_sections)
+    return _prompt(system, middle, volatile_messages, user_message, [o.name for o in ordered])
+
+
+def _baseline_layout(
+    outputs: list[SourceOutput], system_sections: list[str], in_user_message: Callable[[SourceOutput], bool]
+) -> tuple[list[dict[str, Any]], list[str], list[dict[str, Any]]]:
+    """A baseline's sections in the given order: text sections to `system_sections`, or (when `in_user_message`)
+    in front of what the speaker said; message lists to the middle, or (volatile ones) to the end."""
     middle: list[dict[str, Any]] = []
     context: list[str] = []
     volatile_messages: list[dict[str, Any]] = []
-    for output in ordered:
+    for output in outputs:
         if isinstance(output.value, str):
-            if output.value:
-                (system_sections if output.tier == "invariant" else context).append(output.value)
+            (context if in_user_message(output) else system_sections).append(output.value)
         elif output.tier == "volatile":
             volatile_messages.extend(output.value)
         else:
             middle.extend(output.value)
-    user_message = _final_user_message(context, volatile_messages)
-    system = "\n\n".join(system_sections)
-    return _prompt(system, middle, volatile_messages, user_message, [o.name for o in ordered])
+    return middle, context, volatile_messages
 
 
 def _final_user_message(context: list[str], messages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -711,19 +711,13 @@ class ConversationStore:
         only when they outnumber the slots. Reading an existing assignment takes no write lock.
         """
         with self._snapshot() as db:
-            known = db.execute(
-                "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ? AND persona_id = ?",
-                (backend, total_slots, persona_id),
-            ).fetchone()
-        if known:
-            return int(known[0])
+            known = _assigned_slot(db, backend, total_slots, persona_id)
+        if known is not None:
+            return known
         with self._transaction(f"slots:{backend}") as db:
-            row = db.execute(
-                "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ? AND persona_id = ?",
-                (backend, total_slots, persona_id),
-            ).fetchone()
-            if row:
-                return int(row[0])
+            known = _assigned_slot(db, backend, total_slots, persona_id)
+            if known is not None:
+                return known
             taken = {
                 r[0]
                 for r in db.execute(
@@ -738,6 +732,14 @@ class ConversationStore:
                 (backend, total_slots, persona_id, slot),
             )
             return slot
+
+
+def _assigned_slot(db: _Db, backend: str, total_slots: int, persona_id: str) -> int | None:
+    row = db.execute(
+        "SELECT slot FROM slot_assignments WHERE backend = ? AND total_slots = ? AND persona_id = ?",
+        (backend, total_slots, persona_id),
+    ).fetchone()
+    return int(row[0]) if row else None
 
 
 def _stable_hash(text: str) -> int:
