@@ -149,3 +149,50 @@ def test_ten_gemma_turns_reuse_the_prefix(gemma_turns: tuple[list[dict], list[st
     for report in reports[2:]:
         llm = report["llm"]
         assert llm["prompt_tokens_processed"] <= 0.02 * llm["prompt_tokens"], llm
+
+
+def test_a_sliding_window_model_runs_with_its_whole_context_kept_when_kv_is_paged(home: Path) -> None:
+    from turnflow.recipe import BackendSpec
+    from turnflow.server import EmbeddedServer
+
+    _gemma_or_skip()
+    gemma = EmbeddedServer("gemma-paged", BackendSpec(kind="embedded", model="pypi:gemma3-270m", slots=2))
+    unpaged = EmbeddedServer("gemma-unpaged", BackendSpec(kind="embedded", model="pypi:gemma3-270m", kv_paging=False))
+    tiny = EmbeddedServer("tiny", BackendSpec(kind="embedded", model="generated:tiny"))
+    assert gemma.swa_full and "--swa-full" in gemma.command(8080)
+    assert not unpaged.swa_full and "--swa-full" not in unpaged.command(8080)
+    assert not tiny.swa_full and "--swa-full" not in tiny.command(8080)
+    # every layer's KV grows with the context then: 18 layers x 1 KV head x (256 + 256) x 2 bytes
+    assert gemma.bytes_per_token() == 18 * 512 * 2 > unpaged.bytes_per_token() == 3 * 512 * 2
+
+
+@pytest.mark.server
+def test_a_gemma_slot_saved_and_restored_is_reused(home: Path) -> None:
+    """What KV paging does when a persona comes back to a slot another persona used, on the real model."""
+    import httpx
+
+    from turnflow.recipe import BackendSpec
+    from turnflow.server import EmbeddedServer, slot_action
+
+    _gemma_or_skip()
+    server = EmbeddedServer("gemma-paged", BackendSpec(kind="embedded", model="pypi:gemma3-270m", slots=2,
+                                                       ctx_per_slot=4096, cache_ram_mb=0))
+    first = "Alpha notes. " + " ".join(f"item {i} is about the release plan" for i in range(150))
+    other = "Bravo notes. " + " ".join(f"entry {i} concerns the budget review" for i in range(150))
+    try:
+        url = server.up()
+
+        def processed(prompt: str) -> int:
+            answer = httpx.post(f"{url}/completion", json={"prompt": prompt, "n_predict": 2, "id_slot": 0,
+                                                            "cache_prompt": True}, timeout=600).json()
+            return int(answer["timings"]["prompt_n"])
+
+        cold = processed(first)
+        slot_action(url, 0, "save", "persona-a.bin")
+        processed(other)  # another persona takes the slot
+        slot_action(url, 0, "restore", "persona-a.bin")
+        back = processed(first + " and one more thing")
+    finally:
+        server.down()
+    print(f"\ncold {cold} tokens processed; after another persona and a restore: {back}")
+    assert cold > 1000 and back <= 10

@@ -78,17 +78,23 @@ class KvShape:
     def _layer_bytes(self, layer: int, cache_type: str) -> float:
         return self.n_head_kv[layer] * (self.key_length + self.value_length) * cache_type_bytes(cache_type)
 
-    def bytes_per_token(self, cache_type: str = "f16") -> float:
-        """KV bytes one more token of context costs: the layers that attend to the whole context."""
-        return float(sum(self._layer_bytes(i, cache_type) for i in range(self.n_layer) if i not in self.swa_layers))
+    def bytes_per_token(self, cache_type: str = "f16", *, swa_full: bool = False) -> float:
+        """KV bytes one more token of context costs: the layers that attend to the whole context (every layer
+        with `swa_full`, llama-server's `--swa-full`, which keeps the sliding-window layers' whole context too)."""
+        return float(sum(self._layer_bytes(i, cache_type) for i in range(self.n_layer)
+                         if swa_full or i not in self.swa_layers))
 
-    def swa_bytes_per_slot(self, cache_type: str = "f16") -> float:
-        """The fixed KV a slot's sliding-window layers hold (window tokens each), whatever the context."""
+    def swa_bytes_per_slot(self, cache_type: str = "f16", *, swa_full: bool = False) -> float:
+        """The fixed KV a slot's sliding-window layers hold (window tokens each), whatever the context (none
+        with `swa_full`: they are in the per-token figure)."""
+        if swa_full:
+            return 0.0
         return float(sum(self._layer_bytes(i, cache_type) for i in self.swa_layers) * self.sliding_window)
 
-    def pool_bytes(self, tokens: int, cache_type: str = "f16", slots: int = 1) -> float:
+    def pool_bytes(self, tokens: int, cache_type: str = "f16", slots: int = 1, *, swa_full: bool = False) -> float:
         """KV bytes of a pool of `tokens` tokens shared by `slots` slots."""
-        return tokens * self.bytes_per_token(cache_type) + slots * self.swa_bytes_per_slot(cache_type)
+        return (tokens * self.bytes_per_token(cache_type, swa_full=swa_full)
+                + slots * self.swa_bytes_per_slot(cache_type, swa_full=swa_full))
 
 
 def cache_type_bytes(cache_type: str) -> float:
