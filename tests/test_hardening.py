@@ -316,11 +316,14 @@ def test_ctrl_c_while_the_server_starts_leaves_no_orphan(tmp_path: Path) -> None
     fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 120\n")  # starts, never answers /health
     fake.chmod(0o755)
     env = {**os.environ, "TURNFLOW_HOME": str(tmp_path / "h"), "TURNFLOW_LLAMA_SERVER": str(fake)}
+    # a shell without job control starts background jobs with SIGINT ignored, and an ignored SIGINT is inherited:
+    # the CLI gets the default disposition back, as in a terminal
     process = subprocess.Popen([sys.executable, "-m", "turnflow.cli", "server", "up"], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
-    while not pid_file.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not (pid_file.exists() and pid_file.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the file exists a moment before the shell has written its pid
     server_pid = int(pid_file.read_text())
     process.send_signal(signal.SIGINT)
     process.wait(timeout=30)
