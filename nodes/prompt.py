@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnflow.nodes.text import CanonicalMessages, canonical_json, text_digest
+from turnflow.nodes.text import CanonicalMessages, canonical_json, sha256_text, text_digest
 
 TIER_ORDER = ("invariant", "semi_stable", "volatile")
 
@@ -81,17 +81,13 @@ def _prompt(
     return Prompt(
         messages=[{"role": "system", "content": system}, *middle, *volatile_messages[:-1], user_message],
         user_message=user_message,
-        invariant_sha256=_sha(system),
+        invariant_sha256=sha256_text(system),
         invariant_bytes=len(system.encode()),
-        semi_stable_sha256=_sha(semi_stable),
+        semi_stable_sha256=sha256_text(semi_stable),
         semi_stable_bytes=len(semi_stable.encode()),
         volatile_bytes=len(canonical_text([user_message]).encode()),
         order=order,
     )
-
-
-def _sha(text: str) -> str:
-    return text_digest(text)[0]
 
 
 def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
@@ -145,7 +141,7 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         user_message=user_message,
         invariant_sha256=invariant_sha256,
         invariant_bytes=invariant_bytes,
-        semi_stable_sha256=_sha("\x1e".join(digest for digest, _ in sections)),
+        semi_stable_sha256=sha256_text("\x1e".join(digest for digest, _ in sections)),
         semi_stable_bytes=sum(size for _, size in sections) + max(0, len(sections) - 1),
         volatile_bytes=len(tier_text["volatile"][0].encode()),
         order=order,

@@ -74,15 +74,7 @@ def test_kv_bytes_per_token_come_from_the_model_file(home: Path, tmp_path: Path)
 
 def test_eight_personas_on_two_slots_page_their_kv_to_disk(home: Path, tmp_path: Path) -> None:
     recipe = _recipe_with_personas(tmp_path, 8, "two-slots", _spec(2, cache_ram_mb=0))
-    reports: list[dict[str, Any]] = []
-    with Session(recipe, state_dir=tmp_path / "state") as session:
-        try:
-            for round_no in range(4):
-                for i in range(8):
-                    reports.append(session.turn(persona=f"p{i}", room=f"room-{i}",
-                                                text=f"Round {round_no}, what is next?").report)
-        finally:
-            session.backend.server.down()
+    reports = _rounds(recipe, tmp_path, personas=8, rounds=4, text="Round {}, what is next?")
     print("\npersona turn slot processed/prompt source restore_ms saved_bytes")
     for r in reports:
         kv, llm = r["kv"], r["llm"]
@@ -102,6 +94,19 @@ def test_eight_personas_on_two_slots_page_their_kv_to_disk(home: Path, tmp_path:
     assert peak <= reports[-1]["kv"]["pool_tokens"] <= 1.25 * peak, (reports[-1]["kv"]["pool_tokens"], peak)
 
 
+def _rounds(recipe: Path, tmp_path: Path, *, personas: int, rounds: int, text: str) -> list[dict[str, Any]]:
+    """Every persona `p0`.. speaks once a round, each in its own room; the turns' reports, in order."""
+    reports: list[dict[str, Any]] = []
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        try:
+            for round_no in range(rounds):
+                for i in range(personas):
+                    reports.append(session.turn(persona=f"p{i}", room=f"room-{i}", text=text.format(round_no)).report)
+        finally:
+            session.backend.server.down()
+    return reports
+
+
 def _peak_tokens_in_slots(reports: list[dict[str, Any]]) -> int:
     """The most tokens the slots held at once: each slot holds its last turn's prompt and reply."""
     held: dict[int, int] = {}
@@ -119,14 +124,7 @@ def test_the_pool_is_sized_from_what_the_slots_use(home: Path, tmp_path: Path) -
     assert EmbeddedServer("sizing", spec).pool_tokens(needed=40_000) == 46_080  # 1.15 x, rounded up to 256
     assert EmbeddedServer("sizing", spec).pool_tokens(needed=200_000) == 4 * 32768  # never past slots x ctx
     recipe = _recipe_with_personas(tmp_path, 3, "two-slots", _spec(2, cache_ram_mb=0))
-    reports: list[dict[str, Any]] = []
-    with Session(recipe, state_dir=tmp_path / "state") as session:
-        try:
-            for round_no in range(2):
-                for i in range(3):
-                    reports.append(session.turn(persona=f"p{i}", room=f"room-{i}", text=f"Round {round_no}?").report)
-        finally:
-            session.backend.server.down()
+    reports = _rounds(recipe, tmp_path, personas=3, rounds=2, text="Round {}?")
     peak = _peak_tokens_in_slots(reports)
     pools = [r["kv"]["pool_tokens"] for r in reports]
     print(f"\npool by turn {pools}; tokens in slots at peak {peak}; allocated / used {max(pools) / peak:.3f}")

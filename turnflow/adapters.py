@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from turnflow.paths import home
+from turnflow.paths import file_stamp, home
 
 AdapterKind = Literal["voice", "skill"]
 AdapterFormat = Literal["lora", "tts-profile"]
@@ -754,18 +754,13 @@ def resolve_set(
         return known[2]
     resolved = _resolve_set(voice, skills, registry, base)
     every = ((resolved.voice,) if resolved.voice else ()) + resolved.skills
-    registry._sets[key] = (generation, [(a.path, _file_stamp(a.path)) for a in every], resolved)
+    registry._sets[key] = (generation, [(a.path, file_stamp(a.path)) for a in every], resolved)
     return resolved
-
-
-def _file_stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
 
 
 def _same_file(path: Path, stamp: tuple[int, int]) -> bool:
     try:
-        return _file_stamp(path) == stamp
+        return file_stamp(path) == stamp
     except OSError:
         return False
 

@@ -196,7 +196,6 @@ class CompositionCache:
         this process only (see `set`)."""
         value = self._remembered(key)
         if value is _MISSING and shared:
-            expire_time: float | None
             value, expire_time = self._read_with_expiry(key)
             if value is not _MISSING:
                 self._remember(key, value, expire_time)

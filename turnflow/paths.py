@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 
+def file_stamp(path: Path) -> tuple[int, int]:
+    """A file's size and modification time (ns): what says it may have changed without reading it."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime_ns
+
+
 def home() -> Path:
     """The state directory: `$TURNFLOW_HOME`, else `~/.local/share/turnflow`."""
     root = os.environ.get("TURNFLOW_HOME") or os.path.join(

@@ -14,6 +14,7 @@ from types import ModuleType
 from typing import Any
 
 from turnflow.dependencies import SOURCE_INPUTS
+from turnflow.paths import file_stamp
 from turnflow.recipe.errors import _did_you_mean
 from turnflow.recipe.schema import Recipe, SourceSpec
 
@@ -106,7 +107,7 @@ def code_digest(recipe: Recipe, spec: SourceSpec | None = None) -> str:
         files = _CODE_FILES[found] = [(s.name, p) for s in specs for p in source_files(recipe, s)]
     if not files:
         return ""
-    stamps = tuple((name, str(p), *_stamp(p)) for name, p in files)  # a turn checks files, not their bytes
+    stamps = tuple((name, str(p), *file_stamp(p)) for name, p in files)  # a turn checks files, not their bytes
     known = _CODE_DIGESTS.get(stamps)
     if known is None:
         parts = [f"{name}:{p}:{file_digest(p)}" for name, p in files]
@@ -116,11 +117,6 @@ def code_digest(recipe: Recipe, spec: SourceSpec | None = None) -> str:
 
 _CODE_DIGESTS: dict[tuple[Any, ...], str] = {}
 _CODE_FILES: dict[tuple[str, str, str | None], list[tuple[str, Path]]] = {}
-
-
-def _stamp(path: Path) -> tuple[int, int]:
-    stat = path.stat()
-    return stat.st_size, stat.st_mtime_ns
 
 
 def resolve_source_fn(recipe: Recipe, spec: SourceSpec) -> Callable[..., Any]:
