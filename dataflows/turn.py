@@ -140,14 +140,17 @@ def slot_claim__unpinned() -> SlotClaim | None:
 
 @config.when_not(slot_pinning="off")
 def slot_claim__pinned(
-    persona_id: str, backend: Backend, store: ConversationStore, turn_resources: ExitStack
+    persona_id: str, backend: Backend, store: ConversationStore, turn_resources: ExitStack, prompt: Prompt,
+    recipe: Recipe,
 ) -> SlotClaim | None:
     """The slot this turn holds: the persona's own while it keeps its KV, else (with KV paging) a free or the
-    least recently used one; None when the server has no slots to pin."""
+    least recently used one, with the KV this turn will hold counted for it; None when the server has no slots
+    to pin. The turn's commit lets it go (a failed turn lets it go as it ends)."""
     slots = backend.capabilities.total_slots
     if not slots:
         return None
-    claim = store.claim_slot(backend.key, slots, persona_id, paging=backend.kv_paging)
+    need = backend.estimate_tokens(prompt) + recipe.generation.max_tokens
+    claim = store.claim_slot(backend.key, slots, persona_id, paging=backend.kv_paging, reserve=need)
     turn_resources.callback(store.release_slot, claim)
     return claim
 
@@ -159,12 +162,12 @@ def slot(slot_claim: SlotClaim | None) -> int | None:
 
 def adapters(
     adapter_set: AdapterSet, slot_claim: SlotClaim | None, prompt: Prompt, backend: Backend, recipe: Recipe,
-    store: ConversationStore, turn_resources: ExitStack,
+    turn_resources: ExitStack,
 ) -> AdapterLease:
     """The persona's LoRA adapters resident on the backend for this turn (paged in when missing), on a KV pool
     big enough for what the slots will hold (turns in flight included)."""
     need = backend.estimate_tokens(prompt) + recipe.generation.max_tokens
-    held = store.reserve_tokens(slot_claim, need) if slot_claim is not None else 0
+    held = slot_claim.others_tokens if slot_claim is not None else 0
     lease = backend.lease_adapters(adapter_set, slot_claim.slot if slot_claim else None, pool_needed=held + need)
     turn_resources.callback(lease.release)
     return lease
@@ -197,7 +200,7 @@ def kv_report(
         slot_claim.persona_id, slot_claim.adapters = persona_id, adapter_set.digest
         slot_claim.prefix = prompt.invariant_sha256
         slot_claim.tokens = (reply.prompt_tokens or 0) + (reply.completion_tokens or 0)
-        backend.note_kv_usage(sum(o.tokens for o in slot_claim.others) + slot_claim.tokens)
+        backend.note_kv_usage(slot_claim.others_tokens + slot_claim.tokens)
     backend.learn_token_size(prompt, reply.prompt_tokens)
     return {
         "source": kv_source(kv, reply.prompt_tokens, reply.prompt_tokens_cached),

@@ -434,37 +434,39 @@ class Session:
         }
         turn_no = inputs["turn"]
         timings, token = collect_node_timings()
-        try:
-            with control_tokens_for(backend.control_tokens):
-                outputs = dr.execute(["turn_report", "prompt", "reply", "speech", "user_content"], inputs=inputs)
-        except (AudioError, ImageError):
-            raise
-        except BackendError as exc:
-            raise _MemberFailed(turn_no, exc) from exc
-        except (TierViolationError, AdapterError) as exc:
-            raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
-        except Exception as exc:  # a user's source raised, or a node failed: the turn fails, the room stays intact
-            raise TurnError(
-                f"turn {turn_no} in room {room!r} failed; history unchanged: {type(exc).__name__}: {exc}"
-            ) from exc
-        finally:
-            resources.close()  # the adapter lease: a page-in for another persona may go ahead
-            stop_collecting(token)
-            if wav is not None:
-                wav.close()
-        report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]
-        if context is not None:  # the caller keeps the conversation: nothing to commit
-            self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no)
-            return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=outputs["speech"].audio)
-        with control_tokens_for(backend.control_tokens):  # nothing enters the history with a live control token
-            speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
-            said = neutralise_control_tokens(outputs["user_content"].transcript or text or "")
-            replied = neutralise_control_tokens(reply.text)
-        persona_who = Participant(persona, "persona", persona_model.name)
-        report["turn"] = self.store.commit_turn(
-            room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, replied
-        )
-        self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])
+        with resources:  # the slot and the adapter lease: let go once the turn is committed, or as a failure ends it
+            try:
+                with control_tokens_for(backend.control_tokens):
+                    outputs = dr.execute(
+                        ["turn_report", "prompt", "reply", "speech", "user_content", "slot_claim"], inputs=inputs
+                    )
+            except (AudioError, ImageError):
+                raise
+            except BackendError as exc:
+                raise _MemberFailed(turn_no, exc) from exc
+            except (TierViolationError, AdapterError) as exc:
+                raise TurnError(f"turn {turn_no} in room {room!r} failed; history unchanged: {exc}") from exc
+            except Exception as exc:  # a user's source raised, or a node failed: the turn fails, the room stays intact
+                raise TurnError(
+                    f"turn {turn_no} in room {room!r} failed; history unchanged: {type(exc).__name__}: {exc}"
+                ) from exc
+            finally:
+                stop_collecting(token)
+                if wav is not None:
+                    wav.close()
+            report, prompt, reply = outputs["turn_report"], outputs["prompt"], outputs["reply"]
+            if context is None:  # else the caller keeps the conversation: nothing to commit
+                with control_tokens_for(backend.control_tokens):  # nothing enters the history with a live control token
+                    speaker_who = Participant(speaker, "person", neutralise_control_tokens(speaker))
+                    said = neutralise_control_tokens(outputs["user_content"].transcript or text or "")
+                    replied = neutralise_control_tokens(reply.text)
+                persona_who = Participant(persona, "persona", persona_model.name)
+                report["turn"] = self.store.commit_turn(  # the slot is let go in the same transaction
+                    room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, replied,
+                    release=outputs["slot_claim"],
+                )
+        if context is None:
+            self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])
         self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no)
         return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=outputs["speech"].audio)
 
@@ -477,15 +479,19 @@ class Session:
             self._warn(f"turnflow: tier violation in {persona}/{room} turn {turn_no}: {violation['message']}")
         # the model stream is read (and spoken) inside `speech`; STT runs in `transcript`: not turnflow's own work
         page_ms = report["adapters"]["page_ms"]  # a page-in restarts the model server: not turnflow's own work
+        kv = report["kv"]  # nor is KV paging: the server writes and reads the slot's KV files
+        paged = kv["restore_ms"] is not None or kv["saved_bytes"] or kv["paged_out"]
+        kv_page_ms = round(timings.get("kv", 0.0), 2) if paged else 0.0
         external = ("speech", "transcript", "voice_fingerprint")
-        external_ms = sum(timings.get(name, 0.0) for name in external) + page_ms
-        total_ms = (time.perf_counter() - started) * 1000
+        external_ms = sum(timings.get(name, 0.0) for name in external) + page_ms + kv_page_ms
+        total_ms = (time.perf_counter() - started) * 1000 + setup_ms  # choosing the route and the DAG is ours too
         report["timings_ms"] = {
             "total": round(total_ms, 2),
             "first_audio": report["speech"]["first_audio_ms"],
             "model": round(reply.total_ms, 2),
             "stt": round(timings.get("transcript", 0.0), 2),
             "adapter_page": page_ms,
+            "kv_page": kv_page_ms,
             "speech": round(timings.get("speech", 0.0) + timings.get("voice_fingerprint", 0.0), 2),
             "turnflow": round(total_ms - external_ms, 2),
             "setup": round(setup_ms, 2),

@@ -119,8 +119,9 @@ class _Engine:
     db: _Db
     location: str
 
-    def transaction(self, scope: str) -> Any:
-        """A write transaction over `scope` (`room:ID`, `slots:BACKEND`): writers of one scope commit one at a time."""
+    def transaction(self, *scopes: str) -> Any:
+        """A write transaction over `scopes` (`room:ID`, `slots:BACKEND`): writers of one scope commit one at a
+        time (a transaction over several takes them in the order given: rooms before slots)."""
         raise NotImplementedError
 
     def snapshot(self) -> Any:
@@ -150,7 +151,7 @@ class _SqliteEngine(_Engine):
         self.db = typing.cast(_Db, db)
 
     @contextmanager
-    def transaction(self, scope: str) -> Iterator[_Db]:
+    def transaction(self, *scopes: str) -> Iterator[_Db]:
         self._sqlite.execute("BEGIN IMMEDIATE")
         try:
             yield self.db
@@ -211,9 +212,10 @@ class _PostgresEngine(_Engine):
                     db.execute(statement)
 
     @contextmanager
-    def transaction(self, scope: str) -> Iterator[_Db]:
+    def transaction(self, *scopes: str) -> Iterator[_Db]:
         with self._connection.transaction():
-            self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (scope,))
+            for scope in scopes:
+                self.db.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (scope,))
             yield self.db
 
     @contextmanager
@@ -282,6 +284,13 @@ class SlotClaim:
     prefix: str = ""
     tokens: int = 0
     """Set by the turn: the persona's KV the slot holds once the turn is done (left empty when it failed)."""
+    released: bool = False
+    """The slot was let go (by `release_slot`, or by `commit_turn` with the turn's messages)."""
+
+    @property
+    def others_tokens(self) -> int:
+        """Tokens of KV the backend's other slots held when the claim was made (turns in flight included)."""
+        return sum(o.tokens for o in self.others)
 
 
 @dataclass(frozen=True)
@@ -410,8 +419,8 @@ class ConversationStore:
         self._engine.close()
 
     @contextmanager
-    def _transaction(self, scope: str) -> Iterator[_Db]:
-        with self._lock, self._engine.transaction(scope) as db:
+    def _transaction(self, *scopes: str) -> Iterator[_Db]:
+        with self._lock, self._engine.transaction(*scopes) as db:
             yield db
 
     def _ensure_room(self, db: _Db, room_id: str) -> None:
@@ -557,13 +566,19 @@ class ConversationStore:
         user_text: str,
         persona: Participant,
         reply_text: str,
+        *,
+        release: SlotClaim | None = None,
     ) -> int:
         """Commit the speaker's message and the persona's reply together; returns the turn's number.
 
         The number is `turn` unless another turn in the room (another thread or process) committed it
         first: then it is the next free one. Numbers are unique per room (the `turns` table's key).
+        `release`: the turn's slot claim, let go in the same transaction (see `release_slot`).
         """
-        with self._transaction(f"room:{room_id}") as db:
+        scopes = (f"room:{room_id}", *([f"slots:{release.backend}"] if release is not None else []))
+        with self._transaction(*scopes) as db:
+            if release is not None:
+                self._release(db, release)
             self._join(db, room_id, speaker)
             self._join(db, room_id, persona)
             last = db.execute(
@@ -573,6 +588,8 @@ class ConversationStore:
             db.execute("INSERT INTO turns (room_id, turn, committed_at) VALUES (?, ?, ?)", (room_id, turn, time.time()))
             self._insert(db, room_id, turn, speaker, user_content, user_text)
             self._insert(db, room_id, turn, persona, reply_text, reply_text)
+        if release is not None:
+            release.released = True
         return turn
 
     def compact(self, room_id: str, keep: int) -> int:
@@ -594,15 +611,15 @@ class ConversationStore:
             return len(ids) - keep
 
     def claim_slot(
-        self, backend: str, total_slots: int, persona_id: str, *, paging: bool, wait_s: float = 900.0,
-        lease_s: float = 900.0,
+        self, backend: str, total_slots: int, persona_id: str, *, paging: bool, reserve: int = 0,
+        wait_s: float = 900.0, lease_s: float = 900.0,
     ) -> SlotClaim:
-        """Hold a slot for one turn of `persona_id`.
+        """Hold a slot for one turn of `persona_id`, counting `reserve` tokens of KV for it (the turn in flight).
 
         With `paging`, the slot that holds the persona's KV if there is one, else an empty slot, else the one
         used least recently (its KV is saved to disk by the turn before it is overwritten). Without, the
         persona's pinned slot (`slot_for`). A slot another turn holds is waited for; a hold expires after
-        `lease_s` (a process that died mid-turn).
+        `lease_s` (a process that died mid-turn). The claim's `others` are the other slots as they are now.
         """
         deadline = time.monotonic() + wait_s
         pinned = None if paging else self.slot_for(backend, persona_id, total_slots)
@@ -627,9 +644,10 @@ class ConversationStore:
                         (backend, total_slots, choice),
                     )
                     db.execute(
-                        "UPDATE slot_owners SET busy_token = ?, busy_until = ? "
+                        "UPDATE slot_owners SET busy_token = ?, busy_until = ?, "
+                        "tokens = CASE WHEN tokens > ? THEN tokens ELSE ? END "
                         "WHERE backend = ? AND total_slots = ? AND slot = ?",
-                        (token, now + lease_s, backend, total_slots, choice),
+                        (token, now + lease_s, reserve, reserve, backend, total_slots, choice),
                     )
                     own = before is not None and before.persona_id == persona_id
                     previous = before if before is not None and before.persona_id and not own else None
@@ -659,29 +677,22 @@ class ConversationStore:
                 for slot, persona, adapters, prefix, tokens, last_used, token, until in rows]
 
     def release_slot(self, claim: SlotClaim) -> None:
-        """Let the slot go; it now holds what the turn set on the claim (nothing known when the turn failed)."""
+        """Let the slot go; it now holds what the turn set on the claim (nothing known when the turn failed). A
+        claim already let go (by `commit_turn`) is left alone."""
+        if claim.released:
+            return
         with self._transaction(f"slots:{claim.backend}") as db:
-            db.execute(
-                "UPDATE slot_owners SET persona_id = ?, adapters = ?, prefix = ?, tokens = ?, last_used = ?, "
-                "busy_token = NULL, busy_until = 0 WHERE backend = ? AND total_slots = ? AND slot = ? "
-                "AND busy_token = ?",
-                (claim.persona_id, claim.adapters, claim.prefix, claim.tokens, time.time(), claim.backend,
-                 claim.total_slots, claim.slot, claim.token),
-            )
+            self._release(db, claim)
+        claim.released = True
 
-    def reserve_tokens(self, claim: SlotClaim, tokens: int) -> int:
-        """Count `tokens` of KV for the claimed slot (a turn in flight); returns what the other slots hold."""
-        with self._transaction(f"slots:{claim.backend}") as db:
-            db.execute(
-                "UPDATE slot_owners SET tokens = CASE WHEN tokens > ? THEN tokens ELSE ? END "
-                "WHERE backend = ? AND total_slots = ? AND slot = ? AND busy_token = ?",
-                (tokens, tokens, claim.backend, claim.total_slots, claim.slot, claim.token),
-            )
-            held = db.execute(
-                "SELECT COALESCE(SUM(tokens), 0) FROM slot_owners WHERE backend = ? AND total_slots = ? AND slot != ?",
-                (claim.backend, claim.total_slots, claim.slot),
-            ).fetchone()[0]
-        return int(held)
+    def _release(self, db: _Db, claim: SlotClaim) -> None:
+        db.execute(
+            "UPDATE slot_owners SET persona_id = ?, adapters = ?, prefix = ?, tokens = ?, last_used = ?, "
+            "busy_token = NULL, busy_until = 0 WHERE backend = ? AND total_slots = ? AND slot = ? "
+            "AND busy_token = ?",
+            (claim.persona_id, claim.adapters, claim.prefix, claim.tokens, time.time(), claim.backend,
+             claim.total_slots, claim.slot, claim.token),
+        )
 
     def take_idle_slot(self, backend: str, total_slots: int, slot: int, lease_s: float = 120.0) -> str | None:
         """Hold an idle slot briefly (to page its KV out); its hold token, or None when it is busy."""
