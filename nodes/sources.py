@@ -88,10 +88,8 @@ def conversation_history(
     with _HISTORIES_LOCK:
         known = _HISTORIES.get(key)
     start, seen, canonical = 0, [], ""
-    if known is not None and len(known.messages) <= len(room_messages) and all(
-        a is b for a, b in zip(known.messages, room_messages, strict=False)
-    ):
-        start, seen, canonical = len(known.messages), list(known.seen), known.canonical
+    if known is not None and known.extended_by(room_messages):
+        start, seen, canonical = known.count, list(known.seen), known.canonical
     lines: list[str] = [canonical]
     for stored in room_messages[start:]:
         message, line = stored.seen_line(persona_id, hears=hears)
@@ -102,7 +100,10 @@ def conversation_history(
             event = {"role": "user", "content": f"[{name} joined the room]"}
             seen.append(event)
             lines.append(canonical_json(event) + "\n")
-    rendered = _RenderedHistory(tuple(room_messages), tuple(seen), "".join(lines))
+    rendered = _RenderedHistory(
+        room_messages[0] if room_messages else None, room_messages[-1] if room_messages else None,
+        len(room_messages), tuple(seen), "".join(lines),
+    )
     with _HISTORIES_LOCK:
         _HISTORIES[key] = rendered
         _HISTORIES.move_to_end(key)
@@ -113,11 +114,22 @@ def conversation_history(
 
 @dataclass(frozen=True)
 class _RenderedHistory:
-    """A history as last rendered for one persona: the stored messages, the chat messages, their canonical text."""
+    """A history as last rendered for one persona: its first and last stored message and how many there were,
+    the chat messages, their canonical text."""
 
-    messages: tuple[StoredMessage, ...]
+    first: StoredMessage | None
+    last: StoredMessage | None
+    count: int
     seen: tuple[dict[str, Any], ...]
     canonical: str
+
+    def extended_by(self, messages: list[StoredMessage]) -> bool:
+        """Whether `messages` are these messages and then perhaps more. The store keeps a room's messages as one
+        list it only appends to (a compaction, or anything but an append, starts a new list of new objects), so
+        the same first object and the same object at the last known position say so without comparing the rest."""
+        if self.count == 0 or len(messages) < self.count:
+            return False
+        return messages[0] is self.first and messages[self.count - 1] is self.last
 
 
 _HISTORIES: OrderedDict[tuple[Any, ...], _RenderedHistory] = OrderedDict()

@@ -84,9 +84,12 @@ def neutralise_control_tokens(text: str) -> str:
     return _ACTIVE.get().neutralise(text)
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def canonical_json(value: Any) -> str:
     """One fixed serialisation: sorted keys, no whitespace variance, UTF-8 kept, floats in repr form."""
-    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return _CANONICAL.encode(value)  # one encoder: `json.dumps` with options builds a new one on every call
 
 
 def message_text(message: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import hashlib
 import random
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 from conftest import copy_recipe_folder
 from test_prompt import NOW, seed_room
@@ -129,3 +130,88 @@ def test_entries_of_keys_that_change_every_message_stay_in_the_process(tmp_path:
         assert other.get("entry:b", shared=False) == (False, None)
     finally:
         other.close()
+
+
+def test_adapter_use_is_marked_without_rewriting_the_state_file(tmp_path: Path, monkeypatch: Any) -> None:
+    """A turn notes its adapters' use in their markers' mtimes; the state file (and its lock) is left alone unless
+    the slot's adapter set changes. The least recently used adapter is the one a page-in evicts first."""
+    import os
+    import time
+
+    from turnflow.recipe import BackendSpec
+    from turnflow.server import EmbeddedServer, ServerState
+
+    monkeypatch.setenv("TURNFLOW_HOME", str(tmp_path))
+    server = EmbeddedServer("markers", BackendSpec(kind="embedded", model="generated:tiny"))
+    state = ServerState("markers", os.getpid(), 1, "http://127.0.0.1:1", "d", time.time(), "log",
+                        slot_sets={"0": [["a", 1.0]]}, adapter_used={"old": 5.0})
+    server._write_state(state)
+    before = server.state_file.stat().st_ino
+    server._remember_use(state, ["a"], 0, [("a", 1.0)])
+    os.utime(server.used_dir / "a", (100.0, 100.0))  # `a` was used long ago
+    server._remember_use(state, ["b"], None, [])
+    assert server.state_file.stat().st_ino == before  # nothing rewritten: the same set on slot 0, no slot for `b`
+    used = server.adapter_last_used(["a", "b", "old", "never"], state)
+    assert used["a"] == 100.0 and used["b"] > 100.0
+    assert used["old"] == 5.0 and used["never"] == 0.0  # a state file from before the markers still counts
+    assert min(used, key=used.__getitem__) == "never"
+    server._remember_use(state, ["a"], 0, [("b", 1.0)])  # the slot's set changed: that is written
+    assert server.state_file.stat().st_ino != before
+    assert server._read_state().slot_sets["0"] == [["b", 1.0]]
+    again = server.adapter_last_used(["a", "b"])
+    assert again["a"] >= again["b"] > 100.0  # `a` is the most recently used again
+
+
+def test_another_process_event_is_seen_and_quiet_turns_read_no_epochs(tmp_path: Path) -> None:
+    """A turn reads the epochs from the cache only when an event was published since it last did (by this or
+    another process: the stamp file is replaced on every event)."""
+    from turnflow import Event
+
+    here, there = CompositionCache(tmp_path / "cache"), CompositionCache(tmp_path / "cache")
+    reads: list[str] = []
+    original = here._read
+
+    def counted(key: str, default: Any = None) -> Any:
+        reads.append(key)
+        return original(key, default)
+
+    here._read = counted  # type: ignore[method-assign]
+
+    def key() -> str:
+        here.begin_turn()
+        return here.key("voice-chat", "digest", "persona_identity", {"persona_id": "maya"}, {"persona_id": "maya"})
+
+    first = key()
+    assert key() == first and key() == first
+    quiet = len(reads)
+    there.publish(Event.persona_changed("maya"))  # another process
+    assert key() != first
+    assert reads[quiet:] == ["epochs"]  # read once, after the event
+    assert key() == key()
+    assert reads[quiet:] == ["epochs"]
+    there.publish(Event.persona_changed("alex"))  # an event about someone else: read, and the key stands
+    second = key()
+    assert second == key() and reads[quiet:] == ["epochs", "epochs"]
+    here.close()
+    there.close()
+
+
+def test_the_slot_claim_counts_the_turn_and_the_commit_lets_it_go(tmp_path: Path) -> None:
+    store = ConversationStore(tmp_path / "store.db")
+    first = store.claim_slot("local", 2, "maya", paging=True, reserve=900)
+    first.persona_id, first.tokens = "maya", 700
+    store.release_slot(first)
+    claim = store.claim_slot("local", 2, "alex", paging=True, reserve=1200)
+    assert claim.slot != first.slot and claim.others_tokens == 700
+    owners = {o.slot: o for o in store.slot_owners("local", 2)}
+    assert owners[claim.slot].busy and owners[claim.slot].tokens == 1200  # counted while the turn is in flight
+    claim.persona_id, claim.tokens = "alex", 1100
+    store.commit_turn("room", 1, ALICE, "hi", "hi", Participant("alex", "persona", "Alex"), "hello", release=claim)
+    owners = {o.slot: o for o in store.slot_owners("local", 2)}
+    assert not owners[claim.slot].busy and owners[claim.slot].persona_id == "alex"
+    assert owners[claim.slot].tokens == 1100 and claim.released
+    assert [m.text for m in store.room("room").messages] == ["hi", "hello"]
+    again = store.claim_slot("local", 2, "alex", paging=True)
+    store.release_slot(claim)  # already let go with the commit: the new claim on the slot keeps its hold
+    assert again.slot == claim.slot and {o.slot: o for o in store.slot_owners("local", 2)}[again.slot].busy
+    store.close()

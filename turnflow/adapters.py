@@ -352,6 +352,7 @@ class AdapterRegistry:
         self.hub_cache = self.root / "hub"
         self.entries.mkdir(parents=True, exist_ok=True)
         self._generation_file = self.root / "generation"
+        self._generation_seen: tuple[tuple[int, int, int], str] | None = None
         self._cache: tuple[str, dict[str, list[AdapterManifest]]] | None = None
         self._verified: dict[tuple[str, int, int], str] = {}
         self._sets: dict[Any, tuple[str, list[tuple[Path, tuple[int, int]]], AdapterSet]] = {}
@@ -360,10 +361,18 @@ class AdapterRegistry:
     # -- reading
 
     def _generation(self) -> str:
+        """The registry's generation: changes whenever an entry is added or removed (read only when the file's
+        stamp changed; it is replaced, a new inode, on every change)."""
         try:
-            return self._generation_file.read_text()
+            stat = self._generation_file.stat()
+            stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if self._generation_seen is not None and self._generation_seen[0] == stamp:
+                return self._generation_seen[1]
+            generation = self._generation_file.read_text()
         except OSError:
             return "0"
+        self._generation_seen = (stamp, generation)
+        return generation
 
     def _bump(self) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".generation.")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import tempfile
 import threading
 import time
 import zlib
@@ -115,6 +117,9 @@ class CompositionCache:
         # JSON on disk, never pickles: a shared $TURNFLOW_HOME cannot make this process run code
         self._store = diskcache.Cache(str(self.directory), size_limit=2**30, disk=JsonOnlyDisk)
         self._epochs: dict[str, int] | None = None
+        self._epochs_file = self.directory / "epochs.stamp"
+        """Replaced (a new inode) whenever an event is published: a turn reads the epochs only when it changed."""
+        self._epochs_seen: tuple[tuple[int, int, int] | None, dict[str, int]] | None = None
         self._memory: OrderedDict[str, tuple[float, Any]] = OrderedDict()
         """Entries and ledger records this process read or wrote, with their expiry (`time.time()`): a hit is
         served from here without decoding the disk's JSON. Keys carry the epochs, so events still reach them."""
@@ -135,17 +140,25 @@ class CompositionCache:
             epochs = dict(self._read("epochs", {}))
             epochs[event.scope] = epochs.get(event.scope, 0) + 1
             self._store.set("epochs", epochs)
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".epochs.")
+            with os.fdopen(fd, "w") as handle:
+                handle.write(str(sum(epochs.values())))
+            os.replace(tmp, self._epochs_file)
         self._epochs = epochs
 
     def begin_turn(self) -> None:
-        """Read the epochs once for the turn, so events published by other processes are seen."""
-        self._epochs = dict(self._read("epochs", {}))
-
-    def _epoch(self, scope: str) -> int:
-        if self._epochs is None:
-            self.begin_turn()
-        assert self._epochs is not None
-        return self._epochs.get(scope, 0)
+        """Take the epochs for the turn, so events published by other processes are seen (read again only when
+        the stamp file says an event was published since they were last read)."""
+        try:
+            stat = self._epochs_file.stat()
+            stamp: tuple[int, int, int] | None = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            stamp = None
+        if self._epochs_seen is not None and self._epochs_seen[0] == stamp:
+            self._epochs = self._epochs_seen[1]
+            return
+        self._epochs = dict(self._read("epochs", {}))  # read after the stamp: a later event changes the stamp again
+        self._epochs_seen = (stamp, self._epochs)
 
     # -- entries
 
@@ -159,30 +172,36 @@ class CompositionCache:
         history, its participants) is scoped to the turn's room even when `room_id` is not a declared key,
         so an event about that room reaches exactly the entries it makes stale.
         """
-        try:  # key values are short strings: the scopes and the key are worked out once per value and epochs
-            memo: Any = (recipe_id, recipe_digest, source, tuple(key_values.items()),
-                         tuple((scope_values or {}).items()))
-            hash(memo)
-        except TypeError:
-            memo = None
-        scopes = self._key_scopes.get(memo) if memo is not None else None
+        scope_values = scope_values or {}
+        # a scope follows the persona or the room: the scopes are worked out once per field names, persona and room
+        who = (key_values.get("persona_id", scope_values.get("persona_id")),
+               key_values.get("room_id", scope_values.get("room_id")))
+        fields = tuple(key_values)
+        scopes = self._key_scopes.get((recipe_id, fields, who))
         if scopes is None:
-            values = {**(scope_values or {}), **key_values}
+            values = {"persona_id": who[0], "room_id": who[1]}
             found = {f"recipe:{recipe_id}"}
-            for field in key_values:
+            for field in fields:
                 for scope in scopes_of(field):
-                    found.add(f"{scope}:{values.get(_SCOPE_VALUE_FIELD[scope], '*')}")
+                    value = values.get(_SCOPE_VALUE_FIELD[scope])
+                    found.add(f"{scope}:{'*' if value is None else value}")
             scopes = tuple(sorted(found))
-            if memo is not None:
-                self._remember_key(self._key_scopes, memo, scopes)
-        epochs = tuple(self._epoch(scope) for scope in scopes)
-        key = self._keys.get((memo, epochs)) if memo is not None else None
+            self._remember_key(self._key_scopes, (recipe_id, fields, who), scopes)
+        if self._epochs is None:
+            self.begin_turn()
+        current = self._epochs or {}
+        epochs = tuple([current.get(scope, 0) for scope in scopes])
+        try:  # key values are short strings: the key is worked out once per values and epochs
+            memo: Any = (recipe_id, recipe_digest, source, fields, tuple(key_values.values()), epochs)
+            key = self._keys.get(memo)
+        except TypeError:
+            memo, key = None, None
         if key is None:
             blob = canonical_json({"recipe": [recipe_id, recipe_digest], "source": source, "key": key_values,
                                    "epochs": dict(zip(scopes, epochs, strict=True))})
             key = "entry:" + fingerprint(blob)
             if memo is not None:
-                self._remember_key(self._keys, (memo, epochs), key)
+                self._remember_key(self._keys, memo, key)
         return key
 
     @staticmethod

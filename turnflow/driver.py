@@ -26,7 +26,15 @@ from turnflow.dataflows import voice as voice_dataflow
 from turnflow.dependencies import scopes_of
 from turnflow.nodes.prompt import SourceOutput, canonical_text
 from turnflow.nodes.text import CanonicalMessages, sha256_text
-from turnflow.recipe import Recipe, SourceSpec, code_digest, resolve_source_fn, source_parameters, source_params
+from turnflow.recipe import (
+    Recipe,
+    SourceSpec,
+    code_digest,
+    recipe_identity,
+    resolve_source_fn,
+    source_parameters,
+    source_params,
+)
 
 # A failed turn is reported once, as a TurnError; Hamilton's own error banner is for its logs, not stderr.
 logging.getLogger("hamilton").addHandler(logging.NullHandler())
@@ -284,7 +292,7 @@ _DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...], str], TurnDriver] = 
 
 def build_driver(recipe: Recipe, profile: dict[str, str]) -> TurnDriver:
     """The turn DAG for `recipe` and a capability profile (cached)."""
-    cache_key = (recipe.digest, str(recipe.folder), tuple(sorted(profile.items())), code_digest(recipe))
+    cache_key = (*recipe_identity(recipe), tuple(sorted(profile.items())), code_digest(recipe))
     built = _DRIVERS.get(cache_key)
     if built is not None:
         return built

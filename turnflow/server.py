@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -174,7 +174,8 @@ class ServerState:
     slot_sets: dict[str, list[list[Any]]] = field(default_factory=dict)
     """Slot -> the `[key, scale]` pairs its KV was last computed under (to prime it after a restart)."""
     adapter_used: dict[str, float] = field(default_factory=dict)
-    """Adapter key -> when a turn last used it (least recently used adapters are paged out first)."""
+    """Adapter key -> when a turn last used it, as state files written before the use markers kept it (read only:
+    see `EmbeddedServer.adapter_last_used`)."""
     binary: str = ""
     pool_tokens: int = 0
     """Tokens of KV the server allocated (one pool shared by the slots, or slots x ctx_per_slot)."""
@@ -315,6 +316,8 @@ class EmbeddedServer:
         self.use_file = servers_dir() / f"{stem}.inuse"
         self.log_file = servers_dir() / f"{stem}.log"
         self.usage_file = servers_dir() / f"{stem}.kv-usage"
+        self.used_dir = servers_dir() / f"{stem}.adapters-used"
+        """One empty file per adapter key; its mtime is when a turn last used the adapter."""
         self._slot_dir: Path | None = None
         self._known_peak: int | None = None
         self._state_seen: tuple[tuple[int, int, int], ServerState] | None = None
@@ -530,7 +533,6 @@ class EmbeddedServer:
             state = ServerState(
                 self.name, process.pid, chosen, url, self._digest(), time.time(), str(self.log_file),
                 resident=list(resident),
-                adapter_used=dict(previous.adapter_used) if previous else {},
                 binary=command[0],
                 pool_tokens=pool,
             )
@@ -617,12 +619,17 @@ class EmbeddedServer:
     def _remember_use(
         self, state: ServerState, keys: list[str], slot: int | None, slot_set: Sequence[tuple[str, float]]
     ) -> None:
-        """Note when the adapters were used and which set the slot now holds (written only when it changes)."""
-        now = time.time()
+        """Note that the adapters were used now, and which set the slot holds (the state file is written only when
+        that set changes)."""
+        for key in keys:  # a use marker's mtime: no lock and no state file written on every turn
+            marker = self.used_dir / key
+            try:
+                os.utime(marker)
+            except FileNotFoundError:
+                self.used_dir.mkdir(parents=True, exist_ok=True)
+                marker.touch()
         wanted = [[k, s] for k, s in slot_set]
-        stale = any(now - state.adapter_used.get(k, 0) > 5.0 for k in keys)
-        slot_changed = slot is not None and state.slot_sets.get(str(slot), []) != wanted
-        if not (stale or slot_changed):
+        if slot is None or state.slot_sets.get(str(slot), []) == wanted:
             return
         with self._try_locked() as locked:  # never wait here: a page-in may hold the lock, waiting for us
             if not locked:
@@ -630,10 +637,18 @@ class EmbeddedServer:
             fresh = self._read_state()
             if fresh is None or fresh.pid != state.pid:
                 return
-            fresh.adapter_used.update({k: now for k in keys})
-            if slot is not None:
-                fresh.slot_sets[str(slot)] = wanted
+            fresh.slot_sets[str(slot)] = wanted
             self._write_state(fresh)
+
+    def adapter_last_used(self, keys: Iterable[str], state: ServerState | None = None) -> dict[str, float]:
+        """When a turn last used each adapter (0 for never); a page-in evicts the least recently used first."""
+        used: dict[str, float] = {}
+        for key in keys:
+            try:
+                used[key] = (self.used_dir / key).stat().st_mtime
+            except OSError:
+                used[key] = state.adapter_used.get(key, 0.0) if state is not None else 0.0
+        return used
 
     def _page_in(self, needed: list[LoraFile], limit: int, pool_needed: int = 0) -> list[str]:
         """Restart with the needed adapters resident and a pool of at least `pool_needed` tokens, keeping every
@@ -655,7 +670,7 @@ class EmbeddedServer:
                 if file_sha256(lora.path) != lora.key:
                     raise ServerError(f"adapter {lora.id!r}: {lora.path} changed since it was added (sha256 "
                                       f"differs from its manifest); refused")
-            used = dict(state.adapter_used) if state else {}
+            used = self.adapter_last_used([entry["key"] for entry in current], state)
             static = {e["key"] for e in self.static_adapters()}
             wanted = {lora.key for lora in needed}
             keep = list(current)

@@ -48,6 +48,7 @@ from turnflow.recipe.schema import (
 from turnflow.recipe.usercode import (
     code_digest,
     file_digest,
+    recipe_identity,
     resolve_source_fn,
     source_files,
     source_parameters,
@@ -81,6 +82,7 @@ __all__ = [
     "available_personas",
     "backends_for",
     "code_digest",
+    "recipe_identity",
     "default_backends_path",
     "file_digest",
     "find_persona",

@@ -67,13 +67,29 @@ def source_params(recipe: Recipe, spec: SourceSpec) -> dict[str, Any]:
     return params
 
 
+_IDENTITIES: dict[int, tuple[Recipe, tuple[str, str]]] = {}
+
+
+def recipe_identity(recipe: Recipe) -> tuple[str, str]:
+    """A loaded recipe's digest and folder, worked out once per recipe object (a turn asks for them several times,
+    and a pydantic model's private attributes and a path's parent are not free)."""
+    found = _IDENTITIES.get(id(recipe))
+    if found is not None and found[0] is recipe:
+        return found[1]
+    identity = (recipe.digest, str(recipe.folder))
+    if len(_IDENTITIES) >= 256:
+        _IDENTITIES.clear()
+    _IDENTITIES[id(recipe)] = (recipe, identity)
+    return identity
+
+
 _SOURCE_FILES: dict[tuple[str, str, str], list[Path]] = {}
 
 
 def source_files(recipe: Recipe, spec: SourceSpec) -> list[Path]:
     """The files a source's output follows: its own module (for `fn` sources) and the files its params name
     (found once per recipe content and folder; `code_digest` checks them each time)."""
-    key = (recipe.digest, str(recipe.folder), spec.name)
+    key = (*recipe_identity(recipe), spec.name)
     known = _SOURCE_FILES.get(key)
     if known is None:
         known = _SOURCE_FILES[key] = _find_source_files(recipe, spec)
@@ -100,7 +116,7 @@ def code_digest(recipe: Recipe, spec: SourceSpec | None = None) -> str:
     """Digest of the files the recipe's sources (or one source) follow: edits to them are never served stale."""
     import hashlib
 
-    found = (recipe.digest, str(recipe.folder), spec.name if spec is not None else None)
+    found = (*recipe_identity(recipe), spec.name if spec is not None else None)
     files = _CODE_FILES.get(found)
     if files is None:
         specs = [spec] if spec is not None else list(recipe.sources)
