@@ -159,6 +159,7 @@ def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: floa
         joined=bool(turn.joins),
         kv_source=kv.get("source"),
         kv_restore_ms=kv.get("restore_ms"),
+        kv_page_ms=float(timings.get("kv_page") or 0.0),
         kv_saved_bytes=int(kv.get("saved_bytes") or 0),
         kv_pool_tokens=kv.get("pool_tokens"),
         kv_bytes_per_token=kv.get("bytes_per_token"),

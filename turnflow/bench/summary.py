@@ -60,6 +60,7 @@ class TurnRecord(BaseModel):
     joined: bool = Field(False, description="someone joined the room just before this turn")
     kv_source: str | None = Field(None, description="where the prompt's KV came from (kv.source of the report)")
     kv_restore_ms: float | None = None
+    kv_page_ms: float = Field(0.0, description="the kv node's time when it saved or restored KV (timings_ms.kv_page)")
     kv_saved_bytes: int = 0
     kv_pool_tokens: int | None = None
     kv_bytes_per_token: float | None = None
@@ -260,6 +261,7 @@ def kv_block(records: Sequence[TurnRecord], server: dict[str, Any]) -> dict[str,
         "tokens_used_peak": used or None,
         "allocated_over_used": _ratio(pool, used) if pool and used else None,
         "restore_ms_p50": _percentile([r.kv_restore_ms for r in records if r.kv_source == "disk"], 50),
+        "page_ms_p50": _percentile([r.kv_page_ms for r in records if r.kv_page_ms], 50),
         "sources": {src: sum(r.kv_source == src for r in records) for src in KV_SOURCES},
         "saved_bytes": sum(r.kv_saved_bytes for r in records),
         "pool_mb": mb(pool),
@@ -513,7 +515,8 @@ def _kv_lines(summary: BenchSummary) -> list[str]:
         f"{_fmt_int(kv.get('tokens_used_peak'))} ({kv.get('used_mb')} MB), allocated ÷ used "
         f"{kv.get('allocated_over_used')}; the slots × ctx_per_slot layout would allocate "
         f"{_fmt_int(kv.get('slots_x_ctx_per_slot_tokens'))} tokens ({kv.get('slots_x_ctx_per_slot_mb')} MB). "
-        f"Turns by KV source: {sources}; restore p50 {_fmt_ms(kv.get('restore_ms_p50'))}.",
+        f"Turns by KV source: {sources}; restore p50 {_fmt_ms(kv.get('restore_ms_p50'))} (the server's), "
+        f"paging p50 {_fmt_ms(kv.get('page_ms_p50'))} (save, restore and checks, left out of turnflow's own time).",
         "",
     ]
     arithmetic = summary.kv_arithmetic
