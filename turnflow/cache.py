@@ -192,7 +192,7 @@ class CompositionCache:
         current = self._epochs or {}
         epochs = tuple([current.get(scope, 0) for scope in scopes])
         try:  # key values are short strings: the key is worked out once per values and epochs
-            memo: Any = (recipe_id, recipe_digest, source, fields, tuple(key_values.values()), epochs)
+            memo: Any = (recipe_id, recipe_digest, source, fields, tuple(key_values.values()), scopes, epochs)
             key = self._keys.get(memo)
         except TypeError:
             memo, key = None, None
