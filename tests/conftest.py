@@ -164,3 +164,20 @@ def _user_exists(pwd: object, name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Shut LiveKit's native runtime down while the interpreter is still whole.
+
+    The tests make real `rtc.AudioSource`s. `livekit.rtc` disposes its native (Rust) runtime from an `atexit`
+    handler, and a runtime worker that calls back into a Python already finalizing aborts the process ("panic
+    in a function that cannot unwind"), after the results are in but with a failing exit status. Disposed here,
+    the handler finds nothing left to do.
+    """
+    module = sys.modules.get("livekit.rtc._ffi_client")
+    client = getattr(getattr(module, "FfiClient", None), "_instance", None)
+    if client is not None:
+        import gc
+
+        gc.collect()  # drop the sources and tracks the tests left, while their handles can still be released
+        client._dispose()
