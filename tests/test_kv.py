@@ -90,7 +90,7 @@ def test_eight_personas_on_two_slots_page_their_kv_to_disk(home: Path, tmp_path:
     for r in steady:  # paging is the server's file I/O: reported apart, never counted as turnflow's own work
         timings = r["timings_ms"]
         assert (timings["kv_page"] > 0) == (r["kv"]["source"] == "disk" or r["kv"]["saved_bytes"] > 0), r["kv"]
-        assert timings["kv_page"] == round(timings["nodes"]["kv"], 2) or timings["kv_page"] == 0.0
+        assert timings["kv_page"] == 0.0 or abs(timings["kv_page"] - timings["nodes"]["kv"]) <= 0.01  # both rounded
         assert timings["turnflow"] < timings["total"] - timings["model"] - timings["kv_page"] + 0.05
     print(f"restores: {len(restores)}, median {sorted(restores)[len(restores) // 2]:.1f} ms; "
           f"pool {reports[-1]['kv']['pool_tokens']} tokens x {reports[-1]['kv']['bytes_per_token']} B")
