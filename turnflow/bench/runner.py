@@ -148,7 +148,7 @@ def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: floa
         first_audio_ms=timings.get("first_audio"),
         e2e_ms=round(e2e_ms, 2),
         model_ms=timings.get("model"),
-        turnflow_ms=timings.get("turnflow"),
+        turnflow_ms=(timings["turnflow"] + timings.get("setup", 0.0)) if timings.get("turnflow") is not None else None,
         node_ms={k: float(v) for k, v in (timings.get("nodes") or {}).items()},
         composition_cache_hits=int(cache.get("hits", 0)),
         composition_cache_misses=int(cache.get("misses", 0)),
