@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from turnflow.paths import file_stamp, home
+from turnflow.paths import file_stamp, home, replace_text, replaced_stamp
 
 AdapterKind = Literal["voice", "skill"]
 AdapterFormat = Literal["lora", "tts-profile"]
@@ -364,8 +364,7 @@ class AdapterRegistry:
         """The registry's generation: changes whenever an entry is added or removed (read only when the file's
         stamp changed; it is replaced, a new inode, on every change)."""
         try:
-            stat = self._generation_file.stat()
-            stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            stamp = replaced_stamp(self._generation_file)
             if self._generation_seen is not None and self._generation_seen[0] == stamp:
                 return self._generation_seen[1]
             generation = self._generation_file.read_text()
@@ -375,10 +374,7 @@ class AdapterRegistry:
         return generation
 
     def _bump(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".generation.")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(f"{datetime.now(UTC).isoformat()} {os.getpid()} {id(self)}")
-        os.replace(tmp, self._generation_file)
+        replace_text(self._generation_file, f"{datetime.now(UTC).isoformat()} {os.getpid()} {id(self)}")
 
     def _all(self) -> dict[str, list[AdapterManifest]]:
         generation = self._generation()

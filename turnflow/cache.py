@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import tempfile
 import threading
 import time
 import zlib
@@ -26,6 +24,7 @@ import diskcache
 
 from turnflow.dependencies import scopes_of
 from turnflow.nodes.text import canonical_json
+from turnflow.paths import replace_text, replaced_stamp
 
 _SCOPE_VALUE_FIELD = {"persona": "persona_id", "room": "room_id", "participants": "room_id", "messages": "room_id"}
 _LEDGER_TTL_S = 30 * 24 * 3600.0
@@ -140,18 +139,14 @@ class CompositionCache:
             epochs = dict(self._read("epochs", {}))
             epochs[event.scope] = epochs.get(event.scope, 0) + 1
             self._store.set("epochs", epochs)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".epochs.")
-            with os.fdopen(fd, "w") as handle:
-                handle.write(str(sum(epochs.values())))
-            os.replace(tmp, self._epochs_file)
+            replace_text(self._epochs_file, str(sum(epochs.values())))
         self._epochs = epochs
 
     def begin_turn(self) -> None:
         """Take the epochs for the turn, so events published by other processes are seen (read again only when
         the stamp file says an event was published since they were last read)."""
         try:
-            stat = self._epochs_file.stat()
-            stamp: tuple[int, int, int] | None = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            stamp: tuple[int, int, int] | None = replaced_stamp(self._epochs_file)
         except OSError:
             stamp = None
         if self._epochs_seen is not None and self._epochs_seen[0] == stamp:

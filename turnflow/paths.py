@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -10,6 +11,21 @@ def file_stamp(path: Path) -> tuple[int, int]:
     """A file's size and modification time (ns): what says it may have changed without reading it."""
     stat = path.stat()
     return stat.st_size, stat.st_mtime_ns
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` to `path` by renaming a finished temporary file over it: a reader sees the old file or the
+    new one, and the new one is a new inode (which `replaced_stamp` tells apart)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def replaced_stamp(path: Path) -> tuple[int, int, int]:
+    """A file's inode, size and modification time (ns): changes whenever `replace_text` wrote it again."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def home() -> Path:

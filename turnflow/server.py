@@ -23,7 +23,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -33,7 +32,7 @@ from typing import IO, Any
 
 import httpx
 
-from turnflow.paths import models_dir, servers_dir
+from turnflow.paths import models_dir, replace_text, replaced_stamp, servers_dir
 from turnflow.recipe import BackendSpec
 
 
@@ -481,8 +480,7 @@ class EmbeddedServer:
         """The server's state file; `shared=True` may return the object read last while the file is unchanged
         (the caller must not change it)."""
         try:
-            stat = self.state_file.stat()
-            stamp = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            stamp = replaced_stamp(self.state_file)
             if shared and self._state_seen is not None and self._state_seen[0] == stamp:
                 return self._state_seen[1]
             state = ServerState(**json.loads(self.state_file.read_text()))
@@ -493,10 +491,7 @@ class EmbeddedServer:
         return state
 
     def _write_state(self, state: ServerState) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.state_file.parent, prefix=f".{self.state_file.name}.")
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(state), handle)
-        os.replace(tmp, self.state_file)
+        replace_text(self.state_file, json.dumps(asdict(state)))
 
     def status(self) -> dict[str, Any]:
         """Whether the server runs, where, and whether it answers."""
