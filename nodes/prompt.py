@@ -13,6 +13,7 @@ before it. The prefix hashes in the report prove it turn by turn.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,12 +115,13 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
                     system_sections.append(output.value)
             else:
                 middle.extend(output.value)
+    system, (invariant_sha256, invariant_bytes) = _system_and_digest(system_sections, tier_text["invariant"])
 
     volatile_text = [o.value for o in by_tier["volatile"] if isinstance(o.value, str) and o.value]
     volatile_messages = [m for o in by_tier["volatile"] if not isinstance(o.value, str) for m in o.value]
     messages: list[dict[str, Any]] = []
     if system_sections:
-        messages.append({"role": "system", "content": "\n\n".join(system_sections)})
+        messages.append({"role": "system", "content": system})
     messages.extend(middle)
     if not volatile_messages and middle and middle[-1].get("role") == "tool":
         # The turn goes on after tool results: nothing new was said, and the volatile sections went out with the
@@ -132,7 +134,6 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         messages.extend(volatile_messages[:-1] if volatile_messages else [])
         messages.append(user_message)
 
-    invariant_sha256, invariant_bytes = text_digest("\x1e".join(tier_text["invariant"]))
     # the semi-stable sections each only grow, their concatenation does not: hash each, then their digests
     sections = [text_digest(text) for text in tier_text["semi_stable"]]
     order = [o.name for tier in TIER_ORDER for o in by_tier[tier]]
@@ -146,6 +147,29 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         volatile_bytes=len(tier_text["volatile"][0].encode()),
         order=order,
     )
+
+
+def _system_and_digest(system_sections: list[str], invariant: list[str]) -> tuple[str, tuple[str, int]]:
+    """The system message's text, and the SHA-256 and size of the invariant sections; worked out again only when a
+    section is not the very text object of an earlier turn (a cached section is), so a long prompt's stable part is
+    neither joined nor compared again."""
+    memo_key = tuple(map(id, system_sections)) + (-1,) + tuple(map(id, invariant))
+    with _SYSTEMS_LOCK:
+        known = _SYSTEMS.get(memo_key)
+    # the entry holds the texts themselves, so their ids are not reused while it is kept
+    if known is not None and all(a is b for a, b in zip(known[0], (*system_sections, *invariant), strict=True)):
+        return known[1], known[2]
+    system = "\n\n".join(system_sections)
+    digest = text_digest("\x1e".join(invariant))
+    with _SYSTEMS_LOCK:
+        if len(_SYSTEMS) >= 64:
+            _SYSTEMS.clear()
+        _SYSTEMS[memo_key] = ((*system_sections, *invariant), system, digest)
+    return system, digest
+
+
+_SYSTEMS: dict[tuple[int, ...], tuple[tuple[str, ...], str, tuple[str, int]]] = {}
+_SYSTEMS_LOCK = threading.Lock()
 
 
 def assemble_naive(

@@ -150,7 +150,16 @@ def _defused(message: dict[str, Any]) -> dict[str, Any]:
 
 def current_time(now: datetime) -> str:
     """The turn's wall-clock time, to the minute."""
-    return "Current time: " + now.strftime("%A %d %B %Y, %H:%M %Z").strip() + "."
+    minute = (now.year, now.month, now.day, now.hour, now.minute, now.fold, now.tzinfo)
+    text = _MINUTES.get(minute)
+    if text is None:  # formatted once a minute (per time zone)
+        if len(_MINUTES) >= 64:
+            _MINUTES.clear()
+        text = _MINUTES[minute] = "Current time: " + now.strftime("%A %d %B %Y, %H:%M %Z").strip() + "."
+    return text
+
+
+_MINUTES: dict[tuple[Any, ...], str] = {}
 
 
 def user_turn(user_content: UserContent, speaker: str) -> list[dict[str, Any]]:

@@ -158,6 +158,9 @@ def test_adapter_use_is_marked_without_rewriting_the_state_file(tmp_path: Path, 
     server._remember_use(state, ["a"], 0, [("b", 1.0)])  # the slot's set changed: that is written
     assert server.state_file.stat().st_ino != before
     assert server._read_state().slot_sets["0"] == [["b", 1.0]]
+    assert server.adapter_last_used(["a"])["a"] == 100.0  # marked once a second at most: not within the same one
+    server._marked = {key: at - 1.0 for key, at in server._marked.items()}  # a second later
+    server._remember_use(state, ["a"], 0, [("b", 1.0)])
     again = server.adapter_last_used(["a", "b"])
     assert again["a"] >= again["b"] > 100.0  # `a` is the most recently used again
 

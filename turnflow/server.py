@@ -17,18 +17,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
@@ -195,7 +197,9 @@ class Lease:
     page_ms: float = 0.0
     pool_tokens: int = 0
     resized: bool = False
-    _handle: IO[str] | None = None
+    _hold: _UseHold | None = None
+    """This process's shared lock on the server's use file, counted for this turn (a page-in waits for every
+    turn's to go)."""
 
     def lora_ids(self) -> dict[str, int]:
         """Adapter key -> llama-server's adapter id on this server."""
@@ -203,10 +207,54 @@ class Lease:
 
     def release(self) -> None:
         """Let a page-in go ahead."""
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
+
+
+class _UseHold:
+    """This process's shared lock on a server's use file, taken by its first turn holding a lease and let go by its
+    last: a turn counts itself in and out (no file opened per turn). A page-in takes the lock exclusively, so it
+    waits for every process's turns to go. A forked child opens the file anew: its inherited descriptor shares the
+    parent's lock."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._pid = 0
+        self._count = 0
+
+    def acquire(self) -> None:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._fd, self._pid, self._count = None, os.getpid(), 0
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if self._count == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_SH)  # waits while a page-in holds the file
+            self._count += 1
+
+    def release(self) -> None:
+        with self._lock:
+            if self._pid != os.getpid() or self._fd is None or self._count == 0:
+                return
+            self._count -= 1
+            if self._count == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+
+_USE_HOLDS: dict[Path, _UseHold] = {}
+_USE_HOLDS_LOCK = threading.Lock()
+
+
+def _use_hold(path: Path) -> _UseHold:
+    """The process's one hold on a use file (servers of the same backend share it)."""
+    with _USE_HOLDS_LOCK:
+        hold = _USE_HOLDS.get(path)
+        if hold is None:
+            hold = _USE_HOLDS[path] = _UseHold(path)
+        return hold
 
 
 def _free_port() -> int:
@@ -301,6 +349,11 @@ def spec_digest(spec: BackendSpec) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
+_USE_MARK_S = 1.0
+"""An adapter's use marker is touched at most once a second per process: eviction is least recently used to the
+second."""
+
+
 class EmbeddedServer:
     """One embedded backend's llama-server."""
 
@@ -320,6 +373,8 @@ class EmbeddedServer:
         self._slot_dir: Path | None = None
         self._known_peak: int | None = None
         self._state_seen: tuple[tuple[int, int, int], ServerState] | None = None
+        self._marked: dict[str, float] = {}
+        """When this process last marked each adapter used (`time.monotonic()`)."""
 
     @property
     def model_path(self) -> Path:
@@ -593,16 +648,15 @@ class EmbeddedServer:
         resized = False
         grow_to = min(self.max_pool_tokens(), pool_needed) if not self.budgeted and self.spec.kv_unified else 0
         for _ in range(8):
-            handle = open(self.use_file, "a+")
-            fcntl.flock(handle, fcntl.LOCK_SH)
+            hold = _use_hold(self.use_file)
+            hold.acquire()
             state = self._read_state(shared=True)  # the state file is written anew (a new inode) on every change
             if (state and _alive(state.pid) and set(keys) <= set(state.resident_keys)
                     and (state.pool_tokens or 0) >= grow_to):
                 self._remember_use(state, keys, slot, slot_set)
                 return Lease(state.url, list(state.resident), paged, round(page_ms, 2), state.pool_tokens,
-                             resized, handle)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
+                             resized, hold)
+            hold.release()
             started = time.perf_counter()
             before = state.pool_tokens if state else 0
             paged += self._page_in(list(needed), limit, grow_to)
@@ -616,13 +670,17 @@ class EmbeddedServer:
     ) -> None:
         """Note that the adapters were used now, and which set the slot holds (the state file is written only when
         that set changes)."""
+        now = time.monotonic()
         for key in keys:  # a use marker's mtime: no lock and no state file written on every turn
+            if now - self._marked.get(key, -math.inf) < _USE_MARK_S:
+                continue
             marker = self.used_dir / key
             try:
                 os.utime(marker)
             except FileNotFoundError:
                 self.used_dir.mkdir(parents=True, exist_ok=True)
                 marker.touch()
+            self._marked[key] = now
         wanted = [[k, s] for k, s in slot_set]
         if slot is None or state.slot_sets.get(str(slot), []) == wanted:
             return

@@ -37,7 +37,7 @@ from turnflow.nodes.speech import SpeechBridges
 from turnflow.nodes.text import canonical_json, control_tokens_for, neutralise_control_tokens
 from turnflow.paths import home
 from turnflow.placement import BackendPool, Strategy
-from turnflow.recipe import Persona, Recipe, backends_for, find_persona, load_recipe
+from turnflow.recipe import Persona, Recipe, backends_for, code_digest, find_persona, load_recipe
 from turnflow.server import ServerError
 from turnflow.store import Participant, open_store
 
@@ -130,6 +130,8 @@ class Session:
         """The members of a `kind: pool` backend, over which personas are placed (None for one backend)."""
         self._backend: Backend | None = None
         self._personas: dict[str, Persona] = {}
+        self._drivers: dict[Any, tuple[str, Any]] = {}
+        """The driver last built per (backend, capabilities, control tokens), with the code digest it was built at."""
         self._lock = threading.RLock()  # a Session may be shared by threads, each running its own turns
         self._retired: list[Backend] = []
         speech = self.recipe.speech
@@ -273,11 +275,22 @@ class Session:
         return self._driver_for(self.backend)
 
     def _driver_for(self, backend: Backend | None) -> Any:
+        # the same backend with the same capabilities and control tokens: the same profile, so the same driver while
+        # the recipe's code files are unchanged (checked every turn: an edit is never served stale)
+        memo_key = (backend, backend.capabilities, backend.control_tokens) if backend is not None else None
+        code = code_digest(self.recipe)
+        known = self._drivers.get(memo_key)
+        if known is not None and known[0] == code:
+            return known[1]
         caps = backend.capabilities if backend is not None else Capabilities()
         profile = {**caps.profile, "assembly": self.assembly, "slot_pinning": "on" if self.pin_slots else "off"}
         if backend is not None:  # what sources defuse follows the model's control tokens
             profile["control_tokens"] = backend.control_tokens.digest
-        return build_driver(self.recipe, profile)
+        built = build_driver(self.recipe, profile)
+        if len(self._drivers) >= 64:
+            self._drivers.clear()
+        self._drivers[memo_key] = (code, built)
+        return built
 
     def route(self, persona: str) -> Sequence[tuple[str | None, str | None]]:
         """Where a turn of `persona` may run, in order: (pool member, `home`|`fallback`) for a pool, else the one
@@ -463,7 +476,7 @@ class Session:
                 persona_who = Participant(persona, "persona", persona_model.name)
                 report["turn"] = self.store.commit_turn(  # the slot is let go in the same transaction
                     room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, replied,
-                    release=outputs["slot_claim"],
+                    release=outputs["slot_claim"], present=[p.participant for p in inputs["room_state"].participants],
                 )
         if context is None:
             self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])

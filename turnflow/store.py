@@ -13,14 +13,15 @@ for each other and writers of one room commit one at a time, whichever process t
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import secrets
 import sqlite3
 import threading
 import time
 import typing
-import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,19 @@ CREATE TABLE IF NOT EXISTS slot_assignments (
     PRIMARY KEY (backend, total_slots, persona_id)
 );
 """
+
+
+_TOKENS: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())
+
+
+def _hold_token() -> str:
+    """A token no other hold of any process has: a random 64-bit value drawn once per process, the pid, and a count
+    (a slot is claimed every turn: no random bytes read for each)."""
+    global _TOKENS
+    pid, nonce, counter = _TOKENS
+    if pid != os.getpid():  # a new process (a fork shares the parent's state): draw anew
+        pid, nonce, counter = _TOKENS = (os.getpid(), secrets.token_hex(8), itertools.count())
+    return f"{nonce}{pid:x}-{next(counter):x}"
 
 
 class StoreError(RuntimeError):
@@ -557,6 +571,21 @@ class ConversationStore:
         ).fetchone()
         return int(row[0])
 
+    def _insert_pair(
+        self, db: _Db, room_id: str, turn: int, first: tuple[Participant, Content, str],
+        second: tuple[Participant, Content, str],
+    ) -> None:
+        """Two messages of one turn, in this order, in one statement."""
+        now = time.time()
+        values: list[Any] = []
+        for who, content, text in (first, second):
+            values += [room_id, turn, who.participant, who.kind, who.display_name, json.dumps(content), text, now]
+        db.execute(
+            "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?)",
+            values,
+        )
+
     def commit_turn(
         self,
         room_id: str,
@@ -568,26 +597,28 @@ class ConversationStore:
         reply_text: str,
         *,
         release: SlotClaim | None = None,
+        present: Collection[str] = (),
     ) -> int:
         """Commit the speaker's message and the persona's reply together; returns the turn's number.
 
         The number is `turn` unless another turn in the room (another thread or process) committed it
         first: then it is the next free one. Numbers are unique per room (the `turns` table's key).
-        `release`: the turn's slot claim, let go in the same transaction (see `release_slot`).
+        `release`: the turn's slot claim, let go in the same transaction (see `release_slot`). `present`: who the
+        caller saw in the room already (no one leaves a room): their join is not checked again.
         """
         scopes = (f"room:{room_id}", *([f"slots:{release.backend}"] if release is not None else []))
         with self._transaction(*scopes) as db:
             if release is not None:
                 self._release(db, release)
-            self._join(db, room_id, speaker)
-            self._join(db, room_id, persona)
+            for who in (speaker, persona):
+                if who.participant not in present:
+                    self._join(db, room_id, who)
             last = db.execute(
                 "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
             ).fetchone()[0]
             turn = max(turn, int(last) + 1)
             db.execute("INSERT INTO turns (room_id, turn, committed_at) VALUES (?, ?, ?)", (room_id, turn, time.time()))
-            self._insert(db, room_id, turn, speaker, user_content, user_text)
-            self._insert(db, room_id, turn, persona, reply_text, reply_text)
+            self._insert_pair(db, room_id, turn, (speaker, user_content, user_text), (persona, reply_text, reply_text))
         if release is not None:
             release.released = True
         return turn
@@ -636,18 +667,14 @@ class ConversationStore:
                     empty = [s for s in free if not owners.get(s) or owners[s].persona_id is None]
                     choice = (mine or empty or sorted(free, key=lambda s: owners[s].last_used))[0]
                 if choice is not None:
-                    token = uuid.uuid4().hex
+                    token = _hold_token()
                     before = owners.get(choice)
                     db.execute(
-                        "INSERT INTO slot_owners (backend, total_slots, slot) VALUES (?, ?, ?) "
-                        "ON CONFLICT (backend, total_slots, slot) DO NOTHING",
-                        (backend, total_slots, choice),
-                    )
-                    db.execute(
-                        "UPDATE slot_owners SET busy_token = ?, busy_until = ?, "
-                        "tokens = CASE WHEN tokens > ? THEN tokens ELSE ? END "
-                        "WHERE backend = ? AND total_slots = ? AND slot = ?",
-                        (token, now + lease_s, reserve, reserve, backend, total_slots, choice),
+                        "INSERT INTO slot_owners (backend, total_slots, slot, busy_token, busy_until, tokens) "
+                        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (backend, total_slots, slot) DO UPDATE SET "
+                        "busy_token = excluded.busy_token, busy_until = excluded.busy_until, tokens = CASE "
+                        "WHEN slot_owners.tokens > excluded.tokens THEN slot_owners.tokens ELSE excluded.tokens END",
+                        (backend, total_slots, choice, token, now + lease_s, reserve),
                     )
                     own = before is not None and before.persona_id == persona_id
                     previous = before if before is not None and before.persona_id and not own else None
@@ -697,7 +724,7 @@ class ConversationStore:
     def take_idle_slot(self, backend: str, total_slots: int, slot: int, lease_s: float = 120.0) -> str | None:
         """Hold an idle slot briefly (to page its KV out); its hold token, or None when it is busy."""
         with self._transaction(f"slots:{backend}") as db:
-            token = uuid.uuid4().hex
+            token = _hold_token()
             now = time.time()
             updated = db.execute(
                 "UPDATE slot_owners SET busy_token = ?, busy_until = ? WHERE backend = ? AND total_slots = ? "

@@ -103,8 +103,11 @@ def _find_source_files(recipe: Recipe, spec: SourceSpec) -> list[Path]:
         local = recipe.folder / (module_name.replace(".", "/") + ".py")
         if local.exists():
             files.append(local)
-        else:
-            found = importlib.util.find_spec(module_name.split(".")[0]) if module_name else None
+        elif module_name and module_name.partition(".")[0] != "turnflow":  # turnflow's own code is not the user's
+            try:  # the module's own file (its parent packages are imported to find it, as running it would)
+                found = importlib.util.find_spec(module_name)
+            except (ImportError, ValueError):
+                found = None
             origin = getattr(found, "origin", None) if found else None
             if origin and origin.endswith(".py") and "site-packages" not in origin:
                 files.append(Path(origin))
