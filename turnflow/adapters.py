@@ -721,7 +721,7 @@ class AdapterSet:
         items = sorted((a.key, round(a.scale, 6)) for a in self.loras)
         return hashlib.sha256(json.dumps(items).encode()).hexdigest()
 
-    @property
+    @functools.cached_property
     def salt(self) -> str:
         """The first bytes of every prompt of this set: two sets share at most these bytes of prefix."""
         return f"[adapter-set {self.digest[:16]}]"

@@ -199,6 +199,27 @@ class CompositionCache:
                 self._remember_key(self._keys, memo, key)
         return key
 
+    def key_of(
+        self, spec: tuple[str, str, str, tuple[str, ...]], values: tuple[Any, ...], persona_id: str, room_id: str
+    ) -> str:
+        """`key` for one source node: `spec` is its (recipe id, recipe digest, source, key fields), `values` the
+        fields' values this turn (the same key, without building its arguments every turn)."""
+        recipe_id, recipe_digest, source, fields = spec
+        scopes = self._key_scopes.get((recipe_id, fields, (persona_id, room_id)))
+        if scopes is not None:
+            if self._epochs is None:
+                self.begin_turn()
+            current = self._epochs or {}
+            epochs = tuple([current.get(scope, 0) for scope in scopes])
+            try:
+                key = self._keys.get((recipe_id, recipe_digest, source, fields, values, scopes, epochs))
+            except TypeError:
+                key = None
+            if key is not None:
+                return key
+        return self.key(recipe_id, recipe_digest, source, dict(zip(fields, values, strict=True)),
+                        {"persona_id": persona_id, "room_id": room_id})
+
     @staticmethod
     def _remember_key(table: dict[Any, Any], memo: Any, value: Any) -> None:
         if len(table) >= 8192:  # bounded: a new history tail every turn makes new keys

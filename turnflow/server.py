@@ -374,6 +374,7 @@ class EmbeddedServer:
         self._known_peak: int | None = None
         self._state_seen: tuple[tuple[int, int, int], ServerState] | None = None
         self._marked: dict[str, float] = {}
+        self._alive_seen: tuple[int, float] | None = None
         """When this process last marked each adapter used (`time.monotonic()`)."""
 
     @property
@@ -651,7 +652,7 @@ class EmbeddedServer:
             hold = _use_hold(self.use_file)
             hold.acquire()
             state = self._read_state(shared=True)  # the state file is written anew (a new inode) on every change
-            if (state and _alive(state.pid) and set(keys) <= set(state.resident_keys)
+            if (state and self._alive(state.pid) and set(keys) <= set(state.resident_keys)
                     and (state.pool_tokens or 0) >= grow_to):
                 self._remember_use(state, keys, slot, slot_set)
                 return Lease(state.url, list(state.resident), paged, round(page_ms, 2), state.pool_tokens,
@@ -664,6 +665,16 @@ class EmbeddedServer:
             resized = resized or bool(before and after and after.pool_tokens > before)
             page_ms += (time.perf_counter() - started) * 1000
         raise ServerError(f"adapters for backend {self.name!r} kept being paged out by other turns; try again")
+
+    def _alive(self, pid: int) -> bool:
+        """Whether the server process runs (asked at most once a second while it does: a server that died meanwhile
+        fails the turn's request, and the next lease after that second restarts it)."""
+        now = time.monotonic()
+        if self._alive_seen is not None and self._alive_seen[0] == pid and now - self._alive_seen[1] < 1.0:
+            return True
+        alive = _alive(pid)
+        self._alive_seen = (pid, now) if alive else None
+        return alive
 
     def _remember_use(
         self, state: ServerState, keys: list[str], slot: int | None, slot_set: Sequence[tuple[str, float]]

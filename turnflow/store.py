@@ -65,12 +65,6 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
 CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (room_id, turn);
-CREATE TABLE IF NOT EXISTS turns (
-    room_id TEXT NOT NULL REFERENCES rooms(room_id),
-    turn INTEGER NOT NULL,
-    committed_at {real} NOT NULL,
-    PRIMARY KEY (room_id, turn)
-);
 CREATE TABLE IF NOT EXISTS slot_owners (
     backend TEXT NOT NULL,
     total_slots INTEGER NOT NULL,
@@ -157,7 +151,8 @@ class _SqliteEngine(_Engine):
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
-        db.executescript(_SCHEMA.format(id="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL"))
+        # ids only grow (no message is ever deleted), so the rowid serves without AUTOINCREMENT's extra table write
+        db.executescript(_SCHEMA.format(id="INTEGER PRIMARY KEY", real="REAL"))
         columns = {row[1] for row in db.execute("PRAGMA table_info(participants)")}
         if "joined_after" not in columns:  # a store made before joins became history events
             db.execute("ALTER TABLE participants ADD COLUMN joined_after INTEGER NOT NULL DEFAULT 0")
@@ -602,7 +597,7 @@ class ConversationStore:
         """Commit the speaker's message and the persona's reply together; returns the turn's number.
 
         The number is `turn` unless another turn in the room (another thread or process) committed it
-        first: then it is the next free one. Numbers are unique per room (the `turns` table's key).
+        first: then it is the next free one (a room's commits are serialised, so numbers are unique per room).
         `release`: the turn's slot claim, let go in the same transaction (see `release_slot`). `present`: who the
         caller saw in the room already (no one leaves a room): their join is not checked again.
         """
@@ -616,8 +611,7 @@ class ConversationStore:
             last = db.execute(
                 "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
             ).fetchone()[0]
-            turn = max(turn, int(last) + 1)
-            db.execute("INSERT INTO turns (room_id, turn, committed_at) VALUES (?, ?, ?)", (room_id, turn, time.time()))
+            turn = max(turn, int(last) + 1)  # the room's writers commit one at a time: no one else takes it
             self._insert_pair(db, room_id, turn, (speaker, user_content, user_text), (persona, reply_text, reply_text))
         if release is not None:
             release.released = True

@@ -32,7 +32,8 @@ class _FromFile(_Strict):
     @property
     def digest(self) -> str:
         """SHA-256 of the file's canonical content: changes whenever the content does."""
-        return self._digest
+        private = self.__pydantic_private__  # read directly: pydantic's attribute lookup for it is slow
+        return private["_digest"] if private else ""
 
 
 class SourceSpec(_Strict):
