@@ -168,7 +168,8 @@ def _check_tier(
     if spec.tier == "invariant":
         found.append(cache.check_invariant(spec.name, scope, text, digest=digest, shared=shared))
     else:
-        found.append(cache.check_invariant(spec.name, scope, text, digest=digest, shared=shared) if key else None)
+        # a key that changes with every message is never rendered under again: the stream's record is what counts
+        found.append(cache.check_invariant(spec.name, scope, text, digest=digest) if key and shared else None)
         stream_scope = f"{namespace}|{values['persona_id']}|{values['room_id']}|{values['compaction_epoch']}"
         found.append(cache.check_semi_stable(spec.name, stream_scope, text, digest=digest, shared=shared))
     return [v for v in found if v is not None]

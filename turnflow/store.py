@@ -450,17 +450,16 @@ class ConversationStore:
         the room again in full.
         """
         with self._snapshot() as db:
-            row = db.execute(
-                "SELECT participants_version, history_floor_id, compaction_epoch FROM rooms WHERE room_id = ?",
+            row = db.execute(  # the room's counters and how many messages it shows, in one statement
+                "SELECT participants_version, history_floor_id, compaction_epoch, (SELECT COUNT(*) FROM messages "
+                "WHERE messages.room_id = rooms.room_id AND messages.id >= rooms.history_floor_id) "
+                "FROM rooms WHERE room_id = ?",
                 (room_id,),
             ).fetchone()
-            version, floor, epoch = row if row else (0, 0, 0)
+            version, floor, epoch, count = row if row else (0, 0, 0, 0)
             known = self._rooms.get(room_id)
             if known is None or known.floor != floor:
                 known = _KnownRoom(floor)
-            count = db.execute(
-                "SELECT COUNT(*) FROM messages WHERE room_id = ? AND id >= ?", (room_id, floor)
-            ).fetchone()[0]
             rows = db.execute(
                 "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
                 "WHERE room_id = ? AND id >= ? ORDER BY id",
