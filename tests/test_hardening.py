@@ -99,6 +99,37 @@ def test_editing_a_user_source_or_its_file_is_never_served_stale(home: Path, tmp
     assert "GLOSSARY: PAY MEANS THE PAYMENTS TEAM." in third and violations_code == []
 
 
+def test_a_source_in_a_package_follows_its_own_module_file(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source from a package on the Python path (not the recipe's folder) follows the file of its own module: after
+    that file is edited and the process restarted, its cached section is not served from before the edit."""
+    import sys
+
+    package = tmp_path / "lib" / "teamlib"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    module = package / "glossary.py"
+    module.write_text("def glossary(recipe_id: str) -> str:\n    return 'Glossary v1.'\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "lib"))
+    recipe = copy_recipe_folder(tmp_path / "recipe")
+    recipe.write_text(recipe.read_text().replace(
+        "  - {name: user_turn, tier: volatile}",
+        "  - {name: user_turn, tier: volatile}\n  - {name: team_glossary, tier: invariant, cache_key: [recipe_id], "
+        "fn: 'teamlib.glossary:glossary'}",
+    ))
+
+    def system() -> str:
+        with Session(recipe, state_dir=tmp_path / "state") as session:
+            return str(session.preview(persona="maya", room="r", text="hi").messages[0]["content"])
+
+    assert "Glossary v1." in system()
+    module.write_text("def glossary(recipe_id: str) -> str:\n    return 'Glossary, second edition.'\n")
+    for name in [n for n in sys.modules if n == "teamlib" or n.startswith("teamlib.")]:  # a new process
+        monkeypatch.delitem(sys.modules, name)
+    assert "Glossary, second edition." in system()  # not the cached section of the old module
+
+
 def test_an_event_reaches_entries_keyed_without_room_id(home: Path, tmp_path: Path) -> None:
     recipe = copy_recipe_folder(tmp_path)
     (recipe.parent / "tail.py").write_text(
