@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import operator
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -256,7 +257,10 @@ class TurnDriver:
                 elif step.required:
                     raise ValueError(f"the turn DAG needs the input {name!r}, which was not given")
                 continue
-            kwargs = {dep: computed[dep] for dep in step.dependencies if dep in computed}
+            try:
+                kwargs = step.arguments(computed)  # type: ignore[misc]
+            except KeyError:  # an optional input left out: the node's default applies
+                kwargs = {dep: computed[dep] for dep in step.dependencies if dep in computed}
             started = time.perf_counter()
             computed[name] = step.fn(**kwargs)
             if timings is not None:
@@ -282,7 +286,8 @@ class TurnDriver:
                     required.add(dependency.name)
                 visit(dependency.name)
             dependencies = tuple(d.name for d in node.dependencies)
-            order.append(_Step(name, None if node.user_defined else node.callable, dependencies))
+            order.append(_Step(name, None if node.user_defined else node.callable, dependencies,
+                               arguments=_arguments(dependencies)))
 
         for name in final_vars:
             visit(name)
@@ -298,6 +303,19 @@ class _Step(NamedTuple):
     dependencies: tuple[str, ...]
     required: bool = False
     """For an input: a node needs it (an optional one may be missing)."""
+    arguments: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """The node's keyword arguments from the values computed so far (KeyError when one is missing)."""
+
+
+def _arguments(names: tuple[str, ...]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A function taking `names` out of the computed values as keyword arguments (looked up in C, not a loop)."""
+    if not names:
+        return lambda computed: {}
+    if len(names) == 1:
+        name = names[0]
+        return lambda computed: {name: computed[name]}
+    values = operator.itemgetter(*names)
+    return lambda computed: dict(zip(names, values(computed), strict=True))
 
 
 _DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...], str], TurnDriver] = {}
