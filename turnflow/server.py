@@ -754,24 +754,29 @@ class EmbeddedServer:
             return [lora.id for lora in missing]
 
     def _save_slots(self, state: ServerState) -> dict[int, Path]:
-        """Save every slot that holds a prompt; slot -> file."""
+        """Save every slot that holds a prompt; slot -> file.
+
+        Every slot is asked, and kept when it saved more than one token: `/slots` reports no prompt for a slot
+        whose KV was restored and not used since (measured), so it cannot say which slots hold KV after an earlier
+        restart, and those would be lost by the next one."""
         saved: dict[int, Path] = {}
         try:
             slots = httpx.get(state.url + "/slots", timeout=10).json()
         except (httpx.HTTPError, ValueError):
             return saved
         for slot in slots if isinstance(slots, list) else []:
-            if int(slot.get("n_prompt_tokens") or 0) <= 1:
-                continue
             name = f"page-{self.stem}-{slot['id']}.bin"
             try:
                 answer = httpx.post(
                     f"{state.url}/slots/{slot['id']}?action=save", json={"filename": name}, timeout=60
                 )
-            except httpx.HTTPError:
+                kept = answer.status_code == 200 and int(answer.json().get("n_saved") or 0) > 1
+            except (httpx.HTTPError, ValueError):
                 continue
-            if answer.status_code == 200:
+            if kept:
                 saved[int(slot["id"])] = self.slot_dir / name
+            else:
+                (self.slot_dir / name).unlink(missing_ok=True)
         return saved
 
     def _restore_slots(
