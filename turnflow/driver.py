@@ -258,7 +258,7 @@ class TurnDriver:
                     raise ValueError(f"the turn DAG needs the input {name!r}, which was not given")
                 continue
             try:
-                kwargs = step.arguments(computed)  # type: ignore[misc]
+                kwargs = step.arguments(computed)
             except KeyError:  # an optional input left out: the node's default applies
                 kwargs = {dep: computed[dep] for dep in step.dependencies if dep in computed}
             started = time.perf_counter()
@@ -303,7 +303,7 @@ class _Step(NamedTuple):
     dependencies: tuple[str, ...]
     required: bool = False
     """For an input: a node needs it (an optional one may be missing)."""
-    arguments: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    arguments: Callable[[dict[str, Any]], dict[str, Any]] = lambda computed: {}
     """The node's keyword arguments from the values computed so far (KeyError when one is missing)."""
 
 

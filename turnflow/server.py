@@ -374,8 +374,9 @@ class EmbeddedServer:
         self._known_peak: int | None = None
         self._state_seen: tuple[tuple[int, int, int], ServerState] | None = None
         self._marked: dict[str, float] = {}
-        self._alive_seen: tuple[int, float] | None = None
         """When this process last marked each adapter used (`time.monotonic()`)."""
+        self._alive_seen: tuple[int, float] | None = None
+        """The server pid this process last found running, and when."""
 
     @property
     def model_path(self) -> Path:

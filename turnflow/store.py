@@ -555,30 +555,20 @@ class ConversationStore:
         """Append one message outside a turn (e.g. a person speaking to the room); returns its id."""
         with self._transaction(f"room:{room_id}") as db:
             self._join(db, room_id, speaker)
-            return self._insert(db, room_id, turn, speaker, content, text)
+            return self._insert(db, room_id, turn, (speaker, content, text))
 
-    def _insert(self, db: _Db, room_id: str, turn: int, who: Participant, content: Content, text: str) -> int:
-        row = db.execute(
-            "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (room_id, turn, who.participant, who.kind, who.display_name, json.dumps(content), text, time.time()),
-        ).fetchone()
-        return int(row[0])
-
-    def _insert_pair(
-        self, db: _Db, room_id: str, turn: int, first: tuple[Participant, Content, str],
-        second: tuple[Participant, Content, str],
-    ) -> None:
-        """Two messages of one turn, in this order, in one statement."""
+    def _insert(self, db: _Db, room_id: str, turn: int, *messages: tuple[Participant, Content, str]) -> int:
+        """Messages of one turn (who, content, text), in this order, in one statement; returns the last one's id."""
         now = time.time()
         values: list[Any] = []
-        for who, content, text in (first, second):
+        for who, content, text in messages:
             values += [room_id, turn, who.participant, who.kind, who.display_name, json.dumps(content), text, now]
-        db.execute(
+        rows = db.execute(
             "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?), (?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(messages)) + " RETURNING id",
             values,
-        )
+        ).fetchall()
+        return max(int(row[0]) for row in rows)
 
     def commit_turn(
         self,
@@ -611,7 +601,7 @@ class ConversationStore:
                 "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
             ).fetchone()[0]
             turn = max(turn, int(last) + 1)  # the room's writers commit one at a time: no one else takes it
-            self._insert_pair(db, room_id, turn, (speaker, user_content, user_text), (persona, reply_text, reply_text))
+            self._insert(db, room_id, turn, (speaker, user_content, user_text), (persona, reply_text, reply_text))
         if release is not None:
             release.released = True
         return turn
