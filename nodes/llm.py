@@ -8,11 +8,12 @@ tokens were processed (`prompt_n`) and how many came from the cache (`cache_n`).
 from __future__ import annotations
 
 import json
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 
@@ -180,6 +181,84 @@ class ChatClient(OpenAiHttp):
         return ReplyStream(self, body, headers, stop=stops)
 
 
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+"""JSON as httpx would send it (one encoder: `json.dumps` with options makes a new one every call)."""
+
+
+class MessageJson:
+    """Chat requests as JSON bytes, the messages a request shares with an earlier one taken from that one's JSON.
+
+    A stable-first prompt repeats its long system message and its history turn after turn as the very same
+    objects (cached sections, the rendered history), so a request is compared with the last one that began with
+    the same system text, message by message, and only what follows the messages they share is encoded. A
+    message is shared when it is the very same dict (turnflow never changes a message once made: the history and
+    the composition cache rely on that too), or when both are a role and the same text.
+    """
+
+    def __init__(self, runs: int = 256):
+        self._runs_max = runs
+        self._runs: dict[str, _Run] = {}
+        self._lock = threading.Lock()
+
+    def body(self, body: dict[str, Any]) -> bytes:
+        """A chat request (its `messages` and other fields) as UTF-8 JSON."""
+        messages: list[dict[str, Any]] = body["messages"]
+        first = messages[0].get("content") if messages else None
+        if type(first) is not str:
+            first = None
+        with self._lock:
+            run = self._runs.get(first) if first is not None else None
+        shared = 0
+        if run is not None:
+            same = list(map(operator.is_, messages, run.messages))  # in C, without looking into the messages
+            while shared < len(same):
+                if same[shared]:
+                    shared = same.index(False, shared) if False in same[shared:] else len(same)
+                elif _same_text(messages[shared], run.messages[shared]):
+                    shared += 1
+                else:
+                    break
+        head = run.joined[: run.ends[shared - 1]] if run is not None and shared else b""
+        parts = [_dumps(m).encode() for m in messages[shared:]]
+        rest = _dumps({k: v for k, v in body.items() if k != "messages"}).encode()
+        pieces = [b'{"messages":[', head]
+        for part in parts:
+            pieces += [b",", part] if len(pieces) > 2 or head else [part]
+        pieces += [b"]", b"," if len(rest) > 2 else b"", rest[1:]]
+        content = b"".join(pieces)  # the one copy of the request
+        if first is not None:
+            ends = list(run.ends[:shared]) if run is not None else []
+            at = len(head)
+            for part in parts:
+                at += len(part) + (1 if at else 0)
+                ends.append(at)
+            stored = _Run(tuple(messages), tuple(ends), memoryview(content)[13: 13 + at])  # after '{"messages":['
+            with self._lock:
+                self._runs.pop(first, None)
+                self._runs[first] = stored
+                while len(self._runs) > self._runs_max:
+                    self._runs.pop(next(iter(self._runs)))
+        return content
+
+
+def _same_text(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two messages are a role and a text each, the same ones."""
+    return (len(a) == 2 and len(b) == 2 and type(a.get("content")) is str and a.get("content") == b.get("content")
+            and a.get("role") == b.get("role"))
+
+
+class _Run(NamedTuple):
+    """One request's messages, where each one's JSON ends in `joined`, and their JSON joined by commas (a view
+    of the request's bytes)."""
+
+    messages: tuple[dict[str, Any], ...]
+    ends: tuple[int, ...]
+    joined: memoryview | bytes
+
+
+_MESSAGE_JSON = MessageJson()
+
+
 class ReplyStream:
     """Deltas as the model produces them; `.reply` holds the finished reply once iteration ends."""
 
@@ -189,7 +268,9 @@ class ReplyStream:
     ):
         self._client = client
         self.body = body
-        self.headers = headers or {}
+        self.content = _MESSAGE_JSON.body(body)
+        """The request's JSON, made here (the part shared with an earlier request from its JSON), not as it is sent."""
+        self.headers = {"Content-Type": "application/json", **(headers or {})}
         self._trim = StopTrimmer(stop or [])
         self.reply = ChatReply()
         self.started_at: float | None = None
@@ -224,7 +305,7 @@ class ReplyStream:
         parts: list[str] = []
         try:
             with client._http.stream(
-                "POST", client.base + "/chat/completions", json=self.body, headers=self.headers
+                "POST", client.base + "/chat/completions", content=self.content, headers=self.headers
             ) as response:
                 if response.status_code >= 400:
                     response.read()

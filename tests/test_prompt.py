@@ -246,3 +246,41 @@ def test_user_turn_and_speaker_are_defused_in_the_prompt(tmp_path: Path) -> None
     last = prompt.messages[-1]["content"]
     assert "<|im_start|>" not in last and "<|im_end|>" not in last
     assert "obey me" in last
+
+
+def test_a_request_encodes_only_what_follows_the_messages_it_shares_with_the_last_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from turnflow.nodes import llm
+
+    encoded: list[object] = []
+    dumps = llm._dumps
+    monkeypatch.setattr(llm, "_dumps", lambda value: encoded.append(value) or dumps(value))
+    requests = llm.MessageJson()
+    system = "You are Maya. “Quotes”, accents (é) and a snowman ☃.\n" * 200
+    history = [{"role": "user" if i % 2 else "assistant", "content": f"message {i} ☃"} for i in range(40)]
+
+    def body(*tail: dict[str, object]) -> dict[str, object]:
+        return {"messages": [{"role": "system", "content": system}, *history, *tail], "stream": True, "id_slot": 1}
+
+    first = body({"role": "user", "content": "now?"})
+    assert json.loads(requests.body(first)) == first
+    assert len(encoded) == 1 + 40 + 1 + 1  # every message, then the other fields
+
+    history += [{"role": "user", "content": "now?"}, {"role": "assistant", "content": "Soon."}]
+    encoded.clear()
+    audio = {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}
+    second = body(audio)  # a new system dict with the same text, the same history objects, then new ones
+    assert json.loads(requests.body(second)) == second
+    # the user message the last request ended with is the same role and text: only the reply and the audio are new
+    assert encoded == [history[-1], audio, {"stream": True, "id_slot": 1}]
+
+    encoded.clear()
+    history[3] = {"role": "user", "content": "an edited message"}  # anything but an append: encoded from there on
+    third = body({"role": "user", "content": "again"})
+    assert json.loads(requests.body(third)) == third
+    assert len(encoded) == len(history) - 3 + 1 + 1
+
+    other = {"messages": [{"role": "system", "content": "Someone else."}], "max_tokens": 4}
+    assert json.loads(requests.body(other)) == other
+    assert json.loads(requests.body({"messages": []})) == {"messages": []}
