@@ -222,13 +222,14 @@ class _UseHold:
         self.path = path
         self._lock = threading.Lock()
         self._fd: int | None = None
-        self._pid = 0
         self._count = 0
+
+    def forget(self) -> None:
+        """In a forked child: nothing held yet (the inherited descriptor is left alone: it shares the parent's lock)."""
+        self._lock, self._fd, self._count = threading.Lock(), None, 0
 
     def acquire(self) -> None:
         with self._lock:
-            if self._pid != os.getpid():
-                self._fd, self._pid, self._count = None, os.getpid(), 0
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             if self._count == 0:
@@ -237,7 +238,7 @@ class _UseHold:
 
     def release(self) -> None:
         with self._lock:
-            if self._pid != os.getpid() or self._fd is None or self._count == 0:
+            if self._fd is None or self._count == 0:
                 return
             self._count -= 1
             if self._count == 0:
@@ -246,6 +247,16 @@ class _UseHold:
 
 _USE_HOLDS: dict[Path, _UseHold] = {}
 _USE_HOLDS_LOCK = threading.Lock()
+
+
+def _forget_use_holds() -> None:
+    global _USE_HOLDS_LOCK
+    _USE_HOLDS_LOCK = threading.Lock()
+    for hold in _USE_HOLDS.values():
+        hold.forget()
+
+
+os.register_at_fork(after_in_child=_forget_use_holds)
 
 
 def _use_hold(path: Path) -> _UseHold:

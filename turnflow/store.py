@@ -88,17 +88,24 @@ CREATE TABLE IF NOT EXISTS slot_assignments (
 """
 
 
-_TOKENS: tuple[int, str, itertools.count[int]] = (0, "", itertools.count())
+_TOKENS: tuple[str, itertools.count[int]] = ("", itertools.count())
+
+
+def _draw_tokens() -> None:
+    """A new random part for this process's hold tokens (at import, and in a forked child: it shares the parent's)."""
+    global _TOKENS
+    _TOKENS = (f"{secrets.token_hex(8)}{os.getpid():x}", itertools.count())
+
+
+_draw_tokens()
+os.register_at_fork(after_in_child=_draw_tokens)
 
 
 def _hold_token() -> str:
     """A token no other hold of any process has: a random 64-bit value drawn once per process, the pid, and a count
     (a slot is claimed every turn: no random bytes read for each)."""
-    global _TOKENS
-    pid, nonce, counter = _TOKENS
-    if pid != os.getpid():  # a new process (a fork shares the parent's state): draw anew
-        pid, nonce, counter = _TOKENS = (os.getpid(), secrets.token_hex(8), itertools.count())
-    return f"{nonce}{pid:x}-{next(counter):x}"
+    prefix, counter = _TOKENS
+    return f"{prefix}-{next(counter):x}"
 
 
 class StoreError(RuntimeError):
