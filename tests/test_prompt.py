@@ -284,3 +284,21 @@ def test_a_request_encodes_only_what_follows_the_messages_it_shares_with_the_las
     other = {"messages": [{"role": "system", "content": "Someone else."}], "max_tokens": 4}
     assert json.loads(requests.body(other)) == other
     assert json.loads(requests.body({"messages": []})) == {"messages": []}
+
+
+def test_cache_keys_follow_values_not_the_order_their_fields_were_declared_in(tmp_path: Path) -> None:
+    from turnflow.cache import CompositionCache
+
+    cache = CompositionCache(tmp_path / "cache")
+    who = {"persona_id": "maya", "room_id": "r1"}
+
+    def key(values: dict[str, object]) -> str:
+        return cache.key("voice-chat", "digest", "notes", values, who)
+
+    plain = key({"room_id": "r1", "history_tail_msg_ids": "4,5"})
+    assert plain == key({"history_tail_msg_ids": "4,5", "room_id": "r1"})
+    assert plain != key({"room_id": "r1", "history_tail_msg_ids": "4,6"})
+    nested = key({"room_id": "r1", "topic": {"b": 1, "a": 2}})
+    assert nested == key({"topic": {"a": 2, "b": 1}, "room_id": "r1"})
+    assert nested != key({"room_id": "r1", "topic": '{"a":2,"b":1}'})  # a text is not the object it spells
+    cache.close()

@@ -11,6 +11,7 @@ under each key, kept longer than the entries themselves.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import threading
 import time
@@ -108,6 +109,24 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+_PLAIN = (str, int, float, bool, type(None))
+_FLAT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _key_blob(
+    recipe_id: str, recipe_digest: str, source: str, key_values: dict[str, Any], scopes: tuple[str, ...],
+    epochs: tuple[int, ...],
+) -> str:
+    """What an entry's key is the hash of: the recipe, the source, its key values by field name and the epochs of
+    their scopes. Plain values (text, numbers) are one flat JSON list, without the sorting of nested keys
+    `canonical_json` does; anything else is canonical JSON (an object, so the two never make the same text)."""
+    values = sorted(key_values.items())
+    if all(type(value) in _PLAIN for _, value in values):
+        return _FLAT.encode([recipe_id, recipe_digest, source, values, scopes, epochs])
+    return canonical_json({"recipe": [recipe_id, recipe_digest], "source": source, "key": key_values,
+                           "epochs": dict(zip(scopes, epochs, strict=True))})
+
+
 class CompositionCache:
     """Source outputs under recipe-declared keys, with TTL, event invalidation and the tier ledger."""
 
@@ -192,9 +211,7 @@ class CompositionCache:
         except TypeError:
             memo, key = None, None
         if key is None:
-            blob = canonical_json({"recipe": [recipe_id, recipe_digest], "source": source, "key": key_values,
-                                   "epochs": dict(zip(scopes, epochs, strict=True))})
-            key = "entry:" + fingerprint(blob)
+            key = "entry:" + fingerprint(_key_blob(recipe_id, recipe_digest, source, key_values, scopes, epochs))
             if memo is not None:
                 self._remember_key(self._keys, memo, key)
         return key
