@@ -213,6 +213,17 @@ def test_semi_stable_source_that_rewrites_is_a_violation(tmp_path: Path) -> None
     assert [(v["source"], v["kind"]) for v in found] == [("progress", "not_append_only")]
 
 
+def test_semi_stable_source_keyed_by_every_message_that_rewrites_is_a_violation(tmp_path: Path) -> None:
+    """Its record stays in this process and is compared as text: an append passes, a rewrite is caught."""
+    source = {"name": "progress", "tier": "semi_stable", "fn": "my_sources:turns_so_far",
+              "cache_key": ["room_id", "history_tail_msg_ids"]}
+    with Session(_with_user_source(tmp_path, source), state_dir=tmp_path / "state") as session:
+        assert _violations(session) == []
+        session.store.add_message("standup", 1, Participant("bob", "person", "bob"), "bob: hi", "hi")
+        found = _violations(session)
+    assert [(v["source"], v["kind"]) for v in found] == [("progress", "not_append_only")]
+
+
 def test_strict_mode_stops_before_the_model_call(tmp_path: Path) -> None:
     path = _with_user_source(tmp_path, {"name": "server_clock", "tier": "invariant", "fn": "my_sources:wall_clock"})
     with Session(path, state_dir=tmp_path / "state", strict=True) as session:

@@ -347,6 +347,12 @@ class CompositionCache:
         keeps the record in this process (a source whose key changes with every message is recorded every turn).
         """
         key = f"ledger:semi:{source}:{ledger_key}"
+        if not shared:  # kept in this process: the text itself is the record, compared and never hashed
+            previous = self._remembered(f"{key}:text")
+            self._remember(f"{key}:text", (text, None), time.time() + _LEDGER_TTL_S)
+            if previous is _MISSING or text.startswith(previous[0]):
+                return None
+            return _not_append_only(source)
         before = self._ledger_read(key, shared=shared)
         digest = digest or fingerprint(text)
         self._ledger_write(key, (len(text), digest), shared=shared)
@@ -364,13 +370,17 @@ class CompositionCache:
                 appended = fingerprint(text[:length]) == digest_before
             if appended:
                 return None
-        return Violation(
-            source,
-            "semi_stable",
-            "not_append_only",
-            f"semi-stable source {source!r} changed what it rendered before instead of only appending; "
-            f"the model server must re-process everything after it",
-        )
+        return _not_append_only(source)
+
+
+def _not_append_only(source: str) -> Violation:
+    return Violation(
+        source,
+        "semi_stable",
+        "not_append_only",
+        f"semi-stable source {source!r} changed what it rendered before instead of only appending; "
+        f"the model server must re-process everything after it",
+    )
 
 
 _MISSING = object()

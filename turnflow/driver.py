@@ -132,7 +132,7 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
         if volatile:  # no promise to check: its canonical text is made only if asked for
             return SourceOutput(spec.name, spec.tier, value, "miss" if key else "off", user_defined)
         text = canonical_text(value)
-        violations = _check_tier(cache, spec, key, kwargs, text, namespace)
+        violations = _check_tier(cache, spec, key, kwargs, text, namespace, shared)
         return SourceOutput(
             spec.name, spec.tier, value, "miss" if key else "off", user_defined, tuple(v.as_dict() for v in violations),
             known_canonical=text,
@@ -157,14 +157,15 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
 
 
 def _check_tier(
-    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], text: str, namespace: str
+    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], text: str, namespace: str,
+    shared: bool,
 ) -> list[Violation]:
-    """Record a fresh rendering (its canonical `text`) in the ledger and report a broken tier promise."""
+    """Record a fresh rendering (its canonical `text`) in the ledger and report a broken tier promise. `shared`: the
+    record is seen by other processes (else it stays in this one, and is compared as text, never hashed)."""
     if spec.tier == "volatile":
         return []
     scope = key or f"{namespace}|{values['persona_id']}|{values['room_id']}"
-    digest = sha256_text(text)
-    shared = not _per_message(spec)
+    digest = sha256_text(text) if shared else None
     found: list[Violation | None] = []
     if spec.tier == "invariant":
         found.append(cache.check_invariant(spec.name, scope, text, digest=digest, shared=shared))
