@@ -9,16 +9,22 @@ TURNFLOW_HOME and stopped afterwards) with the bench's recipe: the voice-chat ex
 seeded with `--history` messages. Prints p50/p95 of the per-turn overhead (`timings_ms.turnflow`, the turn's
 total minus the model stream, STT, TTS, adapter page-ins and KV paging, plus `timings_ms.setup`, the route and
 DAG lookup before it) and of each node. Target: p50 <= 1 ms.
+
+Also prints how much colder this machine's caches are at the start of a turn than in a loop: a fixed piece of
+work (a dict walk, a JSON encoding, a SHA-256) timed back to back and timed after 0.3 s of waiting. On a shared
+virtual machine the host empties the caches within ~0.1 s, so per-turn work costs several times what a loop shows.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,27 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
+
+
+def _reference_work(table: dict[str, int]) -> float:
+    """Microseconds for one fixed piece of work of the kinds a turn does."""
+    started = time.perf_counter_ns()
+    total = sum(table[key] for key in table)
+    hashlib.sha256(json.dumps([total, table], sort_keys=True).encode()).hexdigest()
+    return (time.perf_counter_ns() - started) / 1000
+
+
+def cache_coldness(samples: int = 20, wait_s: float = 0.3) -> dict[str, float]:
+    """The reference work's p50 back to back (warm) and after `wait_s` of waiting (as at a turn's start)."""
+    table = {f"key-{i}": i for i in range(200)}
+    warm, cold = [], []
+    for _ in range(samples):
+        time.sleep(wait_s)
+        cold.append(_reference_work(table))
+        warm.append(min(_reference_work(table) for _ in range(5)))
+    warm_us, cold_us = statistics.median(warm), statistics.median(cold)
+    return {"warm_us": round(warm_us, 1), "after_wait_us": round(cold_us, 1), "wait_s": wait_s,
+            "factor": round(cold_us / warm_us, 1)}
 
 
 def seed_history(session: Any, room: str, persona: str, persona_name: str, messages: int) -> None:
@@ -87,6 +114,7 @@ def main() -> None:
                 results = run_turns(session, personas, args.turns, args.profile)
         finally:
             server.down()
+    results["coldness"] = cache_coldness()
     report(results, args)
 
 
@@ -133,6 +161,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
                         "max": round(max(overheads), 3)},
         "nodes_ms": {name: {"p50": round(statistics.median(v), 3), "p95": round(percentile(v, 95), 3)}
                      for name, v in sorted(own.items(), key=lambda kv: -statistics.median(kv[1]))},
+        "cache_coldness": results["coldness"],
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpu": os.cpu_count(),
     }
@@ -144,6 +173,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print("per node (p50 / p95 ms), the nodes the model stream, STT and TTS run in left out:")
     for name, v in summary["nodes_ms"].items():
         print(f"  {name:26s} {v['p50']:7.3f} / {v['p95']:7.3f}")
+    c = summary["cache_coldness"]
+    print(f"this machine: a fixed piece of work takes {c['warm_us']:.1f} us back to back and "
+          f"{c['after_wait_us']:.1f} us after {c['wait_s']} s of waiting ({c['factor']}x): "
+          "what a turn does once costs that much more than in a loop")
     print(f"load average {summary['load_average']}", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps({"options": {"history": args.history, "prompt_tokens": args.prompt_tokens,
