@@ -115,9 +115,9 @@ class TextDigests:
     """SHA-256 of texts that mostly repeat or extend one seen before (a persona's system prompt, its history).
 
     A text that starts with a recently hashed one is hashed from where that one ended (hashlib state is copied,
-    the prefix is compared, not hashed again); one that is the very object hashed before costs a lookup. Any other
-    text is hashed in full. Candidates are found by the text's first bytes, so histories that share a start (a
-    room's personas) keep one candidate each.
+    the prefix is compared, not hashed again); one that is the very object hashed before costs a lookup (its
+    digest is kept: no hashing library is called). Any other text is hashed in full. Candidates are found by the
+    text's first bytes, so histories that share a start (a room's personas) keep one candidate each.
     """
 
     _HEAD = 512
@@ -125,30 +125,34 @@ class TextDigests:
 
     def __init__(self, capacity: int = 128):
         self._capacity = capacity
-        self._seen: dict[str, list[tuple[str, Any, int]]] = {}
+        self._seen: dict[str, list[tuple[str, Any, int, str]]] = {}
 
     def sha256(self, text: str) -> tuple[str, int]:
         """The hex SHA-256 of `text` encoded as UTF-8, and that encoding's length in bytes."""
         head = text[: self._HEAD]
         candidates = self._seen.pop(head, [])
-        found: tuple[Any, int] | None = None
-        for index, (before, state, size) in enumerate(candidates):
-            if before is text or (len(before) <= len(text) and text.startswith(before)):
-                found = state.copy(), size
-                if len(before) < len(text):
-                    rest = text[len(before):].encode()
-                    found[0].update(rest)
-                    found = found[0], size + len(rest)
-                del candidates[index]
-                break
+        found: tuple[Any, int, str] | None = None
+        for index, (before, state, size, hexdigest) in enumerate(candidates):
+            if before is text:  # the very text hashed before: its digest as it was
+                found = state, size, hexdigest
+            elif len(before) <= len(text) and text.startswith(before):
+                grown = state.copy()
+                rest = text[len(before):].encode()
+                grown.update(rest)
+                found = grown, size + len(rest), grown.hexdigest()
+            else:
+                continue
+            del candidates[index]
+            break
         if found is None:
             encoded = text.encode()
-            found = hashlib.sha256(encoded), len(encoded)
+            state = hashlib.sha256(encoded)
+            found = state, len(encoded), state.hexdigest()
         candidates.insert(0, (text, *found))
         self._seen[head] = candidates[: self._PER_HEAD]  # re-inserted: the newest heads stay
         while len(self._seen) > self._capacity:
             self._seen.pop(next(iter(self._seen)))
-        return str(found[0].hexdigest()), found[1]
+        return found[2], found[1]
 
 
 _DIGESTS = TextDigests()
