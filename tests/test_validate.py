@@ -120,6 +120,24 @@ def test_example_recipes_are_valid() -> None:
             ["unknown backend 'nowhere'"],
             id="unknown-backend",
         ),
+        pytest.param(
+            "recipe: x\n" + GOOD_SOURCES + "speech:\n  tts: espeak-ng\n  stt: whisperx\n",
+            8,
+            ["unknown stt bridge 'whisperx'", "'pocketsphinx', 'whisper' or {url: ..., model: ...}"],
+            id="unknown-stt-bridge",
+        ),
+        pytest.param(
+            "recipe: x\n" + GOOD_SOURCES + "speech:\n  tts: pipper\n",
+            7,
+            ["unknown tts bridge 'pipper'", "'espeak-ng', 'espeak', 'piper' or {url: ..., model: ...}"],
+            id="unknown-tts-bridge",
+        ),
+        pytest.param(
+            "recipe: x\n" + GOOD_SOURCES + "speech:\n  describe: {url: 'http://127.0.0.1:9', modle: vl}\n",
+            7,
+            ["the describe bridge does not take ['modle']", "url, model, api_key, timeout"],
+            id="http-bridge-key",
+        ),
         *[
             pytest.param(
                 GOOD_SOURCES.replace("sources:\n", f"recipe: x\nsources:\n  - {{name: {name}, tier: volatile, "

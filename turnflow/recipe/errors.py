@@ -74,6 +74,8 @@ def _pydantic_problems(doc: _Document, exc: ValidationError, what: str) -> list[
             msg = f"{_where(what, loc)} must be a mapping of keys, got {type(value).__name__}"
         elif kind in ("tuple_type", "list_type"):
             msg = f"{field} must be a list, got {type(value).__name__} {value!r}"
+        elif kind == "value_error":  # a validator's own words say what is wrong and what would be right
+            msg = f"{field}: {err.get('ctx', {}).get('error', err['msg'])}"
         else:
             msg = f"{field}: {err['msg']} (got {value!r})"
         line = doc.line(loc + ("<value>",)) if kind not in ("extra_forbidden", "missing") else doc.line(loc)

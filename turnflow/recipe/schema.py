@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 TIERS: tuple[str, ...] = ("invariant", "semi_stable", "volatile")
 Tier = Literal["invariant", "semi_stable", "volatile"]
@@ -51,12 +51,53 @@ class SourceSpec(_Strict):
         return bool(self.cache_key)
 
 
+STT_BRIDGES = ("pocketsphinx", "whisper")
+TTS_BRIDGES = ("espeak-ng", "espeak", "piper")
+_HTTP_BRIDGE_KEYS = {
+    "stt": ("url", "model", "api_key", "timeout", "language"),
+    "tts": ("url", "model", "api_key", "timeout"),
+    "describe": ("url", "model", "api_key", "timeout"),
+}
+
+
+def _bridge(kind: str, value: Any, names: tuple[str, ...]) -> Any:
+    """A bridge named by the recipe: one of `names`, or an HTTP engine (`{url: ..., model: ...}`)."""
+    allowed = _HTTP_BRIDGE_KEYS[kind]
+    http = "{url: ..., model: ...}"
+    if isinstance(value, str):
+        if value not in names:
+            choices = ", ".join(repr(n) for n in names)
+            raise ValueError(f"unknown {kind} bridge {value!r}; use {choices + ' or ' if choices else ''}{http}")
+        return value
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"the {kind} bridge does not take {unknown}; its keys are {', '.join(allowed)}")
+    if not isinstance(value.get("url"), str) or not value["url"]:
+        raise ValueError(f"an HTTP {kind} bridge needs a 'url' (an OpenAI-compatible server), got {value.get('url')!r}")
+    return value
+
+
 class SpeechSpec(_Strict):
     """Speech bridges, used only where the model lacks the modality."""
 
     stt: str | dict[str, Any] = "pocketsphinx"
     tts: str | dict[str, Any] = "espeak-ng"
     describe: str | dict[str, Any] | None = None
+
+    @field_validator("stt")
+    @classmethod
+    def _known_stt(cls, value: Any) -> Any:
+        return _bridge("stt", value, STT_BRIDGES)
+
+    @field_validator("tts")
+    @classmethod
+    def _known_tts(cls, value: Any) -> Any:
+        return _bridge("tts", value, TTS_BRIDGES)
+
+    @field_validator("describe")
+    @classmethod
+    def _known_describe(cls, value: Any) -> Any:
+        return None if value in (None, "none") else _bridge("describe", value, ())
 
 
 class CacheSpec(_Strict):
