@@ -1,7 +1,7 @@
 """turnflow's own work per turn: everything but the model, STT and TTS, measured over consecutive turns.
 
     .venv/bin/python benchmarks/turn_overhead.py [--history 100] [--prompt-tokens 14000] [--turns 60]
-                                                 [--json FILE] [--profile FILE]
+                                                 [--max-tokens 24] [--json FILE] [--profile FILE]
 
 Runs a conversation on an embedded llama-server with the generated `tiny` model (started in a throw-away
 TURNFLOW_HOME and stopped afterwards) with the bench's recipe: the voice-chat example padded to
@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--history", type=int, default=100, help="messages in each room before the timed turns")
     parser.add_argument("--prompt-tokens", type=int, default=14000, help="the prompt's size at the first turn")
     parser.add_argument("--turns", type=int, default=60, help="timed turns (after 4 warm-up turns)")
+    parser.add_argument("--max-tokens", type=int, default=24,
+                        help="reply length: the model's time between a turn's work before and after its stream")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the timed turns to this file")
     parser.add_argument("--own-core", action="store_true",
@@ -92,7 +94,8 @@ def main() -> None:
         from turnflow.session import Session
 
         options = BenchOptions.preset(personas=2, turns=args.history // 2 + args.turns + 4,
-                                      prompt_tokens=args.prompt_tokens, model="tiny", audio=False, max_tokens=24)
+                                      prompt_tokens=args.prompt_tokens, model="tiny", audio=False,
+                                      max_tokens=args.max_tokens)
         spec = backend_spec(options, ctx_per_slot=context_per_slot(options), audio=False)
         server = EmbeddedServer("bench", spec)
         try:
@@ -179,8 +182,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
           "what a turn does once costs that much more than in a loop")
     print(f"load average {summary['load_average']}", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps({"options": {"history": args.history, "prompt_tokens": args.prompt_tokens,
-                                                     "turns": args.turns}, **summary}, indent=2) + "\n")
+        options = {"history": args.history, "prompt_tokens": args.prompt_tokens, "turns": args.turns,
+                   "max_tokens": args.max_tokens}
+        args.json.write_text(json.dumps({"options": options, **summary}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
