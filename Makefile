@@ -45,7 +45,7 @@ faults: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy turnflow nodes dataflows viz
+	$(BIN)/mypy turnflow nodes dataflows viz benchmarks
 
 clean:
 	rm -rf $(VENV) build bench-runs .pytest_cache

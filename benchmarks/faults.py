@@ -124,7 +124,6 @@ def percent(part: int, whole: int) -> float:
 
 def kill_server(turns: int, seed: int, work: Path) -> dict[str, Any]:
     """kill -9 the embedded server at random points while text and audio turns run; check every room."""
-    from turnflow.server import EmbeddedServer
     from turnflow.session import Session, TurnError
 
     rng = random.Random(seed)
@@ -132,11 +131,13 @@ def kill_server(turns: int, seed: int, work: Path) -> dict[str, Any]:
     utterances = [espeak(text, work / f"utterance-{i}.wav") for i, text in enumerate(
         ["Maya, what is on the agenda today?", "Helper, can you check the build?", "Teacher, explain recursion."])]
     personas = ["maya", "helper", "teacher"]  # their adapters fit the server at once: no page-in restarts
-    figures = {"turns": turns, "kills": 0, "failed": 0, "failed_left_room_unchanged": 0, "succeeded": 0,
-               "succeeded_after_restart": 0, "corrupted_histories": 0, "unexpected_errors": 0}
+    figures: dict[str, Any] = {"turns": turns, "kills": 0, "failed": 0, "failed_left_room_unchanged": 0,
+                               "succeeded": 0, "succeeded_after_restart": 0, "corrupted_histories": 0,
+                               "unexpected_errors": 0}
     problems: list[str] = []
     with Session(recipe, state_dir=work / "kill-state") as session:
-        server: EmbeddedServer = session.backend.server
+        server = session.backend.server
+        assert server is not None, "the fault suite runs on an embedded server"
         kills_seen = 0  # kills before the last successful turn began
         for n in range(turns):
             kills_before = figures["kills"]
@@ -252,6 +253,7 @@ def concurrent_turns(personas: int, turns: int, work: Path) -> dict[str, Any]:
         held = [o.persona_id for o in owners if o.persona_id]
         inconsistent = sum(1 for o in owners if o.busy) + (len(held) - len(set(held)))
         sources = [r["kv"]["source"] for rs in reports.values() for r in rs]
+        assert backend.server is not None
         backend.server.down()
     return {"personas": personas, "turns_each": turns, "turns": personas * turns,
             "wrong_room_or_persona": wrong, "lost_turns": lost, "inconsistent_slots": inconsistent,
@@ -773,7 +775,8 @@ def bad_media(work: Path) -> dict[str, Any]:
     recipe = recipe_copy(work / "media")
     speech = espeak("Helper, what is the weather like for the offsite?", work / "speech.wav").read_bytes()
     refused_types = (AudioError, ImageError, TurnError)
-    figures = {"inputs": 0, "refused_cleanly": 0, "accepted": 0, "tracebacks": 0, "history_untouched": 0}
+    figures: dict[str, Any] = {"inputs": 0, "refused_cleanly": 0, "accepted": 0, "tracebacks": 0,
+                               "history_untouched": 0}
     accepted: list[str] = []
     problems: list[str] = []
     with Session(recipe, state_dir=work / "media-state") as session:
@@ -803,6 +806,7 @@ def bad_media(work: Path) -> dict[str, Any]:
                 figures["history_untouched"] += 1
             else:
                 problems.append(f"{kind} {name}: the room changed")
+        assert session.backend.server is not None
         session.backend.server.down()
     refusals = figures["inputs"] - figures["accepted"]
     figures["refused_cleanly_pct"] = percent(figures["refused_cleanly"], figures["inputs"])
