@@ -109,6 +109,9 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+CacheKey = str | tuple[Any, ...]
+"""An entry's key: a SHA-256 (`entry:...`), or for an entry kept in this process the tuple it is made of."""
+
 _PLAIN = (str, int, float, bool, type(None))
 _FLAT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
@@ -138,7 +141,7 @@ class CompositionCache:
         self._epochs_file = self.directory / "epochs.stamp"
         """Replaced (a new inode) whenever an event is published: a turn reads the epochs only when it changed."""
         self._epochs_seen: tuple[tuple[int, int, int] | None, dict[str, int]] | None = None
-        self._memory: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._memory: OrderedDict[CacheKey, tuple[float, Any]] = OrderedDict()
         """Entries and ledger records this process read or wrote, with their expiry (`time.time()`): a hit is
         served from here without decoding the disk's JSON. Keys carry the epochs, so events still reach them."""
         self._memory_entries = memory_entries
@@ -191,16 +194,7 @@ class CompositionCache:
         who = (key_values.get("persona_id", scope_values.get("persona_id")),
                key_values.get("room_id", scope_values.get("room_id")))
         fields = tuple(key_values)
-        scopes = self._key_scopes.get((recipe_id, fields, who))
-        if scopes is None:
-            values = {"persona_id": who[0], "room_id": who[1]}
-            found = {f"recipe:{recipe_id}"}
-            for field in fields:
-                for scope in scopes_of(field):
-                    value = values.get(_SCOPE_VALUE_FIELD[scope])
-                    found.add(f"{scope}:{'*' if value is None else value}")
-            scopes = tuple(sorted(found))
-            self._remember_key(self._key_scopes, (recipe_id, fields, who), scopes)
+        scopes = self._scopes(recipe_id, fields, who)
         if self._epochs is None:
             self.begin_turn()
         current = self._epochs or {}
@@ -217,19 +211,29 @@ class CompositionCache:
         return key
 
     def key_of(
-        self, spec: tuple[str, str, str, tuple[str, ...]], values: tuple[Any, ...], persona_id: str, room_id: str
-    ) -> str:
+        self, spec: tuple[str, str, str, tuple[str, ...]], values: tuple[Any, ...], persona_id: str, room_id: str,
+        *, local: bool = False,
+    ) -> CacheKey:
         """`key` for one source node: `spec` is its (recipe id, recipe digest, source, key fields), `values` the
-        fields' values this turn (the same key, without building its arguments every turn)."""
+        fields' values this turn (the same key, without building its arguments every turn).
+
+        `local=True` is for entries kept in this process only (`shared=False`): their key may be the tuple of what
+        the key is made of, neither encoded nor hashed (a key that changes with every message is new every turn)."""
         recipe_id, recipe_digest, source, fields = spec
         scopes = self._key_scopes.get((recipe_id, fields, (persona_id, room_id)))
+        if scopes is None and local:
+            scopes = self._scopes(recipe_id, fields, (persona_id, room_id))
         if scopes is not None:
             if self._epochs is None:
                 self.begin_turn()
             current = self._epochs or {}
             epochs = tuple([current.get(scope, 0) for scope in scopes])
+            memo = (recipe_id, recipe_digest, source, fields, values, scopes, epochs)
             try:
-                key = self._keys.get((recipe_id, recipe_digest, source, fields, values, scopes, epochs))
+                if local:
+                    hash(memo)  # the values are hashable: the tuple serves as the key
+                    return memo
+                key = self._keys.get(memo)
             except TypeError:
                 key = None
             if key is not None:
@@ -237,23 +241,38 @@ class CompositionCache:
         return self.key(recipe_id, recipe_digest, source, dict(zip(fields, values, strict=True)),
                         {"persona_id": persona_id, "room_id": room_id})
 
+    def _scopes(self, recipe_id: str, fields: tuple[str, ...], who: tuple[Any, Any]) -> tuple[str, ...]:
+        """The scopes (`recipe:…`, `persona:…`, `room:…`) whose events make a key of these fields stale, for a
+        persona and room `who` (worked out once per field names, persona and room)."""
+        scopes = self._key_scopes.get((recipe_id, fields, who))
+        if scopes is None:
+            values = {"persona_id": who[0], "room_id": who[1]}
+            found = {f"recipe:{recipe_id}"}
+            for field in fields:
+                for scope in scopes_of(field):
+                    value = values.get(_SCOPE_VALUE_FIELD[scope])
+                    found.add(f"{scope}:{'*' if value is None else value}")
+            scopes = tuple(sorted(found))
+            self._remember_key(self._key_scopes, (recipe_id, fields, who), scopes)
+        return scopes
+
     @staticmethod
     def _remember_key(table: dict[Any, Any], memo: Any, value: Any) -> None:
         if len(table) >= 8192:  # bounded: a new history tail every turn makes new keys
             table.clear()
         table[memo] = value
 
-    def get(self, key: str, *, shared: bool = True) -> tuple[bool, Any]:
+    def get(self, key: CacheKey, *, shared: bool = True) -> tuple[bool, Any]:
         """(True, value) on a hit, (False, None) on a miss or an expired entry; `shared=False`: an entry kept in
         this process only (see `set`)."""
         value = self._remembered(key)
-        if value is _MISSING and shared:
+        if value is _MISSING and shared and isinstance(key, str):
             value, expire_time = self._read_with_expiry(key)
             if value is not _MISSING:
                 self._remember(key, value, expire_time)
         return (False, None) if value is _MISSING else (True, value)
 
-    def _remembered(self, key: str) -> Any:
+    def _remembered(self, key: CacheKey) -> Any:
         with self._lock:
             found = self._memory.get(key)
             if found is None:
@@ -264,7 +283,7 @@ class CompositionCache:
             self._memory.move_to_end(key)
             return found[1]
 
-    def _remember(self, key: str, value: Any, expire_time: float | None) -> None:
+    def _remember(self, key: CacheKey, value: Any, expire_time: float | None) -> None:
         with self._lock:
             self._memory[key] = (expire_time if expire_time is not None else math.inf, value)
             self._memory.move_to_end(key)
@@ -293,12 +312,12 @@ class CompositionCache:
         """Keep a small value beside the entries."""
         self._store.set(f"marker:{name}", value)
 
-    def set(self, key: str, value: Any, ttl_s: float, *, shared: bool = True) -> None:
+    def set(self, key: CacheKey, value: Any, ttl_s: float, *, shared: bool = True) -> None:
         """Store a source's output for `ttl_s` seconds; `shared=False` keeps it in this process only (for keys that
         change with every message: another process would rarely meet the key again, and writing a long history
         to disk every turn costs more than rendering it)."""
         self._remember(key, value, time.time() + ttl_s)
-        if shared:
+        if shared and isinstance(key, str):
             self._store.set(key, value, expire=ttl_s)
 
     # -- tier ledger

@@ -21,7 +21,7 @@ from hamilton.function_modifiers import group, inject, source, tag
 from hamilton.lifecycle import api as lifecycle
 from hamilton.node import DependencyType
 
-from turnflow.cache import CompositionCache, Violation
+from turnflow.cache import CacheKey, CompositionCache, Violation
 from turnflow.dataflows import turn as turn_dataflow
 from turnflow.dataflows import voice as voice_dataflow
 from turnflow.dependencies import scopes_of
@@ -117,7 +117,7 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
         key = None
         if spec.cached:
             values = tuple([kwargs[f] for f in fields])
-            key = cache.key_of(key_spec, values, kwargs["persona_id"], kwargs["room_id"])
+            key = cache.key_of(key_spec, values, kwargs["persona_id"], kwargs["room_id"], local=not shared)
             hit, value = cache.get(key, shared=shared)
             if hit:
                 known_key, known_value, output = last_hit
@@ -157,14 +157,14 @@ def make_source_node(recipe: Recipe, spec: SourceSpec, profile: dict[str, str]) 
 
 
 def _check_tier(
-    cache: CompositionCache, spec: SourceSpec, key: str | None, values: dict[str, Any], text: str, namespace: str,
-    shared: bool,
+    cache: CompositionCache, spec: SourceSpec, key: CacheKey | None, values: dict[str, Any], text: str,
+    namespace: str, shared: bool,
 ) -> list[Violation]:
     """Record a fresh rendering (its canonical `text`) in the ledger and report a broken tier promise. `shared`: the
     record is seen by other processes (else it stays in this one, and is compared as text, never hashed)."""
     if spec.tier == "volatile":
         return []
-    scope = key or f"{namespace}|{values['persona_id']}|{values['room_id']}"
+    scope = str(key) if key else f"{namespace}|{values['persona_id']}|{values['room_id']}"
     digest = sha256_text(text) if shared else None
     found: list[Violation | None] = []
     if spec.tier == "invariant":
