@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -508,7 +509,7 @@ class Session:
             "speech": round(timings.get("speech", 0.0) + timings.get("voice_fingerprint", 0.0), 2),
             "turnflow": round(total_ms - external_ms, 2),
             "setup": round(setup_ms, 2),
-            "nodes": {name: round(ms, 3) for name, ms in timings.items()},
+            "nodes": dict(zip(timings, map(round, timings.values(), repeat(3)), strict=True)),
         }
         report["metrics"] = {  # LiveKit Agents' names, in seconds
             "ttft": _seconds(reply.ttft_ms),
