@@ -13,6 +13,7 @@ before it. The prefix hashes in the report prove it turn by turn.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -142,7 +143,8 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         user_message=user_message,
         invariant_sha256=invariant_sha256,
         invariant_bytes=invariant_bytes,
-        semi_stable_sha256=sha256_text("\x1e".join(digest for digest, _ in sections)),
+        # a short text new every turn: hashed as it is, not looked up among the texts that extend earlier ones
+        semi_stable_sha256=hashlib.sha256("\x1e".join(digest for digest, _ in sections).encode()).hexdigest(),
         semi_stable_bytes=sum(size for _, size in sections) + max(0, len(sections) - 1),
         volatile_bytes=len(tier_text["volatile"][0].encode()),
         order=order,
