@@ -232,7 +232,12 @@ class MessageJson:
             for part in parts:
                 at += len(part) + (1 if at else 0)
                 ends.append(at)
-            stored = _Run(tuple(messages), tuple(ends), memoryview(content)[13: 13 + at])  # after '{"messages":['
+            # kept up to the first message that is not text (audio or image parts are new every turn and can be
+            # large): the view of this request's bytes when that is all of them, else a copy of that much
+            keep = next((i for i in range(shared, len(messages)) if type(messages[i].get("content")) is not str),
+                        len(messages))
+            view = memoryview(content)[13: 13 + (ends[keep - 1] if keep else 0)]  # after '{"messages":['
+            stored = _Run(tuple(messages[:keep]), tuple(ends[:keep]), view if keep == len(messages) else view.tobytes())
             with self._lock:
                 self._runs.pop(first, None)
                 self._runs[first] = stored

@@ -285,6 +285,8 @@ def test_a_request_encodes_only_what_follows_the_messages_it_shares_with_the_las
     assert json.loads(requests.body(second)) == second
     # the user message the last request ended with is the same role and text: only the reply and the audio are new
     assert encoded == [history[-1], audio, {"stream": True, "id_slot": 1}]
+    kept = requests._runs[system]  # what is kept for the next request stops before the audio (large, never repeated)
+    assert audio not in kept.messages and bytes(kept.joined).decode().endswith('"Soon."}')
 
     encoded.clear()
     history[3] = {"role": "user", "content": "an edited message"}  # anything but an append: encoded from there on
