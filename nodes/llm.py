@@ -192,7 +192,8 @@ class MessageJson:
     objects (cached sections, the rendered history), so a request is compared with the last one that began with
     the same system text, message by message, and only what follows the messages they share is encoded. A
     message is shared when it is the very same dict (turnflow never changes a message once made: the history and
-    the composition cache rely on that too), or when both are a role and the same text.
+    the composition cache rely on that too), or when both are a role and the same text. What is kept of a request
+    stops before its first message that is not text (audio or image parts: large, and new every turn).
     """
 
     def __init__(self, runs: int = 256):
