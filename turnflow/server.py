@@ -309,11 +309,26 @@ def _healthy(url: str) -> bool:
 
 
 def spawn(command: Sequence[str], log_file: Path) -> subprocess.Popen[bytes]:
-    """Start a llama-server command line in a session of its own (stop it with `kill_group`), output to `log_file`."""
-    with open(log_file, "wb") as log:
-        return subprocess.Popen(
-            list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-        )
+    """Start a llama-server command line in a session of its own (stop it with `kill_group`), output to `log_file`.
+
+    A Ctrl-C while it starts is held until the process is known (in the main thread), then the process is stopped
+    and the interrupt goes on: a `KeyboardInterrupt` inside `Popen` would leave a server nobody knows the pid of.
+    """
+    held: list[int] = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum)) if main else None
+    try:
+        with open(log_file, "wb") as log:
+            process = subprocess.Popen(
+                list(command), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+    if held:
+        kill_group(process.pid)
+        raise KeyboardInterrupt
+    return process
 
 
 def wait_healthy(process: subprocess.Popen[bytes], url: str, timeout_s: float, log_file: Path, what: str) -> str:
@@ -588,18 +603,22 @@ class EmbeddedServer:
         """Start llama-server (the lock held); retry on another port when the chosen one is taken first."""
         self.slot_dir.mkdir(parents=True, exist_ok=True)
         pool = pool_tokens or self.pool_tokens()
+        # what the health checks import on first use, imported before the wait: a Ctrl-C that lands inside an import's
+        # `exec` of generated code (a dataclass) makes CPython die by SIGINT at exit even once the CLI handled it
+        import httpcore  # noqa: F401
+
         for attempt in range(4):
             chosen = port if (port and attempt == 0) else _free_port()
             command = self.command(chosen, resident, pool)
             process = spawn(command, self.log_file)
             url = f"http://127.0.0.1:{chosen}"
-            state = ServerState(
-                self.name, process.pid, chosen, url, self._digest(), time.time(), str(self.log_file),
-                resident=list(resident),
-                binary=command[0],
-                pool_tokens=pool,
-            )
             try:
+                state = ServerState(
+                    self.name, process.pid, chosen, url, self._digest(), time.time(), str(self.log_file),
+                    resident=list(resident),
+                    binary=command[0],
+                    pool_tokens=pool,
+                )
                 outcome = wait_healthy(process, url, timeout_s, self.log_file, f"llama-server for {self.name!r}")
             except BaseException:  # Ctrl-C during the wait: no orphan server
                 kill_group(process.pid)
