@@ -16,6 +16,8 @@ from typing import Any
 
 import httpx
 
+from turnflow.recipe.schema import HTTP_BRIDGE_KEYS
+
 from .openai_http import OpenAiHttp, api_base
 
 MAX_IMAGE_BYTES = 10 * 1024 * 1024
@@ -130,8 +132,8 @@ def make_describer(spec: str | dict[str, Any] | None) -> HttpDescriber | None:
     if spec in (None, "none"):
         return None
     if isinstance(spec, dict) and isinstance(spec.get("url"), str):
-        allowed = {"url", "model", "api_key", "timeout"}
-        unknown = sorted(set(spec) - allowed)
+        allowed = HTTP_BRIDGE_KEYS["describe"]
+        unknown = sorted(set(spec) - set(allowed))
         if unknown:
             raise ValueError(f"the describe bridge does not take {unknown}; allowed keys: {sorted(allowed)}")
         return HttpDescriber(spec["url"], str(spec.get("model", "vision")), spec.get("api_key"),

@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from turnflow.recipe.schema import HTTP_BRIDGE_KEYS
+
 from .media import Audio, AudioError, load_audio
 from .openai_http import OpenAiHttp, endpoint_url
 from .streaming import SentenceSplitter, SpokenReply, words_heard
@@ -406,7 +408,7 @@ def make_stt(spec: str | dict[str, Any]) -> Stt:
     if spec == "whisper":
         return WhisperStt()
     if isinstance(spec, dict):
-        return HttpStt(**_http_options(spec, HttpStt, {"url", "model", "api_key", "timeout", "language"}))
+        return HttpStt(**_http_options(spec, HttpStt, HTTP_BRIDGE_KEYS["stt"]))
     raise ValueError(
         f"unknown speech-to-text engine {spec!r}; use 'pocketsphinx', 'whisper' or {{'url': ..., 'model': ...}}"
     )
@@ -419,14 +421,14 @@ def make_tts(spec: str | dict[str, Any]) -> Tts:
     if spec == "piper":
         return PiperTts()
     if isinstance(spec, dict):
-        return HttpTts(**_http_options(spec, HttpTts, {"url", "model", "api_key", "timeout"}))
+        return HttpTts(**_http_options(spec, HttpTts, HTTP_BRIDGE_KEYS["tts"]))
     raise ValueError(
         f"unknown text-to-speech engine {spec!r}; use 'espeak-ng', 'piper' or {{'url': ..., 'model': ...}}"
     )
 
 
-def _http_options(spec: dict[str, Any], engine: type, allowed: set[str]) -> dict[str, Any]:
-    unknown = sorted(set(spec) - allowed)
+def _http_options(spec: dict[str, Any], engine: type, allowed: tuple[str, ...]) -> dict[str, Any]:
+    unknown = sorted(set(spec) - set(allowed))
     if unknown:
         raise ValueError(f"{engine.__name__} does not take {unknown}; allowed keys: {sorted(allowed)}")
     if not isinstance(spec.get("url"), str) or not spec["url"]:

@@ -53,7 +53,7 @@ class SourceSpec(_Strict):
 
 STT_BRIDGES = ("pocketsphinx", "whisper")
 TTS_BRIDGES = ("espeak-ng", "espeak", "piper")
-_HTTP_BRIDGE_KEYS = {
+HTTP_BRIDGE_KEYS: dict[str, tuple[str, ...]] = {
     "stt": ("url", "model", "api_key", "timeout", "language"),
     "tts": ("url", "model", "api_key", "timeout"),
     "describe": ("url", "model", "api_key", "timeout"),
@@ -62,7 +62,7 @@ _HTTP_BRIDGE_KEYS = {
 
 def _bridge(kind: str, value: Any, names: tuple[str, ...]) -> Any:
     """A bridge named by the recipe: one of `names`, or an HTTP engine (`{url: ..., model: ...}`)."""
-    allowed = _HTTP_BRIDGE_KEYS[kind]
+    allowed = HTTP_BRIDGE_KEYS[kind]
     http = "{url: ..., model: ...}"
     if isinstance(value, str):
         if value not in names:
