@@ -7,6 +7,7 @@ The recipe adds one node per source between `user_content` and `prompt` (see `tu
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 from contextlib import ExitStack
 from datetime import datetime
@@ -296,6 +297,10 @@ def turn_report(
             "completion_tokens": reply.completion_tokens,
             "finish_reason": reply.finish_reason,
             "ttft_ms": _round(reply.ttft_ms),
+            # the server's own clock: its prompt processing, and its time per generated token (how fast the machine
+            # ran: a benchmark's latencies compare only where this one matches)
+            "server_prompt_ms": _round(_number(reply.server_timings.get("prompt_ms"))),
+            "server_decode_ms_per_token": _round(_number(reply.server_timings.get("predicted_per_token_ms"))),
         },
         "route": {
             "audio_in": route_audio_in if media is not None else "none",
@@ -334,3 +339,10 @@ def turn_report(
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
+
+
+def _number(value: Any) -> float | None:
+    """A number the server reported, or None (missing, not a number, or not finite: one generated token)."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        return None
+    return float(value)

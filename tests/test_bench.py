@@ -111,6 +111,9 @@ def test_writes_raw_data_summary_and_plots(tiny_run: tuple[dict, Path]) -> None:
     assert all(r["slot"] is not None for r in records if r["mode"] in ("no_composition_cache", "no_ordering"))
     assert json.loads((out / "summary.json").read_text())["ratio_processed"] == summary["ratio_processed"]
     assert "| prompt tokens processed, steady state |" in (out / "summary.md").read_text()
+    assert "server ms per generated token, p50 |" in (out / "summary.md").read_text()
+    assert all(r["server_decode_ms_per_token"] > 0 for r in records)  # the server's own clock, for every mode
+    assert all(row["server_decode_ms_per_token_p50"] > 0 for row in summary["baselines"].values())
     for name in ("tokens", "latency", "memory"):
         path = Path(summary["plots"][name])
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
@@ -132,6 +135,25 @@ def test_a_run_of_turnflow_alone_reports_no_naive_column(tiny_run: tuple[dict, P
     assert "| | turnflow |\n" in report and "| prompt tokens processed, steady state | " in report
     assert "naive" not in report.split("KV (turnflow run)")[0]
     assert not [line for line in finished.stdout.splitlines() if "naive" in line and not line.startswith("note:")]
+    assert "turnflow alone (no baselines)." in report
+
+
+def test_a_run_with_some_baselines_names_the_modes_it_ran(tiny_run: tuple[dict, Path], tmp_path: Path) -> None:
+    _, out = tiny_run
+    copy = tmp_path / "some"
+    copy.mkdir()
+    shutil.copy(out / "summary.json", copy / "summary.json")
+    turns = [line for line in (out / "turns.jsonl").read_text().splitlines()
+             if json.loads(line)["mode"] in ("turnflow", "append_only", "no_pinning")]
+    (copy / "turns.jsonl").write_text("\n".join(turns) + "\n")
+    finished = subprocess.run([sys.executable, "-m", "turnflow.cli", "bench", "--rebuild", str(copy)],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    report = (copy / "summary.md").read_text()
+    assert "Modes `turnflow`, `append_only`, `no_pinning` on the same server configuration" in report
+    assert "no baselines" not in report and "| | turnflow |\n" in report
+    assert [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| `")][:3] == [
+        "`turnflow`", "`append_only`", "`no_pinning`"]
 
 
 def test_more_personas_than_examples_get_their_own_identity() -> None:

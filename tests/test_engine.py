@@ -89,6 +89,8 @@ def test_report_has_the_contract_fields(ten_turns: dict[str, list[dict]]) -> Non
     assert set(report["prefix"]) >= {"invariant_sha256", "invariant_bytes", "semi_stable_sha256"}
     assert set(report["llm"]) >= {"backend", "slot", "prompt_tokens", "prompt_tokens_processed",
                                   "prompt_tokens_cached"}
+    # llama-server's own clock, as it reported it
+    assert report["llm"]["server_prompt_ms"] > 0 and report["llm"]["server_decode_ms_per_token"] > 0
     assert set(report["route"]) >= {"audio_in", "audio_out"}
     assert set(report["invocations"]) >= {"stt", "tts", "llm"}
     assert report["tier_violations"] == []

@@ -163,6 +163,8 @@ def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: floa
         kv_saved_bytes=int(kv.get("saved_bytes") or 0),
         kv_pool_tokens=kv.get("pool_tokens"),
         kv_bytes_per_token=kv.get("bytes_per_token"),
+        server_prompt_ms=llm.get("server_prompt_ms"),
+        server_decode_ms_per_token=llm.get("server_decode_ms_per_token"),
     )
 
 

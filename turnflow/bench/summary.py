@@ -64,6 +64,10 @@ class TurnRecord(BaseModel):
     kv_saved_bytes: int = 0
     kv_pool_tokens: int | None = None
     kv_bytes_per_token: float | None = None
+    server_prompt_ms: float | None = Field(None, description="the server's own prompt processing time")
+    server_decode_ms_per_token: float | None = Field(
+        None, description="the server's own time per generated token: how fast the machine ran this turn"
+    )
 
 
 class ModeSummary(BaseModel):
@@ -87,6 +91,9 @@ class ModeSummary(BaseModel):
     ttft_ms_p50: float | None
     first_audio_ms_p50: float | None
     model_ms_p50: float | None
+    server_decode_ms_per_token_p50: float | None = Field(
+        None, description="steady state: the server's time per generated token, the machine's speed during the mode"
+    )
     turnflow_overhead_ms_p50: float | None
     node_ms_p50: dict[str, float]
     new_tokens: int | None = Field(
@@ -195,6 +202,7 @@ def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
         ttft_ms_p50=_percentile([r.ttft_ms for r in steady], 50),
         first_audio_ms_p50=_percentile([r.first_audio_ms for r in steady], 50),
         model_ms_p50=_percentile([r.model_ms for r in steady], 50),
+        server_decode_ms_per_token_p50=_percentile([r.server_decode_ms_per_token for r in steady], 50),
         turnflow_overhead_ms_p50=_percentile([r.turnflow_ms for r in steady], 50),
         node_ms_p50=dict(sorted(node_p50.items(), key=lambda item: -item[1])),
         new_tokens=sum(new for new, _ in new_and_again),
@@ -223,6 +231,7 @@ def baseline_row(mode: ModeSummary, turnflow: ModeSummary) -> dict[str, Any]:
         "prompt_tokens_processed": mode.prompt_tokens_processed,
         "ttft_ms_p50": mode.ttft_ms_p50,
         "e2e_ms_p50": mode.e2e_ms_p50,
+        "server_decode_ms_per_token_p50": mode.server_decode_ms_per_token_p50,
         "prompt_tokens_processed_all": mode.prompt_tokens_processed_all,
         "cache_hit_ratio_all": mode.cache_hit_ratio_all,
         "join_processed_p50": mode.join_processed_p50,
@@ -412,7 +421,7 @@ def markdown_report(summary: BenchSummary) -> str:
         f"{c['personas']} personas ({rooms}), {c['turns']} turns each, ~{summary.prompt_tokens_first_turn:,.0f}-token "
         f"prompts at a persona's first turn; {tf.audio_turns} audio turns per mode. Model server: {model}, "
         f"{summary.server.get('slots') or '?'} slots. "
-        f"{'Both modes on the same server, one after the other. ' if ran_naive else 'turnflow alone (no baselines). '}"
+        f"{_modes_sentence(summary)} "
         f"Token counts are the server's own `timings`. Steady state = each persona's turns "
         f"{summary.steady_state_from_turn}+. {summary.cpu_count} CPU cores, load average "
         f"{summary.load_average['start'][0]:.1f} → {summary.load_average['end'][0]:.1f}; wall time "
@@ -476,6 +485,14 @@ def markdown_report(summary: BenchSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _modes_sentence(summary: BenchSummary) -> str:
+    """Which modes ran, in the order they ran."""
+    ran = [f"`{name}`" for name, mode in summary.modes.items() if mode.llm_invocations]
+    if len(ran) < 2:
+        return "turnflow alone (no baselines)."
+    return f"Modes {', '.join(ran)} on the same server configuration, one after the other."
+
+
 def _first_cells(row: str, count: int) -> str:
     """A Markdown table row cut to its first `count` cells."""
     return "|" + "|".join(row.split("|")[1:count + 1]) + "|"
@@ -490,17 +507,29 @@ def _baselines_table(summary: BenchSummary) -> list[str]:
         "Every mode on the same server configuration (restarted cold between modes), steady state:",
         "",
         "| mode | cache hit ratio | prompt tokens processed | ÷ turnflow | TTFT p50 | e2e p50 "
-        "| processed after a join, p50 |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| processed after a join, p50 | server ms per generated token, p50 |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     tf = summary.modes.get("turnflow")
     for name, mode in ran.items():
         ratio = _fmt_ratio(mode.prompt_tokens_processed, tf.prompt_tokens_processed) if tf else ""
+        decode = mode.server_decode_ms_per_token_p50
         lines.append(
             f"| `{name}` | {mode.cache_hit_ratio or 0:.3f} | {_fmt_int(mode.prompt_tokens_processed)} | {ratio} | "
-            f"{_fmt_ms(mode.ttft_ms_p50)} | {_fmt_ms(mode.e2e_ms_p50)} | {_fmt_int(mode.join_processed_p50)} |"
+            f"{_fmt_ms(mode.ttft_ms_p50)} | {_fmt_ms(mode.e2e_ms_p50)} | {_fmt_int(mode.join_processed_p50)} | "
+            f"{'–' if decode is None else f'{decode:.1f}'} |"
         )
-    return [*lines, ""]
+    lines.append("")
+    speeds = [m.server_decode_ms_per_token_p50 for m in ran.values() if m.server_decode_ms_per_token_p50]
+    if len(speeds) >= 2 and max(speeds) > 1.15 * min(speeds):
+        lines += [
+            f"The server took {min(speeds):.1f} to {max(speeds):.1f} ms per generated token depending on the mode "
+            f"({max(speeds) / min(speeds) - 1:.0%} apart), with the same model and settings: the machine ran at "
+            f"different speeds, so TTFT and e2e differences of that size are not the modes' doing. The token counts "
+            f"are.",
+            "",
+        ]
+    return lines
 
 
 def _kv_lines(summary: BenchSummary) -> list[str]:
