@@ -273,7 +273,6 @@ def turn_report(
     affinity: Affinity,
 ) -> dict[str, Any]:
     """Everything measured about this turn (the session adds total timings)."""
-    spoken = speech.audio
     return {
         "persona": persona_id,
         "room": room_id,
@@ -316,7 +315,7 @@ def turn_report(
         "transcript": transcript,
         "speech": {
             "sentences": len(speech.sentences),
-            "audio_s": round(spoken.duration_s, 3) if spoken else 0.0,
+            "audio_s": round(speech.duration_s, 3),
             "first_audio_ms": _round(speech.first_audio_ms),
             "first_audio_at_char": speech.first_audio_at_char,
             "tts_ttfb_ms": _round(speech.tts_ttfb_ms),

@@ -112,6 +112,7 @@ class SpokenReply:
     first_audio_at_char: int | None = None
     #: The finished reply, once the stream this was spoken from has been read to its end.
     reply: ChatReply | None = None
+    _audio: Audio | None = field(default=None, init=False, repr=False, compare=False)
 
     def add(
         self, audio: Audio, sentence: str, *, asked: float | None, turn_started: float, sink: Any,
@@ -125,6 +126,7 @@ class SpokenReply:
             if asked is not None:
                 self.tts_ttfb_ms = (now - asked) * 1000
         self.chunks.append(audio)
+        self._audio = None
         if sentence:
             self.sentences.append(sentence)
             if not audio.caption:
@@ -134,11 +136,18 @@ class SpokenReply:
 
     @property
     def audio(self) -> Audio | None:
-        """The whole reply audio, at the first chunk's rate."""
+        """The whole reply audio, at the first chunk's rate (joined once, when first asked for)."""
         if not self.chunks:
             return None
-        rate = self.chunks[0].sample_rate
-        return Audio(np.concatenate([c.resampled(rate).samples for c in self.chunks]), rate)
+        if self._audio is None:
+            rate = self.chunks[0].sample_rate
+            self._audio = Audio(np.concatenate([c.resampled(rate).samples for c in self.chunks]), rate)
+        return self._audio
+
+    @property
+    def duration_s(self) -> float:
+        """Seconds of reply audio, without joining it."""
+        return sum(len(c.samples) / c.sample_rate for c in self.chunks)
 
 
 def words_heard(captioned: Sequence[tuple[float, str]], played_s: float) -> str:

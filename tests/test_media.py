@@ -21,6 +21,7 @@ from turnflow.nodes.media import (
     normalise,
     trim_silence,
 )
+from turnflow.nodes.streaming import SpokenReply
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 
@@ -243,3 +244,20 @@ def test_a_float_wav_with_an_infinite_sample_is_refused() -> None:
     sf.write(buffer, samples, 16000, format="WAV", subtype="FLOAT")
     with pytest.raises(AudioError, match="NaN or infinite"):
         load_audio(buffer.getvalue())
+
+
+def test_spoken_reply_joins_its_audio_once_and_knows_its_length_without_joining() -> None:
+    spoken = SpokenReply(route="tts")
+    assert spoken.audio is None and spoken.duration_s == 0.0
+    first = Audio(np.full(22050, 0.25, dtype=np.float32), 22050)
+    second = Audio(np.full(8000, -0.5, dtype=np.float32), 16000)  # another rate: joined at the first one's
+    spoken.add(first, "One.", asked=None, turn_started=0.0, sink=None, streamed_chars=4)
+    spoken.add(second, "Two.", asked=None, turn_started=0.0, sink=None, streamed_chars=8)
+    assert spoken.duration_s == pytest.approx(1.5)
+    joined = spoken.audio
+    assert joined is not None and joined.sample_rate == 22050
+    assert joined.duration_s == pytest.approx(1.5, abs=1e-3)
+    assert spoken.audio is joined  # joined once, however often it is asked for
+    third = Audio(np.zeros(2205, dtype=np.float32), 22050)
+    spoken.add(third, "Three.", asked=None, turn_started=0.0, sink=None, streamed_chars=14)
+    assert spoken.audio is not joined and spoken.audio.duration_s == pytest.approx(1.6, abs=1e-3)
