@@ -90,6 +90,16 @@ def test_raw_pcm16_bytes_with_sample_rate(speech: Audio) -> None:
     loaded = load_audio(pcm, sample_rate=speech.sample_rate)
     assert loaded.sample_rate == speech.sample_rate
     np.testing.assert_allclose(loaded.samples, speech.samples, atol=1 / 32768 + 1e-6)
+    # audio decoded from 16-bit PCM gives back the very bytes (as libsndfile writes them)
+    written = io.BytesIO()
+    sf.write(written, speech.samples, speech.sample_rate, format="RAW", subtype="PCM_16", endian="LITTLE")
+    assert pcm == written.getvalue()
+    # any other sample: the nearest step, full scale clipped
+    edges = Audio(np.array([-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 1.4 / 32768, -1.6 / 32768], dtype=np.float32), 16000)
+    assert np.frombuffer(edges.to_pcm16(), "<i2").tolist() == [-32768, -16384, 0, 8192, 16384, 32767, 1, -2]
+    resampled = speech.resampled(16000)
+    steps = np.frombuffer(resampled.to_pcm16(), "<i2").astype(np.float64)
+    assert np.abs(steps - resampled.samples * 32768.0).max() <= 0.5 + 1e-3
 
     with pytest.raises(AudioError, match="sample_rate="):
         load_audio(pcm)
