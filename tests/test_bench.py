@@ -114,6 +114,10 @@ def test_writes_raw_data_summary_and_plots(tiny_run: tuple[dict, Path]) -> None:
     assert "server ms per generated token, p50 |" in (out / "summary.md").read_text()
     assert all(r["server_decode_ms_per_token"] > 0 for r in records)  # the server's own clock, for every mode
     assert all(row["server_decode_ms_per_token_p50"] > 0 for row in summary["baselines"].values())
+    speeds = [row["server_decode_ms_per_token_p50"] for row in summary["baselines"].values()]
+    speeds.append(summary["turnflow"]["server_decode_ms_per_token_p50"])
+    warned = "say nothing about the modes" in (out / "summary.md").read_text()
+    assert warned == (max(speeds) > 1.15 * min(speeds))  # the note under the table appears exactly when it should
     for name in ("tokens", "latency", "memory"):
         path = Path(summary["plots"][name])
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name

@@ -493,6 +493,11 @@ def _modes_sentence(summary: BenchSummary) -> str:
     return f"Modes {', '.join(ran)} on the same server configuration, one after the other."
 
 
+def _decode_note(ms: float | None) -> str:
+    """The server's time per generated token for a console line (how fast the machine ran), when known."""
+    return "" if ms is None else f" (server {ms:.1f} ms per generated token)"
+
+
 def _first_cells(row: str, count: int) -> str:
     """A Markdown table row cut to its first `count` cells."""
     return "|" + "|".join(row.split("|")[1:count + 1]) + "|"
@@ -524,9 +529,9 @@ def _baselines_table(summary: BenchSummary) -> list[str]:
     if len(speeds) >= 2 and max(speeds) > 1.15 * min(speeds):
         lines += [
             f"The server took {min(speeds):.1f} to {max(speeds):.1f} ms per generated token depending on the mode "
-            f"({max(speeds) / min(speeds) - 1:.0%} apart), with the same model and settings: the machine ran at "
-            f"different speeds, so TTFT and e2e differences of that size are not the modes' doing. The token counts "
-            f"are.",
+            f"({max(speeds) / min(speeds) - 1:.0%} apart) with the same model and settings: the machine's speed "
+            f"(or, over few turns, chance) differed, so TTFT and e2e differences of that size say nothing about the "
+            f"modes. The token counts do.",
             "",
         ]
     return lines
@@ -576,9 +581,11 @@ def console_report(summary: BenchSummary) -> str:
             f"cache_hit_ratio turnflow {tf.cache_hit_ratio}" + (f" | naive {nv.cache_hit_ratio}" if vs else ""),
             f"prompt tokens processed turnflow {tf.prompt_tokens_processed:,}"
             + (f" | naive {nv.prompt_tokens_processed:,}" if vs else ""),
-            f"e2e p50 turnflow {_fmt_ms(tf.e2e_ms_p50)}" + (f" | naive {_fmt_ms(nv.e2e_ms_p50)}" if vs else ""),
+            f"e2e p50 turnflow {_fmt_ms(tf.e2e_ms_p50)}{_decode_note(tf.server_decode_ms_per_token_p50)}"
+            + (f" | naive {_fmt_ms(nv.e2e_ms_p50)}{_decode_note(nv.server_decode_ms_per_token_p50)}" if vs else ""),
             *[f"baseline {name}: hit {row['cache_hit_ratio']} processed {row['prompt_tokens_processed']:,} "
               f"ttft p50 {_fmt_ms(row['ttft_ms_p50'])} e2e p50 {_fmt_ms(row['e2e_ms_p50'])}"
+              + _decode_note(row.get("server_decode_ms_per_token_p50"))
               for name, row in summary.baselines.items() if row.get("turns")],
             f"kv: {summary.kv}",
             f"prefix stable: {summary.prefix_stable}; server RSS peak {summary.server_rss_mb} MB; "
