@@ -84,26 +84,37 @@ def _dct() -> np.ndarray:
 
 
 def _frames(samples: np.ndarray, size: int) -> np.ndarray:
-    count = 1 + max(0, (samples.size - size) // HOP)
-    index = np.arange(size)[None, :] + HOP * np.arange(count)[:, None]
-    padded = np.pad(samples, (0, max(0, index.max() + 1 - samples.size)))
-    return padded[index]
+    """Frames of `size` samples every HOP, as a read-only view of `samples` (no copy); at least `size` samples."""
+    return np.lib.stride_tricks.sliding_window_view(samples, size)[::HOP]
 
 
 def _f0s(frames: np.ndarray) -> np.ndarray:
     """F0 of each frame by normalised autocorrelation (NaN where a frame is not periodic enough)."""
     frames = frames - frames.mean(axis=1, keepdims=True)
     energy = np.einsum("ij,ij->i", frames, frames)
-    spectrum = np.fft.rfft(frames, 2 * frames.shape[1], axis=1)
-    corr = np.fft.irfft(spectrum * np.conj(spectrum), axis=1)[:, : frames.shape[1]]
-    corr /= np.maximum(energy, 1e-12)[:, None]
     low, high = int(RATE / F0_RANGE_HZ[1]), int(RATE / F0_RANGE_HZ[0])
+    # zero-padded to a length that keeps every lag up to `high` (and the one after it) free of wrap-around
+    spectrum = np.fft.rfft(frames, _fft_size(frames.shape[1] + high + 1), axis=1)
+    corr = np.fft.irfft(spectrum * np.conj(spectrum), axis=1)[:, : high + 1]
+    corr /= np.maximum(energy, 1e-12)[:, None]
     lag = low + np.argmax(corr[:, low:high], axis=1)
     rows = np.arange(frames.shape[0])
     a, b, c = corr[rows, lag - 1], corr[rows, lag], corr[rows, lag + 1]
     denominator = a - 2 * b + c
     shift = np.where(denominator != 0, 0.5 * (a - c) / np.where(denominator != 0, denominator, 1), 0.0)
     return np.where((b >= 0.45) & (energy > 1e-9), RATE / (lag + shift), np.nan)
+
+
+def _fft_size(at_least: int) -> int:
+    """The smallest 2^a 3^b 5^c at or above `at_least` (sizes the FFT is fast at)."""
+    best = 1 << (at_least - 1).bit_length()
+    for threes in (1, 3, 9, 27):
+        for fives in (1, 5, 25):
+            base = threes * fives
+            if base <= at_least:
+                size = base << max(0, (math.ceil(at_least / base) - 1).bit_length())
+                best = min(best, size)
+    return best
 
 
 def voice_fingerprint(audio: Audio) -> VoiceFingerprint | None:

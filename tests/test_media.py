@@ -271,3 +271,15 @@ def test_spoken_reply_joins_its_audio_once_and_knows_its_length_without_joining(
     third = Audio(np.zeros(2205, dtype=np.float32), 22050)
     spoken.add(third, "Three.", asked=None, turn_started=0.0, sink=None, streamed_chars=14)
     assert spoken.audio is not joined and spoken.audio.duration_s == pytest.approx(1.6, abs=1e-3)
+
+
+@pytest.mark.parametrize("f0", [65.0, 110.0, 220.0, 390.0])
+def test_voice_fingerprint_finds_the_pitch_of_a_voiced_tone_across_its_range(f0: float) -> None:
+    from turnflow.nodes.fingerprint import voice_fingerprint
+
+    t = np.arange(int(1.5 * 16000)) / 16000
+    tone = sum(0.3 / k * np.sin(2 * np.pi * k * f0 * t) for k in (1, 2, 3))  # a fundamental and two harmonics
+    found = voice_fingerprint(Audio(tone.astype(np.float32), 16000))
+    assert found is not None and found.f0_hz is not None
+    assert abs(found.f0_hz - f0) < 0.02 * f0
+    assert found.voiced_s > 1.3
