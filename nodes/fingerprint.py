@@ -93,8 +93,8 @@ def _f0s(frames: np.ndarray) -> np.ndarray:
     frames = frames - frames.mean(axis=1, keepdims=True)
     energy = np.einsum("ij,ij->i", frames, frames)
     low, high = int(RATE / F0_RANGE_HZ[1]), int(RATE / F0_RANGE_HZ[0])
-    # zero-padded to a length that keeps every lag up to `high` (and the one after it) free of wrap-around
-    spectrum = np.fft.rfft(frames, _fft_size(frames.shape[1] + high + 1), axis=1)
+    # zero-padded to a power of two that keeps every lag up to `high` (and the one after it) free of wrap-around
+    spectrum = np.fft.rfft(frames, 1 << (frames.shape[1] + high).bit_length(), axis=1)
     corr = np.fft.irfft(spectrum * np.conj(spectrum), axis=1)[:, : high + 1]
     corr /= np.maximum(energy, 1e-12)[:, None]
     lag = low + np.argmax(corr[:, low:high], axis=1)
@@ -103,18 +103,6 @@ def _f0s(frames: np.ndarray) -> np.ndarray:
     denominator = a - 2 * b + c
     shift = np.where(denominator != 0, 0.5 * (a - c) / np.where(denominator != 0, denominator, 1), 0.0)
     return np.where((b >= 0.45) & (energy > 1e-9), RATE / (lag + shift), np.nan)
-
-
-def _fft_size(at_least: int) -> int:
-    """The smallest 2^a 3^b 5^c at or above `at_least` (sizes the FFT is fast at)."""
-    best = 1 << (at_least - 1).bit_length()
-    for threes in (1, 3, 9, 27):
-        for fives in (1, 5, 25):
-            base = threes * fives
-            if base <= at_least:
-                size = base << max(0, (math.ceil(at_least / base) - 1).bit_length())
-                best = min(best, size)
-    return best
 
 
 def voice_fingerprint(audio: Audio) -> VoiceFingerprint | None:

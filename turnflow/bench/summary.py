@@ -485,9 +485,14 @@ def markdown_report(summary: BenchSummary) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _ran(summary: BenchSummary) -> dict[str, ModeSummary]:
+    """The modes that ran, in the order they ran."""
+    return {name: mode for name, mode in summary.modes.items() if mode.llm_invocations}
+
+
 def _modes_sentence(summary: BenchSummary) -> str:
     """Which modes ran, in the order they ran."""
-    ran = [f"`{name}`" for name, mode in summary.modes.items() if mode.llm_invocations]
+    ran = [f"`{name}`" for name in _ran(summary)]
     if len(ran) < 2:
         return "turnflow alone (no baselines)."
     return f"Modes {', '.join(ran)} on the same server configuration, one after the other."
@@ -505,7 +510,7 @@ def _first_cells(row: str, count: int) -> str:
 
 def _baselines_table(summary: BenchSummary) -> list[str]:
     """Every mode side by side (steady state), with the turns right after someone joined."""
-    ran = {name: mode for name, mode in summary.modes.items() if mode.llm_invocations}
+    ran = _ran(summary)
     if len(ran) < 2:
         return []
     lines = [
