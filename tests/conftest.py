@@ -167,17 +167,8 @@ def _user_exists(pwd: object, name: str) -> bool:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Shut LiveKit's native runtime down while the interpreter is still whole.
+    """Shut LiveKit's native runtime down while the interpreter is still whole: the tests make real
+    `rtc.AudioSource`s, and its `atexit` disposal can abort a finalizing process (see the helper)."""
+    from turnflow.serve.run import release_livekit_runtime
 
-    The tests make real `rtc.AudioSource`s. `livekit.rtc` disposes its native (Rust) runtime from an `atexit`
-    handler, and a runtime worker that calls back into a Python already finalizing aborts the process ("panic
-    in a function that cannot unwind"), after the results are in but with a failing exit status. Disposed here,
-    the handler finds nothing left to do.
-    """
-    module = sys.modules.get("livekit.rtc._ffi_client")
-    client = getattr(getattr(module, "FfiClient", None), "_instance", None)
-    if client is not None:
-        import gc
-
-        gc.collect()  # drop the sources and tracks the tests left, while their handles can still be released
-        client._dispose()
+    release_livekit_runtime()

@@ -7,6 +7,10 @@ The room itself is in ``test_serve_room.py`` (it needs a LiveKit server).
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -437,6 +441,32 @@ def test_serve_names_the_missing_livekit_variables(
     assert code == 2
     assert "LIVEKIT_API_KEY, LIVEKIT_API_SECRET" in error and "LIVEKIT_URL" not in error.split("to join")[0]
     assert "Traceback" not in error
+
+
+def test_serve_at_an_unreachable_server_says_so_and_exits_cleanly(home: Path) -> None:
+    """The room cannot be joined: one line says why, the exit status is 1, and LiveKit's native runtime is shut
+    down before the interpreter finalizes (its own `atexit` disposal can abort the process)."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = (
+        "import sys\n"
+        "from turnflow.cli import main\n"
+        "code = main(sys.argv[1:])\n"
+        "from livekit.rtc._ffi_client import FfiClient\n"
+        "print('runtime released:', FfiClient._instance is not None and FfiClient._ffi_disposed)\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "TURNFLOW_HOME": str(home), "LIVEKIT_URL": f"ws://127.0.0.1:{port}",
+           "LIVEKIT_API_KEY": "devkey", "LIVEKIT_API_SECRET": "a-secret-of-at-least-thirty-two-bytes"}
+    done = subprocess.run(
+        [sys.executable, "-c", script, "serve", str(RECIPE), "--room", "standup", "--personas", "maya,helper"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"turnflow: could not join room 'standup' at ws://127.0.0.1:{port} as persona-maya" in done.stderr
+    assert "runtime released: True" in done.stdout
+    assert "Traceback" not in done.stderr and "panic" not in done.stderr
 
 
 def test_credentials_from_the_environment() -> None:

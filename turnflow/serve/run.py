@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import signal
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, ParamSpec
@@ -51,13 +52,34 @@ async def serve_room(
     return 0
 
 
+def release_livekit_runtime() -> None:
+    """Shut LiveKit's native runtime down now, while the interpreter is still whole.
+
+    `livekit.rtc` disposes its native (Rust) runtime from an `atexit` handler. A runtime worker that calls back
+    into a Python already finalizing aborts the process ("panic in a function that cannot unwind"), after the
+    work is done but with a failing exit status. Called once nothing of LiveKit's is used any more (the end
+    of `turnflow serve`, of a test session), the handler finds nothing left to do. Nothing happens when
+    `livekit.rtc` never started its runtime in this process.
+    """
+    module = sys.modules.get("livekit.rtc._ffi_client")
+    client = getattr(getattr(module, "FfiClient", None), "_instance", None)
+    if client is not None:
+        import gc
+
+        gc.collect()  # drop the sources and tracks left, while their handles can still be released
+        client._dispose()
+
+
 def _blocking(serve: Callable[_P, Coroutine[Any, Any, int]]) -> Callable[_P, int]:
     """``serve`` as a blocking call that takes the same parameters (declared once, on ``serve``)."""
 
     @functools.wraps(serve, assigned=())  # only `__wrapped__`: help() and inspect show serve's parameters
     def run_room_agent(*args: _P.args, **kwargs: _P.kwargs) -> int:
         """Blocking entry point for the CLI: :func:`serve_room` in a fresh event loop (the same parameters)."""
-        return asyncio.run(serve(*args, **kwargs))
+        try:
+            return asyncio.run(serve(*args, **kwargs))
+        finally:
+            release_livekit_runtime()
 
     return run_room_agent
 
