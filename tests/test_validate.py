@@ -249,3 +249,23 @@ def test_damaged_files_are_refused_at_their_line(tmp_path: Path, damage: str, li
     assert (problem.file, problem.line) == (str(recipe), line), str(problem)
     for word in words:
         assert word in problem.message
+
+
+def test_every_command_line_option_says_what_it_is() -> None:
+    """`turnflow <command> --help` explains every argument of every command and subcommand."""
+    import argparse
+
+    from turnflow.cli import build_parser
+
+    unexplained: list[str] = []
+
+    def visit(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+                    visit(sub)
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                unexplained.append(f"{parser.prog} {'/'.join(action.option_strings) or action.dest}")
+
+    visit(build_parser())
+    assert unexplained == []

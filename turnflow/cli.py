@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.set_defaults(fn=_cmd_validate)
 
     render = sub.add_parser("render", help="draw the turn DAG (tiers and cache keys visible)")
-    render.add_argument("recipe")
+    render.add_argument("recipe", help="the recipe YAML file")
     render.add_argument("-o", "--output", required=True, help="OUT.dot, .svg, .png or .html")
     render.add_argument("--persona", help="(accepted for symmetry with run; the DAG is the same for every persona)")
     render.add_argument("--hears", action="store_true", help="draw the branch for a model that hears")
@@ -365,12 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     render.set_defaults(fn=_cmd_render)
 
     run = sub.add_parser("run", help="run one turn")
-    run.add_argument("recipe")
-    run.add_argument("--persona", required=True)
+    run.add_argument("recipe", help="the recipe YAML file")
+    run.add_argument("--persona", required=True, help="the persona id that answers")
     run.add_argument("--room", default="default", help="consecutive runs with the same room continue it")
     run.add_argument("--speaker", default="user", help="who is speaking (a person's name)")
     what = run.add_mutually_exclusive_group(required=True)
-    what.add_argument("--text")
+    what.add_argument("--text", help="what the speaker said")
     what.add_argument("--audio", help="a WAV (or FLAC/OGG) file of what the speaker said")
     run.add_argument("--image", action="append", help="an image the speaker shows (repeatable)")
     run.add_argument("--out", help="write the spoken reply to this WAV file")
@@ -380,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=_cmd_run)
 
     server = sub.add_parser("server", help="the embedded llama-server")
-    server.add_argument("action", choices=["up", "down", "status"])
+    server.add_argument("action", choices=["up", "down", "status"], help="start it, stop it, or say whether it runs")
     server.add_argument("--backend", help="which embedded backend, or a pool: every embedded member of it "
                         "(default: local for up, all for down/status)")
     server.add_argument("--recipe", help="use the backends beside this recipe")
@@ -423,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     actions = adapters.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="add a LoRA GGUF or a TTS voice profile (YAML/JSON)")
     add.add_argument("path", help="a .gguf LoRA, a .yaml/.json voice profile, or generated:<model>/<name>")
-    add.add_argument("--kind", required=True, choices=("voice", "skill"))
+    add.add_argument("--kind", required=True, choices=("voice", "skill"),
+                     help="what the adapter changes: the voice or a skill")
     add.add_argument("--id", help="the id personas name it by (default: the file name)")
     add.add_argument("--license", help="SPDX license id, e.g. Apache-2.0")
     add.add_argument("--author", action="append", help="an author (repeatable)")
@@ -433,12 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the base model's Hugging Face Hub id (a published card's base_model); by default the "
                           "LoRA GGUF's general.base_model.0.repo_url, else the base model's when turnflow knows it")
     listing = actions.add_parser("list", help="the adapters in the registry")
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--json", action="store_true", help="print the entries as JSON")
     show = actions.add_parser("show", help="one adapter: file, base model, license, authors, source, derivation")
-    show.add_argument("id")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("id", help="the adapter's registry id")
+    show.add_argument("--json", action="store_true", help="print the entry as JSON")
     remove = actions.add_parser("remove", help="remove an adapter from the registry")
-    remove.add_argument("id")
+    remove.add_argument("id", help="the adapter's registry id")
     publish = actions.add_parser(
         "publish", help="publish an adapter to the Hugging Face Hub: file, manifest, preview.wav, model card")
     publish.add_argument("id", help="the adapter's registry id")
@@ -451,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--persona", help="a LoRA's preview is spoken in this persona's TTS voice (file or id)")
     search = actions.add_parser("search", help="find turnflow adapters on the Hub")
     search.add_argument("query", nargs="?", help="words in the repo's name")
-    search.add_argument("--kind", choices=("voice", "skill"))
+    search.add_argument("--kind", choices=("voice", "skill"), help="only voice or only skill adapters")
     search.add_argument("--base", help="the base model's Hub id (OWNER/NAME) or GGUF sha256 prefix")
-    search.add_argument("--json", action="store_true")
+    search.add_argument("--json", action="store_true", help="print the results as JSON")
     preview = actions.add_parser("preview", help="license, attribution and preview.wav of a Hub adapter (no weights)")
     preview.add_argument("repo", help="OWNER/NAME[@REVISION]")
     preview.add_argument("--out", help="write preview.wav here instead of playing it")
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.set_defaults(fn=_cmd_adapters)
 
     serve = sub.add_parser("serve", help="join a LiveKit room as the personas and answer the people in it")
-    serve.add_argument("recipe")
+    serve.add_argument("recipe", help="the recipe YAML file")
     serve.add_argument("--room", required=True, help="the LiveKit room to join")
     serve.add_argument("--personas", required=True, help="comma-separated persona ids; the first one listens")
     serve.add_argument("--backend", help="override the recipe's backend")
@@ -472,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser(
         "worker", help="a LiveKit Agents worker: rooms dispatched to it by name get the personas (see also serve)"
     )
-    worker.add_argument("recipe")
+    worker.add_argument("recipe", help="the recipe YAML file")
     worker.add_argument("--personas", required=True, help="comma-separated persona ids every dispatched room gets")
     worker.add_argument("--backend", help="override the recipe's backend")
     worker.add_argument("--agent-name", default="turnflow", help="the name rooms dispatch the worker by")
