@@ -69,6 +69,8 @@ def _clipped(samples: np.ndarray) -> np.ndarray:
 class WavSink:
     """A mono WAV file that grows as reply audio is written to it; valid once closed.
 
+    A path that cannot be written (no such folder, a folder itself) is refused here, before any audio is made.
+
     The file's rate is ``sample_rate`` (24 kHz unless told), or with ``sample_rate=None`` the rate of
     the first audio written. Later chunks at other rates are resampled to it.
     """
@@ -82,6 +84,13 @@ class WavSink:
         if sample_rate is not None and sample_rate <= 0:
             raise ValueError(f"WavSink sample_rate must be positive or None, got {sample_rate!r}")
         self.path = Path(path)
+        folder = self.path.parent
+        if self.path.is_dir():
+            raise ValueError(f"cannot write audio to {str(self.path)!r}: it is a folder; name a .wav file in it")
+        if not folder.is_dir():
+            raise ValueError(f"cannot write audio to {str(self.path)!r}: folder {str(folder)!r} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"cannot write audio to {str(self.path)!r}: folder {str(folder)!r} is not writable")
         self.sample_rate = sample_rate
         self.subtype = subtype
         self.frames_written = 0

@@ -71,6 +71,14 @@ def test_wav_sink_closed_unwritten_is_an_empty_valid_wav(tmp_path: Path) -> None
     assert (info.samplerate, info.frames) == (24000, 0)
 
 
+def test_wav_sink_refuses_a_path_it_cannot_write_before_any_audio(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"folder '.*missing' does not exist"):
+        WavSink(tmp_path / "missing" / "reply.wav")
+    with pytest.raises(ValueError, match="it is a folder"):
+        WavSink(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- LiveKitPublisher through a real rtc.AudioSource ----------------------------------------------
 
 

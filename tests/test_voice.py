@@ -152,6 +152,9 @@ def test_bad_audio_is_refused_and_history_untouched(servers: None, home: Path, t
             with pytest.raises(AudioError, match=words):
                 session.turn(persona="maya", room="bad", audio=audio)
             assert session.store.history("bad") == before
+        with pytest.raises(ValueError, match="folder .* does not exist"):  # the reply's WAV: refused before the turn
+            session.turn(persona="maya", room="bad", text="hello again", out=tmp_path / "missing" / "reply.wav")
+        assert session.store.history("bad") == before
 
 
 def test_cli_speaks_to_a_wav_file(servers: None, home: Path, utterances: list[Path], tmp_path: Path) -> None:
