@@ -208,6 +208,66 @@ def test_no_control_token_of_the_model_gets_through(local_url: str, home: Path, 
     assert sum(_count(local_url, templated, ids).values()) > 0  # the check counts real token ids
 
 
+def test_a_models_facts_are_read_once_and_kept_until_the_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The special tokens and chat template come from the model's header once; a new process reads the record
+    (`turnflow run` is a process per turn); a model file that changed is read again."""
+    from turnflow import model_facts as facts_module
+
+    model = tmp_path / "model.gguf"
+    model.write_bytes(ensure_text_model("tiny").read_bytes())
+    monkeypatch.setenv("TURNFLOW_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr(facts_module, "_MEMORY", {})
+    first = facts_module.model_facts(model)
+    assert first["special_tokens"] == ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    assert "<|im_start|>" in first["chat_template"]
+    [record] = (tmp_path / "models" / "facts").iterdir()
+
+    def no_header_read(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the header was read again")
+
+    monkeypatch.setattr(facts_module, "_MEMORY", {})  # as a new process
+    monkeypatch.setattr(facts_module, "read_gguf", no_header_read)
+    assert gguf_special_tokens(model) == first["special_tokens"]
+    facts_module.note_bytes_per_token(model, 3.7)
+    monkeypatch.setattr(facts_module, "_MEMORY", {})
+    assert facts_module.model_facts(model)["bytes_per_token"] == 3.7
+    assert json.loads(record.read_text())["bytes_per_token"] == 3.7
+
+    os.utime(model, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed: read again, the note gone
+    monkeypatch.undo()
+    monkeypatch.setenv("TURNFLOW_MODELS", str(tmp_path / "models"))
+    monkeypatch.setattr(facts_module, "_MEMORY", {})
+    again = facts_module.model_facts(model)
+    assert again["special_tokens"] == first["special_tokens"] and "bytes_per_token" not in again
+
+
+def test_a_new_process_estimates_its_first_prompt_without_tokenizing_it(
+    local_url: str, home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first size estimate of an embedded server's prompt counts it with `/tokenize` once per model file; the
+    next process takes the count from the model's record."""
+    from turnflow import model_facts as facts_module
+    from turnflow.nodes.llm import ChatClient
+
+    recipe = copy_recipe_folder(tmp_path)
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        facts_module.model_facts(session.backend.server.model_path).pop("bytes_per_token", None)
+        first = session.turn(persona="maya", room="room", text="hello")
+        noted = facts_module.model_facts(session.backend.server.model_path)["bytes_per_token"]
+    assert 1.0 < noted < 8.0 and first.report["llm"]["prompt_tokens"]
+    monkeypatch.setattr(facts_module, "_MEMORY", {})  # a new process
+    counted: list[str] = []
+    real_count = ChatClient.count_tokens
+    monkeypatch.setattr(ChatClient, "count_tokens", lambda self, text, **kw: counted.append(text) or real_count(
+        self, text, **kw))
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        session.turn(persona="maya", room="room", text="and again")
+        assert session.backend._bytes_per_token is not None
+    assert all(len(text) < 100 for text in counted)  # nothing the size of a prompt was counted
+
+
 @pytest.mark.server
 def test_no_special_token_of_a_real_vocabulary_gets_through(home: Path, tmp_path: Path) -> None:
     """Gemma 3's tokenizer (262k tokens, 6k of them special) through the same check, on its own server."""

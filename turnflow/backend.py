@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from turnflow.adapters import AdapterError, AdapterSet, BaseModelRef, resolve_base
-from turnflow.gguf_header import read_gguf
 from turnflow.kv import KvFiles
+from turnflow.model_facts import model_facts, note_bytes_per_token
 from turnflow.nodes.llm import ChatClient
 from turnflow.nodes.prompt import Prompt
 from turnflow.nodes.text import ControlTokens, message_text
@@ -179,12 +179,19 @@ class Backend:
 
     def estimate_tokens(self, prompt: Prompt) -> int:
         """About how many tokens a prompt is: its bytes over the bytes per token seen so far (the first time,
-        the server counts the prompt's text with `/tokenize`)."""
+        the server counts the prompt's text with `/tokenize`; an embedded server's model keeps that count on
+        disk for the next process)."""
         size = prompt.invariant_bytes + prompt.semi_stable_bytes + prompt.volatile_bytes
         if self._bytes_per_token is None:
-            text = "".join(message_text(m) for m in prompt.messages)
-            counted = self.client.count_tokens(text) if self.capabilities.server == "llama.cpp" else None
-            self._bytes_per_token = max(0.5, len(text.encode()) / counted) if counted else 3.0
+            noted = model_facts(self.server.model_path).get("bytes_per_token") if self.server is not None else None
+            if noted:
+                self._bytes_per_token = float(noted)
+            else:
+                text = "".join(message_text(m) for m in prompt.messages)
+                counted = self.client.count_tokens(text) if self.capabilities.server == "llama.cpp" else None
+                self._bytes_per_token = max(0.5, len(text.encode()) / counted) if counted else 3.0
+                if counted and self.server is not None:
+                    note_bytes_per_token(self.server.model_path, self._bytes_per_token)
         return int(size / self._bytes_per_token) + 16
 
     def learn_token_size(self, prompt: Prompt, prompt_tokens: int | None) -> None:
@@ -321,8 +328,6 @@ def _match_loaded(adapters: AdapterSet, loaded: list[dict[str, Any]]) -> dict[st
 
 _MARKUP_IN_TEMPLATE = re.compile(r"<[^<>\s'\"{}]{1,64}>|\[[A-Z_/]{2,32}\]")
 
-_SPECIAL: dict[str, list[str]] = {}
-_TEMPLATES: dict[str, str] = {}
 _NOT_A_TURN_MARKER = re.compile(r"bos|begin_of_text|image|audio|vision|tool|think|pad", re.I)
 
 
@@ -338,10 +343,7 @@ def template_stops(template: str) -> list[str]:
 
 def gguf_chat_template(path: Path) -> str:
     """A GGUF model's packaged chat template (`tokenizer.chat_template`), or ''."""
-    key = str(path)
-    if key not in _TEMPLATES:
-        _TEMPLATES[key] = str(read_gguf(path)[0].get("tokenizer.chat_template") or "")
-    return _TEMPLATES[key]
+    return str(model_facts(path)["chat_template"])
 
 
 def gguf_special_tokens(path: Path) -> list[str]:
@@ -349,18 +351,4 @@ def gguf_special_tokens(path: Path) -> list[str]:
 
     Runs of whitespace (Gemma's vocabulary declares `\\n\\n\\n`, tabs and spaces as user-defined tokens) are left
     out: they steer nothing, and defusing them would change people's indentation."""
-    import gguf
-
-    key = str(path)
-    if key not in _SPECIAL:
-        metadata = read_gguf(path, string_arrays=["tokenizer.ggml.tokens"])[0]
-        tokens, types = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.token_type")
-        special = []
-        if tokens is not None and types is not None:
-            kinds = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNKNOWN),
-                     int(gguf.TokenType.UNUSED)}
-            for text, kind in zip(tokens, [int(t) for t in types], strict=False):
-                if kind in kinds and text.strip():
-                    special.append(text)
-        _SPECIAL[key] = special
-    return _SPECIAL[key]
+    return list(model_facts(path)["special_tokens"])
