@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,44 @@ def test_a_run_with_some_baselines_names_the_modes_it_ran(tiny_run: tuple[dict, 
     assert "no baselines" not in report and "| | turnflow |\n" in report
     assert [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| `")][:3] == [
         "`turnflow`", "`append_only`", "`no_pinning`"]
+
+
+def test_a_run_stopped_after_turnflows_mode_keeps_the_modes_it_finished(tmp_path: Path) -> None:
+    """SIGTERM during a baseline: the summary of the modes that finished is written (the stopped one left out, and
+    said so), the exit status says it stopped, and a rebuild leaves the unfinished mode out too."""
+    import signal
+    import time
+
+    llama_server_or_skip()
+    out = tmp_path / "stopped"
+    command = [
+        sys.executable, "-m", "turnflow.cli", "bench", "--json", "--model", "tiny", "--no-audio",
+        "--personas", "2", "--turns", "3", "--prompt-tokens", "1500", "--baselines", "naive,append_only",
+        "--out", str(out),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "TURNFLOW_HOME"}
+    bench = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    turns = out / "turns.jsonl"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and bench.poll() is None:
+        if turns.exists() and len(turns.read_text().splitlines()) >= 7:  # turnflow's 6 turns, then naive's first
+            break
+        time.sleep(0.2)
+    bench.send_signal(signal.SIGTERM)
+    stdout, stderr = bench.communicate(timeout=300)
+    assert bench.returncode == 130, stderr[-2000:]
+    summary = json.loads(stdout)
+    assert re.fullmatch(
+        r"stopped \(SIGTERM\) during the naive mode after [1-5] of 6 turns: that mode is left out of this summary "
+        r"\(its turns are in turns\.jsonl\), and append_only did not run", summary["stopped"])
+    assert summary["notes"][0] == summary["stopped"]
+    assert set(summary["modes"]) == {"turnflow"} and summary["modes"]["turnflow"]["turns"] == 6
+    assert summary["baselines"] == {} and summary["naive"]["turns"] == 0
+    assert (out / "summary.md").exists()
+    rebuilt = subprocess.run([sys.executable, "-m", "turnflow.cli", "bench", "--rebuild", str(out), "--json"],
+                             capture_output=True, text=True, timeout=120)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-2000:]
+    assert set(json.loads(rebuilt.stdout)["modes"]) == {"turnflow"}
 
 
 def test_more_personas_than_examples_get_their_own_identity() -> None:

@@ -208,7 +208,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     summary = run_bench(options)
     print(summary.model_dump_json(indent=2) if args.json else console_report(summary))
-    return 0
+    return 130 if summary.stopped else 0
 
 
 def _cmd_adapters(args: argparse.Namespace) -> int:

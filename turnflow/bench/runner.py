@@ -275,6 +275,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
     ctx_per_slot = context_per_slot(options)
     spec = backend_spec(options, ctx_per_slot=ctx_per_slot, audio=audio)
 
+    stopped: str | None = None
     with _turnflow_home(out / "home"), _exit_on_sigterm():
         server = EmbeddedServer(BACKEND_NAME, spec) if spec.kind == "embedded" else None
         try:
@@ -295,14 +296,26 @@ def run_bench(options: BenchOptions) -> BenchSummary:
                 ) as progress,
             ):
                 for index, mode in enumerate(modes):
-                    if server and index:  # every mode starts cold: no slot, host cache or saved KV of another
-                        _follow_server(run)
-                        server.down()
-                        shutil.rmtree(server.slot_dir, ignore_errors=True)
-                        server.up()
-                        url = _preload_adapters(server, recipe)
-                        run.server_pid = server.status().get("pid")
-                    _run_mode(mode, recipe_path, script, clips, run, progress, sink)
+                    try:
+                        if server and index:  # every mode starts cold: no slot, host cache or saved KV of another
+                            _follow_server(run)
+                            server.down()
+                            shutil.rmtree(server.slot_dir, ignore_errors=True)
+                            server.up()
+                            url = _preload_adapters(server, recipe)
+                            run.server_pid = server.status().get("pid")
+                        _run_mode(mode, recipe_path, script, clips, run, progress, sink)
+                    except (KeyboardInterrupt, SystemExit) as stop:
+                        if not index:  # turnflow's own mode unfinished: nothing to compare
+                            raise
+                        done = sum(1 for r in run.records if r.mode == mode)
+                        how = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+                        stopped = (f"stopped ({how}) during the {mode} mode after {done} of {len(script)} turns: "
+                                   f"that mode is left out of this summary (its turns are in turns.jsonl)"
+                                   + (f", and {', '.join(modes[index + 1:])} did not run" if modes[index + 1:]
+                                      else ""))
+                        run.records = [r for r in run.records if r.mode != mode]
+                        break
             server_peak = max([_peak_rss_mb(run.server_pid) or 0.0, *run.peaks]) or None
         finally:
             if server:
@@ -314,6 +327,8 @@ def run_bench(options: BenchOptions) -> BenchSummary:
         "else the machine was doing (see load_average)"
     )
     notes.extend(run.warnings[:20])
+    if stopped:
+        notes.insert(0, stopped)
     server_info = {
         "url": url,
         "embedded": server is not None,
@@ -339,6 +354,7 @@ def run_bench(options: BenchOptions) -> BenchSummary:
         load={"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]},
         notes=notes,
     )
+    summary.stopped = stopped
     summary.files = {
         "turns": str(out / "turns.jsonl"),
         "summary_json": str(out / "summary.json"),
@@ -367,7 +383,8 @@ def rebuild_report(out: Path) -> BenchSummary:
             records = [TurnRecord.model_validate_json(line) for line in lines if line.strip()]
     except (OSError, ValueError) as error:
         raise ValueError(f"{out}: not a finished bench run (summary.json and turns.jsonl): {error}") from error
-    by_mode = {mode: [r for r in records if r.mode == mode] for mode in MODES}
+    finished = {name for name, m in before.modes.items() if m.wall_s} or set(MODES)  # a stopped run's finished modes
+    by_mode = {mode: [r for r in records if r.mode == mode and mode in finished] for mode in MODES}
     walls = {name: m.wall_s for name, m in before.modes.items()} or {
         "turnflow": before.turnflow.wall_s, "naive": before.naive.wall_s}
     modes = {mode: summarise_mode(rows, walls.get(mode, 0.0)) for mode, rows in by_mode.items() if rows}

@@ -153,6 +153,15 @@ class BenchSummary(BaseModel):
     notes: list[str]
     plots: dict[str, str]
     files: dict[str, str]
+    stopped: str | None = Field(
+        default=None, description="set when stopped (Ctrl-C, SIGTERM) after turnflow's mode: what it left out"
+    )
+
+
+def _load(summary: BenchSummary, when: str) -> str:
+    """The 1-minute load average at the run's start or end, or '?' when it was not recorded."""
+    values = summary.load_average.get(when)
+    return f"{values[0]:.1f}" if values else "?"
 
 
 def _percentile(values: Sequence[float | None], q: float) -> float | None:
@@ -327,8 +336,7 @@ def summarise(
     modes: dict[str, ModeSummary] = {
         mode: summarise_mode(by_mode[mode], mode_wall_s.get(mode, 0.0)) for mode in MODES if by_mode[mode]
     }
-    modes.setdefault("naive", summarise_mode([], 0.0))
-    tf, naive = modes["turnflow"], modes["naive"]
+    tf, naive = modes["turnflow"], modes.get("naive") or summarise_mode([], 0.0)
     stable: dict[str, bool] = {}
     for r in by_mode["turnflow"]:
         stable.setdefault(r.persona, True)
@@ -424,7 +432,7 @@ def markdown_report(summary: BenchSummary) -> str:
         f"{_modes_sentence(summary)} "
         f"Token counts are the server's own `timings`. Steady state = each persona's turns "
         f"{summary.steady_state_from_turn}+. {summary.cpu_count} CPU cores, load average "
-        f"{summary.load_average['start'][0]:.1f} → {summary.load_average['end'][0]:.1f}; wall time "
+        f"{_load(summary, 'start')} → {_load(summary, 'end')}; wall time "
         f"{_fmt_s(summary.wall_s)}.",
         "",
         "| | turnflow | naive | naive ÷ turnflow |",
