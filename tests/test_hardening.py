@@ -211,36 +211,48 @@ def test_no_control_token_of_the_model_gets_through(local_url: str, home: Path, 
 def test_a_models_facts_are_read_once_and_kept_until_the_file_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The special tokens and chat template come from the model's header once; a new process reads the record
-    (`turnflow run` is a process per turn); a model file that changed is read again."""
+    """A large model's SHA-256, header facts, special tokens and chat template are worked out once; a new process
+    reads the record (`turnflow run` is a process per turn); a model file that changed is read again."""
+    from turnflow import adapters as adapters_module
+    from turnflow import backend as backend_module
     from turnflow import model_facts as facts_module
+    from turnflow.adapters import file_sha256, gguf_facts
 
     model = tmp_path / "model.gguf"
-    model.write_bytes(ensure_text_model("tiny").read_bytes())
+    with open(model, "wb") as copy:  # the tiny model, padded past the size that gets a record
+        copy.write(ensure_text_model("tiny").read_bytes())
+        copy.truncate(facts_module.LARGE + 1)
     monkeypatch.setenv("TURNFLOW_MODELS", str(tmp_path / "models"))
-    monkeypatch.setattr(facts_module, "_MEMORY", {})
-    first = facts_module.model_facts(model)
-    assert first["special_tokens"] == ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
-    assert "<|im_start|>" in first["chat_template"]
+
+    def new_process() -> None:
+        monkeypatch.setattr(facts_module, "_MEMORY", {})
+        monkeypatch.setattr(adapters_module, "_FACTS", {})
+        monkeypatch.setattr(adapters_module, "_DIGESTS", {})
+
+    new_process()
+    specials, digest, facts = gguf_special_tokens(model), file_sha256(model), gguf_facts(model)
+    assert specials == ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]
+    assert "<|im_start|>" in backend_module.gguf_chat_template(model) and facts.architecture == "llama"
     [record] = (tmp_path / "models" / "facts").iterdir()
 
-    def no_header_read(*_: Any, **__: Any) -> Any:
-        raise AssertionError("the header was read again")
+    def not_again(*_: Any, **__: Any) -> Any:
+        raise AssertionError("the model file was read again")
 
-    monkeypatch.setattr(facts_module, "_MEMORY", {})  # as a new process
-    monkeypatch.setattr(facts_module, "read_gguf", no_header_read)
-    assert gguf_special_tokens(model) == first["special_tokens"]
-    facts_module.note_bytes_per_token(model, 3.7)
-    monkeypatch.setattr(facts_module, "_MEMORY", {})
-    assert facts_module.model_facts(model)["bytes_per_token"] == 3.7
+    new_process()
+    monkeypatch.setattr(backend_module, "read_gguf", not_again)
+    monkeypatch.setattr(adapters_module, "_gguf_header", not_again)
+    monkeypatch.setattr(adapters_module, "_sha256_of", not_again)
+    assert (gguf_special_tokens(model), file_sha256(model), gguf_facts(model)) == (specials, digest, facts)
+    facts_module.note(model, "bytes_per_token", 3.7)
+    new_process()
+    assert facts_module.recorded(model, "bytes_per_token") == 3.7
     assert json.loads(record.read_text())["bytes_per_token"] == 3.7
 
     os.utime(model, ns=(time.time_ns(), time.time_ns() + 10**9))  # the file changed: read again, the note gone
     monkeypatch.undo()
     monkeypatch.setenv("TURNFLOW_MODELS", str(tmp_path / "models"))
-    monkeypatch.setattr(facts_module, "_MEMORY", {})
-    again = facts_module.model_facts(model)
-    assert again["special_tokens"] == first["special_tokens"] and "bytes_per_token" not in again
+    new_process()
+    assert gguf_special_tokens(model) == specials and facts_module.recorded(model, "bytes_per_token") is None
 
 
 def test_a_new_process_estimates_its_first_prompt_without_tokenizing_it(
@@ -253,9 +265,9 @@ def test_a_new_process_estimates_its_first_prompt_without_tokenizing_it(
 
     recipe = copy_recipe_folder(tmp_path)
     with Session(recipe, state_dir=tmp_path / "state") as session:
-        facts_module.model_facts(session.backend.server.model_path).pop("bytes_per_token", None)
+        facts_module.note(session.backend.server.model_path, "bytes_per_token", None)
         first = session.turn(persona="maya", room="room", text="hello")
-        noted = facts_module.model_facts(session.backend.server.model_path)["bytes_per_token"]
+        noted = facts_module.recorded(session.backend.server.model_path, "bytes_per_token")
     assert 1.0 < noted < 8.0 and first.report["llm"]["prompt_tokens"]
     monkeypatch.setattr(facts_module, "_MEMORY", {})  # a new process
     counted: list[str] = []

@@ -1,11 +1,12 @@
-"""What turnflow reads from a model file once, kept on disk: its special tokens, its chat template, its bytes per
-token.
+"""What turnflow reads from a large model file once, kept on disk: its SHA-256, its header's facts, its special
+tokens and chat template, its prompt bytes per token.
 
-Reading Gemma 3's 262,144-token vocabulary for its special tokens takes ~0.2-0.3 s of CPU, and `turnflow run` is
-a new process every turn: without a record, every CLI turn on such a model would pay it (and a `/tokenize` of
-its whole prompt for the first size estimate) as turnflow's own time. The record is a JSON file per model file
-in the models cache, valid while the file keeps its size and modification time; it is written by renaming a
-finished file, so concurrent processes see the old record or the new one.
+A real model costs real time to read: Gemma 3 270M (250 MB, a 262,144-token vocabulary) takes ~0.2 s to hash,
+~0.2 s to walk its header and ~0.3 s to read its special tokens on this machine's 2 cores, and `turnflow run` is
+a new process every turn. Without a record, every CLI turn on such a model would pay that (and a `/tokenize` of
+its whole prompt for the first size estimate). The record is one JSON file per model file in the models cache,
+valid while the file keeps its path, size and modification time; it is written by renaming a finished file, so
+concurrent processes see the old record or the new one. Files under `LARGE` bytes are read again instead.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from turnflow.gguf_header import read_gguf
 from turnflow.paths import models_dir, replace_text
 
+LARGE = 16 << 20
+"""Files at least this big (16 MB) get a record; a smaller one is hashed or read in a few ms."""
+
+_T = TypeVar("_T")
 _LOCK = threading.Lock()
 _MEMORY: dict[str, dict[str, Any]] = {}
 
@@ -29,66 +34,52 @@ def _record_path(model: Path) -> Path:
     return folder / f"{model.name}.{hashlib.sha256(str(model).encode()).hexdigest()[:12]}.json"
 
 
-def _stamp(model: Path) -> list[int]:
+def _entry(model: Path) -> dict[str, Any]:
+    """The model's facts known so far (memory, else its record; empty for a file that changed)."""
     stat = model.stat()
-    return [stat.st_size, stat.st_mtime_ns]
-
-
-def _read_header_facts(model: Path) -> dict[str, Any]:
-    import gguf
-
-    metadata = read_gguf(model, string_arrays=["tokenizer.ggml.tokens"])[0]
-    tokens, types = metadata.get("tokenizer.ggml.tokens"), metadata.get("tokenizer.ggml.token_type")
-    special: list[str] = []
-    if tokens is not None and types is not None:
-        kinds = {int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.UNKNOWN),
-                 int(gguf.TokenType.UNUSED)}
-        # runs of whitespace (Gemma declares `\n\n\n`, tabs and spaces user-defined) steer nothing, and defusing
-        # them would change people's indentation
-        special = [text for text, kind in zip(tokens, [int(t) for t in types], strict=False)
-                   if kind in kinds and text.strip()]
-    return {"special_tokens": special, "chat_template": str(metadata.get("tokenizer.chat_template") or "")}
-
-
-def model_facts(model: str | Path) -> dict[str, Any]:
-    """The facts of a GGUF model file: `special_tokens` (control, user-defined, unknown and unused ones) and
-    `chat_template` (its packaged `tokenizer.chat_template`, or ''), plus `bytes_per_token` once noted.
-
-    From memory, else from the file's record, else read from the model's header (and recorded).
-    """
-    path = Path(model).resolve()
-    key = str(path)
-    stamp = _stamp(path)
+    stamp = [stat.st_size, stat.st_mtime_ns]
+    key = str(model)
     with _LOCK:
-        known = _MEMORY.get(key)
-        if known is not None and known["stamp"] == stamp:
-            return known
-    record = _record_path(path)
-    facts: dict[str, Any] | None = None
+        entry = _MEMORY.get(key)
+    if entry is not None and entry["stamp"] == stamp:
+        return entry
+    entry = {"stamp": stamp}
     try:
-        stored = json.loads(record.read_text())
+        stored = json.loads(_record_path(model).read_text())
         if isinstance(stored, dict) and stored.get("stamp") == stamp:
-            facts = stored
+            entry = stored
     except (OSError, ValueError):
         pass
-    if facts is None:
-        facts = {"stamp": stamp, **_read_header_facts(path)}
-        _write(record, facts)
     with _LOCK:
-        _MEMORY[key] = facts
-    return facts
+        _MEMORY[key] = entry
+    return entry
 
 
-def note_bytes_per_token(model: str | Path, value: float) -> None:
-    """Record a model's prompt bytes per token (from the server's count), for the next process's first estimate."""
-    facts = model_facts(model)
+def remembered(model: str | Path, name: str, compute: Callable[[Path], _T]) -> _T:
+    """The fact `name` of a model file (JSON-serialisable): recorded, else `compute(path)`, then recorded. An
+    exception from `compute` records nothing."""
+    path = Path(model).resolve()
+    entry = _entry(path)
+    if name in entry:
+        return entry[name]  # type: ignore[no-any-return]
+    value = compute(path)
+    note(path, name, value)
+    return value
+
+
+def recorded(model: str | Path, name: str) -> Any:
+    """The fact `name` of a model file, or None when it was never noted (or the file changed since)."""
+    return _entry(Path(model).resolve()).get(name)
+
+
+def note(model: str | Path, name: str, value: Any) -> None:
+    """Record a fact of a model file for later processes."""
+    path = Path(model).resolve()
+    entry = _entry(path)
     with _LOCK:
-        facts["bytes_per_token"] = value
-    _write(_record_path(Path(model).resolve()), facts)
-
-
-def _write(record: Path, facts: dict[str, Any]) -> None:
+        entry[name] = value
+        text = json.dumps(entry, ensure_ascii=False)
     try:
-        replace_text(record, json.dumps(facts, ensure_ascii=False))
+        replace_text(_record_path(path), text)
     except OSError:
-        pass  # a read-only cache: the facts are read from the model again next time
+        pass  # a read-only cache: the fact is worked out again next time
