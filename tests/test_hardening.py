@@ -241,7 +241,7 @@ def test_a_models_facts_are_read_once_and_kept_until_the_file_changes(
     new_process()
     monkeypatch.setattr(backend_module, "read_gguf", not_again)
     monkeypatch.setattr(adapters_module, "_gguf_header", not_again)
-    monkeypatch.setattr(adapters_module, "_sha256_of", not_again)
+    monkeypatch.setattr(adapters_module, "_hash_now", not_again)
     assert (gguf_special_tokens(model), file_sha256(model), gguf_facts(model)) == (specials, digest, facts)
     facts_module.note(model, "bytes_per_token", 3.7)
     new_process()

@@ -141,14 +141,6 @@ _DIGESTS: dict[tuple[str, int, int], str] = {}
 _DIGESTS_LOCK = threading.Lock()
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file, remembered per (path, size, mtime) in this process, and on disk for a large one (a
     model: 0.2 s for 250 MB, which every `turnflow run` process would pay)."""
@@ -158,7 +150,7 @@ def file_sha256(path: str | Path) -> str:
         known = _DIGESTS.get(key)
     if known:
         return known
-    value = remembered(path, "sha256", _sha256_of) if stat.st_size >= LARGE else _sha256_of(Path(path))
+    value = remembered(path, "sha256", _hash_now) if stat.st_size >= LARGE else _hash_now(Path(path))
     with _DIGESTS_LOCK:
         _DIGESTS[key] = value
     return value
