@@ -98,6 +98,49 @@ def test_a_room_is_read_in_full_once_then_only_what_is_new(tmp_path: Path) -> No
         writer.close()
 
 
+def test_a_room_no_one_else_wrote_to_is_not_read_again(tmp_path: Path) -> None:
+    """After its own commit, a store knows the room without reading it (SQLite's data version says no other
+    connection committed); a commit, join or compaction by anyone else is read as before."""
+    path = tmp_path / "rooms.sqlite3"
+    store, other = ConversationStore(path), ConversationStore(path)
+    statements: list[str] = []
+    store._engine._sqlite.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    try:
+        store.commit_turn("r", 1, ALICE, [{"type": "text", "text": "alice: one"}], "one", MAYA, "reply one")
+        first = store.room("r")  # never read before: read
+        assert any(s.startswith("SELECT") for s in statements)
+        statements.clear()
+        turn = store.commit_turn("r", 2, ALICE, "alice: two", "two", MAYA, "reply two",
+                                 present=["alice", "maya"])
+        second = store.room("r")
+        assert turn == 2
+        assert not [s for s in statements if s.startswith("SELECT")], statements  # not even the room's last turn
+        fresh = ConversationStore(path)
+        try:
+            assert second == fresh.room("r")  # what a reader of the file sees, decoded contents included
+        finally:
+            fresh.close()
+        assert second.messages[:2] == first.messages and second.messages[0] is first.messages[0]
+        assert [m.text for m in second.messages] == ["one", "reply one", "two", "reply two"]
+
+        other.commit_turn("r", 3, ALICE, "alice: three", "three", MAYA, "reply three")  # another process
+        statements.clear()
+        assert [m.text for m in store.room("r").messages][-2:] == ["three", "reply three"]
+        assert any(s.startswith("SELECT") for s in statements)
+        assert store.commit_turn("r", 3, ALICE, "alice: again", "again", MAYA, "reply") == 4  # its turn 3 is taken
+
+        other.join("r", Participant("bob", "person", "Bob"))
+        assert [p.participant for p in store.room("r").participants] == ["alice", "maya", "bob"]
+        store.join("r", Participant("cy", "person", "Cy"))  # its own join: read again too
+        assert [p.participant for p in store.room("r").participants] == ["alice", "maya", "bob", "cy"]
+        other.compact("r", keep=2)
+        assert [m.text for m in store.room("r").messages] == ["again", "reply"]
+        assert store.room("r").compaction_epoch == 1
+    finally:
+        store.close()
+        other.close()
+
+
 def test_the_history_is_canonical_once_per_message(tmp_path: Path) -> None:
     from turnflow.nodes.prompt import canonical_text
     from turnflow.nodes.sources import conversation_history

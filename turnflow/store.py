@@ -143,6 +143,11 @@ class _Engine:
         """A read transaction: every read inside sees the same committed state."""
         raise NotImplementedError
 
+    def data_version(self) -> int | None:
+        """A number that changes whenever another connection commits (this one's own commits leave it as is);
+        None when the database cannot tell (every read then goes to the database)."""
+        return None
+
     def close(self) -> None:
         """Close the connection."""
         raise NotImplementedError
@@ -183,6 +188,9 @@ class _SqliteEngine(_Engine):
             yield self.db
         finally:
             self._sqlite.execute("COMMIT")
+
+    def data_version(self) -> int | None:
+        return int(self._sqlite.execute("PRAGMA data_version").fetchone()[0])
 
     def close(self) -> None:
         self._sqlite.close()
@@ -386,13 +394,31 @@ class _KnownRoom:
     messages: list[StoredMessage] = field(default_factory=list)
     participants: tuple[Participant, ...] | None = None
     participants_version: int = -1
+    epoch: int = 0
     last_turn: int = 0
     """The highest turn number among the messages."""
+    current_at: int | None = None
+    """The database's data version at which this is all of the room (this store's own commits applied to it);
+    None when the room must be read again."""
 
     @property
     def last_id(self) -> int:
         """The id of the newest message read (0: none)."""
         return self.messages[-1].id if self.messages else 0
+
+    def state(self, room_id: str, tail: int) -> RoomState:
+        """The room as a turn sees it (copies: what this keeps goes on growing)."""
+        messages = list(self.messages)
+        return RoomState(
+            room_id=room_id,
+            messages=messages,
+            participants=list(self.participants or ()),
+            participants_version=self.participants_version,
+            last_turn=self.last_turn,
+            compaction_epoch=self.epoch,
+            history_tail_msg_ids=",".join(str(m.id) for m in messages[-tail:]) or "empty",
+            history_start=messages[0].id if messages else 0,
+        )
 
 
 @dataclass(frozen=True)
@@ -439,6 +465,12 @@ class ConversationStore:
         with self._lock, self._engine.transaction(*scopes) as db:
             yield db
 
+    def _stale(self, room_id: str) -> None:
+        """This store is about to write to the room: what it keeps of it is read again before it is used."""
+        known = self._rooms.get(room_id)
+        if known is not None:
+            known.current_at = None
+
     def _ensure_room(self, db: _Db, room_id: str) -> None:
         db.execute("INSERT INTO rooms (room_id, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                    (room_id, time.time()))
@@ -454,64 +486,63 @@ class ConversationStore:
 
         Committed messages never change, so the store keeps the room's decoded history in memory and reads only
         the messages added since (by this or any other process); a count check catches anything else and reads
-        the room again in full.
+        the room again in full. When no other connection has committed since the room was last read (SQLite's
+        data version), and this store's own commits to it were applied to what it keeps, nothing is read.
         """
-        with self._snapshot() as db:
-            row = db.execute(  # the room's counters and how many messages it shows, in one statement
-                "SELECT participants_version, history_floor_id, compaction_epoch, (SELECT COUNT(*) FROM messages "
-                "WHERE messages.room_id = rooms.room_id AND messages.id >= rooms.history_floor_id) "
-                "FROM rooms WHERE room_id = ?",
-                (room_id,),
-            ).fetchone()
-            version, floor, epoch, count = row if row else (0, 0, 0, 0)
+        with self._lock:
             known = self._rooms.get(room_id)
-            if known is None or known.floor != floor:
-                known = _KnownRoom(floor)
+            if known is not None and known.current_at is not None and known.current_at == self._engine.data_version():
+                return known.state(room_id, tail)
+            with self._engine.snapshot() as db:
+                known = self._read_room(db, room_id)
+                known.current_at = self._engine.data_version()  # inside the read: the version of what was read
+            return known.state(room_id, tail)
+
+    def _read_room(self, db: _Db, room_id: str) -> _KnownRoom:
+        """The room as the database holds it, read incrementally onto what this store kept of it."""
+        row = db.execute(  # the room's counters and how many messages it shows, in one statement
+            "SELECT participants_version, history_floor_id, compaction_epoch, (SELECT COUNT(*) FROM messages "
+            "WHERE messages.room_id = rooms.room_id AND messages.id >= rooms.history_floor_id) "
+            "FROM rooms WHERE room_id = ?",
+            (room_id,),
+        ).fetchone()
+        version, floor, epoch, count = row if row else (0, 0, 0, 0)
+        known = self._rooms.get(room_id)
+        if known is None or known.floor != floor:
+            known = _KnownRoom(floor)
+        known.current_at = None  # until this read is done
+        rows = db.execute(
+            "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
+            "WHERE room_id = ? AND id >= ? ORDER BY id",
+            (room_id, max(floor, known.last_id + 1)),
+        ).fetchall()
+        if len(known.messages) + len(rows) != count:  # not an append: read the whole room again
+            known = _KnownRoom(floor)
             rows = db.execute(
                 "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
                 "WHERE room_id = ? AND id >= ? ORDER BY id",
-                (room_id, max(floor, known.last_id + 1)),
+                (room_id, floor),
             ).fetchall()
-            if len(known.messages) + len(rows) != count:  # not an append: read the whole room again
-                known = _KnownRoom(floor)
-                rows = db.execute(
-                    "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
-                    "WHERE room_id = ? AND id >= ? ORDER BY id",
-                    (room_id, floor),
-                ).fetchall()
-            if known.participants_version != version or known.participants is None:
-                people = db.execute(
-                    "SELECT participant, kind, display_name, joined_after FROM participants WHERE room_id = ? "
-                    "ORDER BY seq",
-                    (room_id,),
-                ).fetchall()
-                known.participants = tuple(Participant(p, k, n, after) for p, k, n, after in people)
-                known.participants_version = version
-            known.messages.extend(  # under the store's lock: another thread may read the same room
-                StoredMessage(id, turn, speaker, kind, name, _load_content(content), text)
-                for id, turn, speaker, kind, name, content, text in rows
-            )
-            known.last_turn = max([known.last_turn, *(row[1] for row in rows)])
-            self._rooms[room_id] = known
-            messages = list(known.messages)
-            participants = list(known.participants)
-            # a turn's number is above every earlier one, so with anything visible the visible messages hold the
-            # room's last turn; with nothing visible, ask the table
-            last_turn = known.last_turn if messages else None
-            if last_turn is None:
-                last_turn = db.execute(
-                    "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
-                ).fetchone()[0]
-        return RoomState(
-            room_id=room_id,
-            messages=messages,
-            participants=participants,
-            participants_version=version,
-            last_turn=last_turn,
-            compaction_epoch=epoch,
-            history_tail_msg_ids=",".join(str(m.id) for m in messages[-tail:]) or "empty",
-            history_start=messages[0].id if messages else 0,
+        if known.participants_version != version or known.participants is None:
+            people = db.execute(
+                "SELECT participant, kind, display_name, joined_after FROM participants WHERE room_id = ? "
+                "ORDER BY seq",
+                (room_id,),
+            ).fetchall()
+            known.participants = tuple(Participant(p, k, n, after) for p, k, n, after in people)
+            known.participants_version = version
+        known.messages.extend(  # under the store's lock: another thread may read the same room
+            StoredMessage(id, turn, speaker, kind, name, _load_content(content), text)
+            for id, turn, speaker, kind, name, content, text in rows
         )
+        known.epoch = epoch
+        # a turn's number is above every earlier one, so with anything visible the visible messages hold the
+        # room's last turn; with nothing visible, ask the table
+        known.last_turn = max([known.last_turn, *(row[1] for row in rows)]) if known.messages else db.execute(
+            "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
+        ).fetchone()[0]
+        self._rooms[room_id] = known
+        return known
 
     def history(self, room_id: str) -> list[StoredMessage]:
         """Every message of the room, compacted or not, oldest first."""
@@ -546,6 +577,7 @@ class ConversationStore:
     def join(self, room_id: str, who: Participant) -> bool:
         """Add `who` to the room; True when they were not in it yet."""
         with self._transaction(f"room:{room_id}") as db:
+            self._stale(room_id)
             return self._join(db, room_id, who)
 
     def last_turn_of(self, room_id: str, who: str, kind: Literal["person", "persona"]) -> int | None:
@@ -561,21 +593,26 @@ class ConversationStore:
     def add_message(self, room_id: str, turn: int, speaker: Participant, content: Content, text: str) -> int:
         """Append one message outside a turn (e.g. a person speaking to the room); returns its id."""
         with self._transaction(f"room:{room_id}") as db:
+            self._stale(room_id)
             self._join(db, room_id, speaker)
-            return self._insert(db, room_id, turn, (speaker, content, text))
+            return self._insert(db, room_id, turn, (speaker, content, text))[-1][0]
 
-    def _insert(self, db: _Db, room_id: str, turn: int, *messages: tuple[Participant, Content, str]) -> int:
-        """Messages of one turn (who, content, text), in this order, in one statement; returns the last one's id."""
+    def _insert(
+        self, db: _Db, room_id: str, turn: int, *messages: tuple[Participant, Content, str]
+    ) -> list[tuple[int, str]]:
+        """Messages of one turn (who, content, text), in this order, in one statement; their ids (in that order:
+        ids only grow) and their content as stored."""
         now = time.time()
         values: list[Any] = []
-        for who, content, text in messages:
-            values += [room_id, turn, who.participant, who.kind, who.display_name, json.dumps(content), text, now]
+        stored = [json.dumps(content) for _, content, _ in messages]
+        for (who, _, text), content in zip(messages, stored, strict=True):
+            values += [room_id, turn, who.participant, who.kind, who.display_name, content, text, now]
         rows = db.execute(
             "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at) "
             "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(messages)) + " RETURNING id",
             values,
         ).fetchall()
-        return max(int(row[0]) for row in rows)
+        return list(zip(sorted(int(row[0]) for row in rows), stored, strict=True))
 
     def commit_turn(
         self,
@@ -598,24 +635,55 @@ class ConversationStore:
         caller saw in the room already (no one leaves a room): their join is not checked again.
         """
         scopes = (f"room:{room_id}", *([f"slots:{release.backend}"] if release is not None else []))
-        with self._transaction(*scopes) as db:
-            if release is not None:
-                self._release(db, release)
-            for who in (speaker, persona):
-                if who.participant not in present:
-                    self._join(db, room_id, who)
-            last = db.execute(
-                "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
-            ).fetchone()[0]
-            turn = max(turn, int(last) + 1)  # the room's writers commit one at a time: no one else takes it
-            self._insert(db, room_id, turn, (speaker, user_content, user_text), (persona, reply_text, reply_text))
+        with self._lock:
+            with self._engine.transaction(*scopes) as db:
+                turn, inserted, current, at, joined = self._commit_turn(
+                    db, room_id, turn, speaker, user_content, user_text, persona, reply_text, release, present
+                )
+            if current is not None and not joined:  # committed: what this store keeps of the room is all of it again
+                current.messages.extend(
+                    StoredMessage(id, turn, who.participant, who.kind, who.display_name, _load_content(content), text)
+                    for (id, content), (who, text) in zip(inserted, ((speaker, user_text), (persona, reply_text)),
+                                                          strict=True)
+                )
+                current.last_turn, current.current_at = turn, at
         if release is not None:
             release.released = True
         return turn
 
+    def _commit_turn(
+        self, db: _Db, room_id: str, turn: int, speaker: Participant, user_content: Content, user_text: str,
+        persona: Participant, reply_text: str, release: SlotClaim | None, present: Collection[str],
+    ) -> tuple[int, list[tuple[int, str]], _KnownRoom | None, int | None, bool]:
+        """`commit_turn`'s writes: the turn's number and messages (ids, stored content); what the store keeps of the
+        room and its data version when that was all of the room before the commit; whether anyone joined."""
+        # what this store keeps of the room is all of it when no one else committed since: then the room's last
+        # turn is known, and the turn's messages are added to what it keeps
+        known = self._rooms.get(room_id)
+        at = known.current_at if known is not None else None
+        current = known if at is not None and at == self._engine.data_version() else None
+        self._stale(room_id)
+        if release is not None:
+            self._release(db, release)
+        joined = False
+        for who in (speaker, persona):
+            if who.participant not in present:
+                joined = self._join(db, room_id, who) or joined
+        if current is not None:
+            last = current.last_turn
+        else:
+            last = db.execute(
+                "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
+            ).fetchone()[0]
+        turn = max(turn, int(last) + 1)  # the room's writers commit one at a time: no one else takes it
+        said, replied = (speaker, user_content, user_text), (persona, reply_text, reply_text)
+        inserted = self._insert(db, room_id, turn, said, replied)
+        return turn, inserted, current, at, joined
+
     def compact(self, room_id: str, keep: int) -> int:
         """Hide all but the newest `keep` messages from prompts (one large block); returns how many were hidden."""
         with self._transaction(f"room:{room_id}") as db:
+            self._stale(room_id)
             ids = [r[0] for r in db.execute(
                 "SELECT id FROM messages WHERE room_id = ? AND id >= "
                 "(SELECT history_floor_id FROM rooms WHERE room_id = ?) ORDER BY id",
