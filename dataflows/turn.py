@@ -24,6 +24,7 @@ from turnflow.nodes.media import Audio
 from turnflow.nodes.prompt import Prompt, SourceOutput, assemble, assemble_append_only, assemble_naive
 from turnflow.nodes.speech import TtsVoice
 from turnflow.nodes.streaming import SpokenReply
+from turnflow.nodes.text import neutralise_control_tokens
 from turnflow.recipe import Persona, Recipe
 from turnflow.store import ConversationStore, Participant, RoomState, SlotClaim, StoredMessage
 
@@ -224,11 +225,19 @@ def reply_stream(
     prompt: Prompt, slot: int | None, backend: Backend, recipe: Recipe, persona: Persona, route_audio_out: str,
     audio_sink: Any, on_text: Any, adapters: AdapterLease, tts_voice: TtsVoice, kv: KvPrepared, cancel: Any,
     agent_tools: list[dict[str, Any]] | None, agent_tool_choice: Any, affinity: Affinity,
+    room_participants: list[Participant], persona_id: str, speaker: str,
 ) -> ReplyStream:
     """The streamed chat completion on the persona's slot with its adapters applied and prompt caching on, once
-    the slot's KV is in place (`kv`), offering the caller's tools (`agent_tools`); setting `cancel` stops it."""
+    the slot's KV is in place (`kv`), offering the caller's tools (`agent_tools`); setting `cancel` stops it.
+    With `generation.stop_at_speakers`, it ends where the model starts a line of someone in the room."""
     generation = recipe.generation
     speaks = route_audio_out == "native" and audio_sink is not None
+    stop, labels = backend.stop_sequences, None
+    if generation.stop_at_speakers:
+        own = _names([persona.name, persona_id])
+        names = _names([*own, speaker, *(name for p in room_participants for name in (p.participant, p.display_name))])
+        # its own label is dropped; a reply that opens with someone else's is left as the model wrote it
+        stop, labels = [*stop, *(f"\n{name}:" for name in names)], [f"{name}:" for name in own]
     stream = backend.client.stream(
         prompt.messages,
         max_tokens=generation.max_tokens,
@@ -242,11 +251,17 @@ def reply_stream(
         # llama-server refuses a grammar of the backend's besides tools: the tools' own grammar holds the reply then
         extra={k: v for k, v in backend.spec.request_defaults.items() if not (agent_tools and k == "grammar")},
         affinity=affinity,
-        stop=backend.stop_sequences,
+        stop=stop,
+        labels=labels,
     )
     stream.on_delta = on_text
     stream.cancel = cancel
     return stream
+
+
+def _names(names: list[str]) -> list[str]:
+    """Speaker names as the prompt writes them (control tokens defused), each once, in order."""
+    return list(dict.fromkeys(neutralise_control_tokens(name) for name in names if name.strip()))
 
 
 def turn_report(

@@ -133,11 +133,14 @@ class ChatClient(OpenAiHttp):
         extra: dict[str, Any] | None = None,
         affinity: Affinity | None = None,
         stop: list[str] | None = None,
+        labels: list[str] | None = None,
     ) -> ReplyStream:
         """A reply stream; the request starts when iteration does.
 
         `stop` (the chat template's end markers) is sent to the server and also enforced here: the reply is
-        cut where one first appears, so nothing after it is stored or spoken, whatever the server does.
+        cut where one first appears, so nothing after it is stored or spoken, whatever the server does (the
+        server is sent the first 4, OpenAI's limit). `labels` (speaker labels such as `Maya:`) are dropped from
+        the start of the reply.
 
         `audio_out` (e.g. `{"voice": "alloy", "format": "pcm16"}`) asks a model that speaks for audio too.
         `tools` (OpenAI function definitions) and `tool_choice` go into the request as given; the calls the
@@ -178,7 +181,7 @@ class ChatClient(OpenAiHttp):
                 body["user"] = affinity.key
             if affinity.header:
                 headers[affinity.header] = affinity.key
-        return ReplyStream(self, body, headers, stop=stops)
+        return ReplyStream(self, body, headers, stop=stops, labels=labels)
 
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
@@ -270,7 +273,7 @@ class ReplyStream:
 
     def __init__(
         self, client: ChatClient, body: dict[str, Any], headers: dict[str, str] | None = None, *,
-        stop: list[str] | None = None,
+        stop: list[str] | None = None, labels: list[str] | None = None,
     ):
         self._client = client
         self.body = body
@@ -278,6 +281,7 @@ class ReplyStream:
         """The request's JSON, made here (the part shared with an earlier request from its JSON), not as it is sent."""
         self.headers = {"Content-Type": "application/json", **(headers or {})}
         self._trim = StopTrimmer(stop or [])
+        self._label = LabelStripper(labels or [])
         self.reply = ChatReply()
         self.started_at: float | None = None
         self.streamed_chars = 0
@@ -333,7 +337,10 @@ class ReplyStream:
                         raise BackendError(f"the model server at {client.url} failed mid-reply: {chunk['error']}")
                     delta = self._absorb(chunk)
                     finished = reply.finish_reason is not None
-                    delta = Delta(self._trim.feed(delta.text), delta.audio_b64)
+                    text = self._label.feed(delta.text)
+                    if finished:  # the model ended: what was held back as a possible label is reply text
+                        text += self._label.flush()
+                    delta = Delta(self._trim.feed(text), delta.audio_b64)
                     if self._trim.stopped:
                         reply.finish_reason = "stop"
                     elif finished:  # the model ended: what was held back as a possible marker is reply text
@@ -401,6 +408,39 @@ class ReplyStream:
                 reply.prompt_tokens_cached = cached
                 reply.prompt_tokens_processed = usage.get("prompt_tokens", 0) - cached
         return Delta(delta_text, delta_audio)
+
+
+class LabelStripper:
+    """Drops a speaker label (`Maya:`, then spaces) from the start of streamed text, holding back the text's
+    beginning until it is clear whether it is one."""
+
+    def __init__(self, labels: list[str]):
+        self.labels = sorted({label for label in labels if label}, key=len, reverse=True)
+        self._pending: str | None = "" if self.labels else None  # None: decided, text passes through
+
+    def feed(self, text: str) -> str:
+        """The part of `text` (after what was held back) that is surely not a label."""
+        if self._pending is None:
+            return text
+        self._pending += text
+        head = self._pending.lstrip()
+        for label in self.labels:
+            if head.startswith(label):
+                rest = head[len(label):]
+                if not rest.strip():
+                    return ""  # the label, and perhaps the spaces after it: wait for the words
+                self._pending = None
+                return rest.lstrip()
+        if any(label.startswith(head) for label in self.labels):
+            return ""  # could still become a label
+        out, self._pending = self._pending, None
+        return out
+
+    def flush(self) -> str:
+        """What was held back, once the text ended (a label alone is dropped)."""
+        out, self._pending = self._pending or "", None
+        head = out.lstrip()
+        return "" if any(head.startswith(label) for label in self.labels) else out
 
 
 class StopTrimmer:

@@ -9,7 +9,7 @@ import pytest
 from conftest import copy_recipe_folder, without_adapters
 
 from turnflow.backend import template_stops
-from turnflow.nodes.llm import ChatClient, StopTrimmer
+from turnflow.nodes.llm import ChatClient, LabelStripper, StopTrimmer
 from turnflow.session import Session
 
 CHATML = (
@@ -74,7 +74,7 @@ def test_a_run_on_reply_never_reaches_the_history(tmp_path: Path) -> None:
             result = session.turn(persona="maya", room="r", text="hi")
             stored = session.store.history("r")[-1]
     assert result.reply == stored.text == "Sure thing, see you there."
-    assert sent[-1]["stop"] == ["<|im_start|>", "<|im_end|>"]
+    assert sent[-1]["stop"][:2] == ["<|im_start|>", "<|im_end|>"]  # then the room's speakers (the recipe's setting)
 
 
 def test_a_backend_without_a_template_takes_its_stops_from_request_defaults(tmp_path: Path) -> None:
@@ -88,6 +88,49 @@ def test_a_backend_without_a_template_takes_its_stops_from_request_defaults(tmp_
         with Session(recipe, backend="echo", state_dir=tmp_path / "state") as session:
             result = session.turn(persona="maya", room="r", text="hi")
     assert result.reply == "Fine."
+
+
+def test_a_leading_speaker_label_is_dropped_even_split_across_deltas() -> None:
+    labels = ["Helper:", "Maya:", "sam:", "Sam:"]
+    strip = LabelStripper(labels)
+    assert [strip.feed(p) for p in (" Ma", "ya", ": ", " Sure,", " five.")] == ["", "", "", "Sure,", " five."]
+    assert "".join(LabelStripper(labels).feed(p) for p in ("Mayb", "e later.")) == "Maybe later."
+    assert LabelStripper(labels).feed("Maya is out today.") == "Maya is out today."  # a name, not a label
+    held = LabelStripper(labels)
+    assert held.feed("Hel") == "" and held.flush() == "Hel"  # the reply ended: what was held is the reply
+    alone = LabelStripper(labels)
+    assert alone.feed("Sam:") == "" and alone.flush() == ""
+    assert LabelStripper([]).feed("Maya: hi") == "Maya: hi"
+
+
+# what a base model writes in a multi-party room: a label, its line, then the others' lines
+TRANSCRIPT = "Helper: It is 32 kilometres.\nsam: thanks\nMaya: you're welcome"
+
+
+def test_a_reply_ends_where_the_model_starts_someone_elses_line(tmp_path: Path) -> None:
+    import yaml
+    from stubs import echo_model
+
+    recipe = copy_recipe_folder(tmp_path)
+    without_adapters(recipe, "helper")
+    sent: list[dict[str, Any]] = []
+    with echo_model(TRANSCRIPT, chat_template=CHATML, requests=sent) as url:
+        (recipe.parent / "backends.yaml").write_text(f"backends:\n  echo:\n    kind: openai\n    url: {url}\n")
+        spec = yaml.safe_load(recipe.read_text())
+        replies = []
+        for on in (False, True):
+            spec["generation"]["stop_at_speakers"] = on
+            recipe.write_text(yaml.safe_dump(spec))
+            with Session(recipe, backend="echo", state_dir=tmp_path / f"state-{on}") as session:
+                session.join("r", "maya", kind="persona", display_name="Maya")
+                replies.append(session.turn(persona="helper", room="r", text="twenty miles in km?", speaker="sam"))
+                stored = session.store.history("r")[-1].text
+    off, on_ = replies
+    assert off.reply == TRANSCRIPT  # the default: only the template's markers end a reply
+    assert on_.reply == stored == "It is 32 kilometres."
+    chats = [body for body in sent if "messages" in body]  # the others are the control-token checks (/tokenize)
+    assert chats[0]["stop"] == ["<|im_start|>", "<|im_end|>"]
+    assert chats[1]["stop"] == ["<|im_start|>", "<|im_end|>", "\nHelper:", "\nhelper:"]  # OpenAI's 4; the rest here
 
 
 # ------------------------------------------------------------------ on the real Gemma 3 270M

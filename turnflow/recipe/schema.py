@@ -118,6 +118,9 @@ class GenerationSpec(_Strict):
     max_tokens: int = Field(default=128, gt=0)
     temperature: float = Field(default=0.7, ge=0)
     seed: int | None = None
+    stop_at_speakers: bool = False
+    """End a reply where the model starts a line of someone in the room (`\nName:`), and drop a speaker label
+    (`Name:`) it opens with: a base model continues a room's transcript instead of answering in it."""
 
 
 class MediaSpec(_Strict):
