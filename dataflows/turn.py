@@ -6,6 +6,7 @@ The recipe adds one node per source between `user_content` and `prompt` (see `tu
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import zlib
@@ -234,10 +235,9 @@ def reply_stream(
     speaks = route_audio_out == "native" and audio_sink is not None
     stop, labels = backend.stop_sequences, None
     if generation.stop_at_speakers:
-        own = _names([persona.name, persona_id])
-        names = _names([*own, speaker, *(name for p in room_participants for name in (p.participant, p.display_name))])
-        # its own label is dropped; a reply that opens with someone else's is left as the model wrote it
-        stop, labels = [*stop, *(f"\n{name}:" for name in names)], [f"{name}:" for name in own]
+        stop, labels = _speaker_stops(
+            backend.control_tokens.digest, tuple(stop), persona.name, persona_id, speaker, tuple(room_participants)
+        )
     stream = backend.client.stream(
         prompt.messages,
         max_tokens=generation.max_tokens,
@@ -257,6 +257,20 @@ def reply_stream(
     stream.on_delta = on_text
     stream.cancel = cancel
     return stream
+
+
+@functools.lru_cache(maxsize=1024)
+def _speaker_stops(
+    model_tokens: str, stops: tuple[str, ...], name: str, persona_id: str, speaker: str,
+    participants: tuple[Participant, ...],
+) -> tuple[list[str], list[str]]:
+    """The template's stops and a `\nName:` for every name a room's lines are labelled with (the persona's own name
+    and id, the speaker's, each participant's id and display name, as the prompt writes them); the persona's own
+    labels. A reply that opens with its own label loses it; one that opens with someone else's is left as the model
+    wrote it. Cached per model (`model_tokens`, the digest of the control tokens defused in names)."""
+    own = _names([name, persona_id])
+    names = _names([*own, speaker, *(n for p in participants for n in (p.participant, p.display_name))])
+    return [*stops, *(f"\n{n}:" for n in names)], [f"{n}:" for n in own]
 
 
 def _names(names: list[str]) -> list[str]:
