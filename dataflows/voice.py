@@ -17,6 +17,7 @@ and the speaking's); `reply` is the finished reply it hands on.
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from typing import Any
 
@@ -32,7 +33,9 @@ from turnflow.nodes.speech import SpeechBridges, TtsVoice
 from turnflow.nodes.streaming import SentenceSplitter, SpokenReply
 from turnflow.nodes.text import neutralise_control_tokens
 from turnflow.recipe import Persona, Recipe, TtsProfile
-from turnflow.store import UserContent
+from turnflow.store import ConversationStore, StoredMessage, UserContent
+
+_log = logging.getLogger("turnflow")
 
 #: Models that speak stream 24 kHz mono PCM16 (OpenAI's `pcm16` audio format).
 NATIVE_AUDIO_RATE = 24000
@@ -101,15 +104,18 @@ def image_parts__describe(images: list[Image], speech_bridges: SpeechBridges) ->
 
 @config.when(route_audio_in="native")
 def user_content__native(
-    text_in: str | None, media: Audio | None, image_parts: tuple[dict[str, Any], ...]
+    text_in: str | None, media: Audio | None, image_parts: tuple[dict[str, Any], ...], transcript_in: str | None,
 ) -> UserContent:
-    """What the speaker said: their audio as an `input_audio` part (plus any text), control tokens defused."""
+    """What the speaker said: their audio as an `input_audio` part (plus any text), control tokens defused. A
+    transcript the caller already made (a room agent choosing who answers) is kept with it, not sent: the model
+    hears the audio, and a persona whose model does not hear reads the transcript later."""
     text = neutralise_control_tokens(text_in or "")
     if media is None:
         return UserContent(text=text, parts=image_parts)
     part = {"type": "input_audio",
             "input_audio": {"data": base64.b64encode(media.to_wav_bytes()).decode(), "format": "wav"}}
-    return UserContent(text=text, parts=(part, *image_parts))
+    kept = neutralise_control_tokens(transcript_in) if transcript_in else None
+    return UserContent(text=text, parts=(part, *image_parts), transcript=kept)
 
 
 @config.when(route_audio_in="stt")
@@ -119,6 +125,45 @@ def user_content__stt(
     """What the speaker said, as text: the transcript of their audio, or their text."""
     text = transcript if transcript is not None else (text_in or "")
     return UserContent(text=neutralise_control_tokens(text), parts=image_parts, transcript=transcript)
+
+
+class HistoryStt:
+    """The words of past audio that a model heard itself and no one wrote down (a person talking to a persona whose
+    model hears), for a model that does not hear: the STT bridge transcribes each such message once, when a persona
+    first sees it, and the store keeps the transcript for every persona and process after it. Its time is STT
+    time, not turnflow's own (`ms`, `count`)."""
+
+    def __init__(self, bridges: SpeechBridges, store: ConversationStore, max_audio_s: float):
+        self._bridges, self._store, self._max_audio_s = bridges, store, max_audio_s
+        self.ms = 0.0
+        self.count = 0
+
+    def __call__(self, message: StoredMessage) -> str:
+        kept = self._store.transcript_of(message.id)
+        if kept is not None:
+            return kept
+        part = message.unheard_audio or {}
+        started = time.perf_counter()
+        try:
+            audio = decode_input_audio(str(part.get("data", "")), str(part.get("format", "")),
+                                       max_duration_s=self._max_audio_s)
+            words = neutralise_control_tokens(self._bridges.stt.transcribe(audio))
+        except Exception as exc:  # the history still renders ("[voice message]"); the next process tries again
+            _log.warning("turnflow: could not transcribe the audio of message %s for a model that does not hear: "
+                         "%s: %s", message.id, type(exc).__name__, exc)
+            return ""
+        finally:
+            self.ms += (time.perf_counter() - started) * 1000
+            self.count += 1
+        return self._store.keep_transcript(message.id, words)
+
+
+def history_stt(
+    hears: bool, speech_bridges: SpeechBridges, store: ConversationStore, recipe: Recipe
+) -> HistoryStt | None:
+    """For a model that does not hear: the transcripts of past audio another persona's model heard itself (None
+    when this one hears: it gets the audio)."""
+    return None if hears else HistoryStt(speech_bridges, store, recipe.media.max_audio_s)
 
 
 def hears(route_audio_in: str) -> bool:

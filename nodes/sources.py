@@ -72,9 +72,11 @@ def agent_instructions(instructions: str | None) -> str:
 def conversation_history(
     room_messages: list[StoredMessage], persona_id: str, hears: bool, room_participants: list[Participant],
     history_start: int, agent_history: list[dict[str, Any]] | None = None,
+    history_stt: Callable[[StoredMessage], str] | None = None,
 ) -> list[dict[str, Any]]:
     """The room's history as this persona sees it: its own words as assistant, everyone else's as user, and who
-    joined after the history began, where they joined; inside LiveKit Agents, the agent's chat context."""
+    joined after the history began, where they joined; inside LiveKit Agents, the agent's chat context. For a
+    model that does not hear, audio another persona's model heard itself is put into words by `history_stt`."""
     if agent_history is not None:
         return [_defused(message) for message in agent_history]
     joins: dict[int, list[Participant]] = {}
@@ -92,7 +94,7 @@ def conversation_history(
         start, seen, canonical = known.count, list(known.seen), known.canonical
     lines: list[str] = [canonical]
     for stored in room_messages[start:]:
-        message, line = stored.seen_line(persona_id, hears=hears)
+        message, line = stored.seen_line(persona_id, hears=hears, transcript=history_stt)
         seen.append(message)
         lines.append(line)
         for joined in joins.get(stored.id, ()):

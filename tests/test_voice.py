@@ -23,7 +23,7 @@ from conftest import RECIPE, copy_recipe_folder, llama_server_or_skip
 from stubs import speaking_model
 
 from turnflow.adapters import AdapterRegistry
-from turnflow.nodes.media import Audio, AudioError
+from turnflow.nodes.media import Audio, AudioError, decode_input_audio
 from turnflow.nodes.speech import EspeakTts, TtsVoice
 from turnflow.recipe import default_backends_path, load_backends
 from turnflow.server import EmbeddedServer
@@ -202,13 +202,60 @@ def test_model_that_speaks_is_played_without_tts(home: Path, tmp_path: Path, utt
     assert report["llm"]["prompt_tokens_cached"] == 100
 
 
+def test_only_a_persons_audio_no_one_wrote_down_needs_words() -> None:
+    from turnflow.store import StoredMessage
+
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    label = {"type": "text", "text": "alice: "}
+    heard = StoredMessage(1, 1, "alice", "person", "Alice", [label, audio], "")
+    assert heard.unheard_audio == audio["input_audio"]
+    assert StoredMessage(2, 1, "alice", "person", "Alice", [label, audio], "what she said").unheard_audio is None
+    assert StoredMessage(3, 1, "alice", "person", "Alice", "alice: hi", "").unheard_audio is None
+    assert StoredMessage(4, 1, "maya", "persona", "Maya", [label, audio], "").unheard_audio is None
+    asked: list[int] = []
+
+    def words(message: StoredMessage) -> str:
+        asked.append(message.id)
+        return "good morning" if len(asked) == 1 else "something else"
+
+    line = heard.seen_line("helper", hears=False, transcript=words)
+    assert line[0]["content"] == [label, {"type": "text", "text": "[voice message: good morning]"}]
+    assert heard.seen_line("helper", hears=False, transcript=words) == line
+    hearing = heard.seen_line("maya", hears=True, transcript=words)
+    assert hearing[0]["content"][1] == audio
+    assert asked == [1]  # once per persona that does not hear; never for one that hears
+
+
 def test_text_only_persona_reads_past_audio_as_text(servers: None, home: Path, utterances: list[Path]) -> None:
+    """Audio a model heard itself is put into words once, when a persona whose model does not hear first sees it;
+    the store keeps the words for every persona and process after it."""
     with Session(RECIPE, backend="local-audio", state_dir=home / "mixed") as hearing:
         heard = hearing.turn(persona="maya", room="mixed", speaker="alice", audio=utterances[0])
-    assert heard.report["route"]["audio_in"] == "native"
+        audio_message = hearing.store.history("mixed")[-2]
+        part = audio_message.unheard_audio
+        assert part is not None
+        words = hearing.bridges.stt.transcribe(decode_input_audio(part["data"], part["format"]))  # the recipe's STT
+    assert heard.report["route"]["audio_in"] == "native" and heard.report["invocations"]["stt"] == 0
+    assert audio_message.text == ""  # heard natively: no words kept
+    assert words
     with Session(RECIPE, backend="local", state_dir=home / "mixed") as bridged:
         result = bridged.turn(persona="helper", room="mixed", speaker="alice", text="Helper, your view?")
+        kept = bridged.store.transcript_of(audio_message.id)
     parts = [p for m in result.prompt.messages if isinstance(m["content"], list) for p in m["content"]]
     assert not any(p.get("type") == "input_audio" for p in parts)
-    assert any(p.get("text") == "[voice message]" for p in parts)  # heard natively: no transcript was made
-    assert result.report["tier_violations"] == []
+    assert kept == words
+    assert {"type": "text", "text": f"[voice message: {kept}]"} in parts
+    report = result.report
+    assert report["invocations"]["stt"] == 1 and report["timings_ms"]["stt"] > 0  # STT time, not turnflow's own
+    assert report["timings_ms"]["turnflow"] < report["timings_ms"]["stt"]  # counted as STT, not turnflow's own
+    assert report["tier_violations"] == []
+
+    class Deaf:
+        def transcribe(self, audio: Audio) -> str:
+            raise AssertionError("transcribed again")
+
+    with Session(RECIPE, backend="local", state_dir=home / "mixed") as later:  # another process, another persona
+        later.bridges._stt = Deaf()  # type: ignore[attr-defined]
+        prompt = later.preview(persona="teacher", room="mixed", speaker="alice", text="And you?")
+    seen = [p for m in prompt.messages if isinstance(m["content"], list) for p in m["content"]]
+    assert {"type": "text", "text": f"[voice message: {kept}]"} in seen

@@ -65,6 +65,10 @@ SOURCE_INPUTS: dict[str, SourceInput] = {
     "user_content": SourceInput("what the speaker said this turn (UserContent)", per_turn=True),
     # fixed per driver; the cache namespace includes the capability profile
     "hears": SourceInput("whether the backend's model hears audio (decided when the driver is built)"),
+    "history_stt": SourceInput(
+        "for a model that does not hear: the words of a past message's audio another persona's model heard itself "
+        "(called with the StoredMessage; None when the model hears)", ("history_tail_msg_ids",),
+    ),
     "adapter_set": SourceInput(
         "the persona's adapters as applied (AdapterSet: voice, skills, scales)", ("adapter_set_digest",)
     ),

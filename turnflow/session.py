@@ -452,7 +452,8 @@ class Session:
             try:
                 with control_tokens_for(backend.control_tokens):
                     outputs = dr.execute(
-                        ["turn_report", "prompt", "reply", "speech", "user_content", "slot_claim"], inputs=inputs
+                        ["turn_report", "prompt", "reply", "speech", "user_content", "slot_claim", "history_stt"],
+                        inputs=inputs,
                     )
             except (AudioError, ImageError):
                 raise
@@ -481,6 +482,10 @@ class Session:
                 )
         if context is None:
             self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])
+        history_stt = outputs["history_stt"]
+        if history_stt is not None and history_stt.count:  # past audio put into words: STT time, not turnflow's
+            timings["history_stt"] = history_stt.ms
+            report["invocations"]["stt"] += history_stt.count
         self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no)
         return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=outputs["speech"].audio)
 
@@ -496,14 +501,14 @@ class Session:
         kv = report["kv"]  # nor is KV paging: the server writes and reads the slot's KV files
         paged = kv["restore_ms"] is not None or kv["saved_bytes"] or kv["paged_out"]
         kv_page_ms = round(timings.get("kv", 0.0), 2) if paged else 0.0
-        external = ("speech", "transcript", "voice_fingerprint")
+        external = ("speech", "transcript", "voice_fingerprint", "history_stt")
         external_ms = sum(timings.get(name, 0.0) for name in external) + page_ms + kv_page_ms
         total_ms = (time.perf_counter() - started) * 1000
         report["timings_ms"] = {
             "total": round(total_ms, 2),
             "first_audio": report["speech"]["first_audio_ms"],
             "model": round(reply.total_ms, 2),
-            "stt": round(timings.get("transcript", 0.0), 2),
+            "stt": round(timings.get("transcript", 0.0) + timings.get("history_stt", 0.0), 2),
             "adapter_page": page_ms,
             "kv_page": kv_page_ms,
             "speech": round(timings.get("speech", 0.0) + timings.get("voice_fingerprint", 0.0), 2),

@@ -21,7 +21,7 @@ import sqlite3
 import threading
 import time
 import typing
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +77,10 @@ CREATE TABLE IF NOT EXISTS slot_owners (
     busy_token TEXT,
     busy_until {real} NOT NULL DEFAULT 0,
     PRIMARY KEY (backend, total_slots, slot)
+);
+CREATE TABLE IF NOT EXISTS transcripts (
+    message_id BIGINT PRIMARY KEY,
+    text TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS slot_assignments (
     backend TEXT NOT NULL,
@@ -343,18 +347,33 @@ class StoredMessage:
         default_factory=dict, compare=False, repr=False
     )
 
-    def seen_line(self, persona_id: str, *, hears: bool = True) -> tuple[dict[str, Any], str]:
-        """`as_seen_by` and that message's canonical JSON line, made once per persona (a message never changes)."""
+    @property
+    def unheard_audio(self) -> dict[str, Any] | None:
+        """The `input_audio` of a person's message heard by a model itself, with nothing written down of it (no
+        text, no transcript): what a model that does not hear needs transcribed. None for any other message."""
+        if self.speaker_kind != "person" or self.text or not isinstance(self.content, list):
+            return None
+        return next((part["input_audio"] for part in self.content if part.get("type") == "input_audio"), None)
+
+    def seen_line(
+        self, persona_id: str, *, hears: bool = True, transcript: Callable[[StoredMessage], str] | None = None,
+    ) -> tuple[dict[str, Any], str]:
+        """`as_seen_by` and that message's canonical JSON line, made once per persona (a message never changes).
+
+        `transcript` gives the words of audio no model wrote down (see `unheard_audio`), for a model that does
+        not hear; it is asked once, when the persona first sees the message."""
         found = self._lines.get((persona_id, hears))
         if found is None:
-            message = self.as_seen_by(persona_id, hears=hears)
+            words = transcript(self) if transcript is not None and not hears and self.unheard_audio else None
+            message = self.as_seen_by(persona_id, hears=hears, transcript=words)
             found = self._lines[(persona_id, hears)] = (message, canonical_json(message) + "\n")
         return dict(found[0]), found[1]
 
-    def as_seen_by(self, persona_id: str, *, hears: bool = True) -> dict[str, Any]:
+    def as_seen_by(self, persona_id: str, *, hears: bool = True, transcript: str | None = None) -> dict[str, Any]:
         """This message as a chat message for `persona_id`: its own words as assistant, others' as user.
 
-        For a model that does not hear, past audio parts become text (the transcript, if one was made).
+        For a model that does not hear, past audio parts become text: the words said (the STT bridge's transcript,
+        or `transcript`: of audio another persona's model heard itself), else `[voice message]`.
         """
         if self.speaker_kind == "persona" and self.speaker == persona_id:
             return {"role": "assistant", "content": self.content}
@@ -362,7 +381,8 @@ class StoredMessage:
             return {"role": "user", "content": f"{self.display_name}: {self.text}"}
         if hears or not isinstance(self.content, list):
             return {"role": "user", "content": self.content}
-        spoken = f"[voice message: {self.text}]" if self.text else "[voice message]"
+        words = self.text or transcript
+        spoken = f"[voice message: {words}]" if words else "[voice message]"
         parts = [
             {"type": "text", "text": spoken} if part.get("type") == "input_audio" else part for part in self.content
         ]
@@ -450,6 +470,8 @@ class ConversationStore:
         self._lock = threading.Lock()  # one connection per store: one transaction at a time on it
         self._rooms: dict[str, _KnownRoom] = {}
         """Each room's visible history as last read (messages are immutable once committed)."""
+        self._transcripts: dict[int, str] = {}
+        """Transcripts of messages' audio as last read (kept ones never change)."""
 
     @property
     def kind(self) -> str:
@@ -543,6 +565,26 @@ class ConversationStore:
         ).fetchone()[0]
         self._rooms[room_id] = known
         return known
+
+    def transcript_of(self, message_id: int) -> str | None:
+        """The transcript kept for a message's audio (see `keep_transcript`), or None when there is none."""
+        with self._lock:
+            known = self._transcripts.get(message_id)
+            if known is None:
+                row = self._db.execute("SELECT text FROM transcripts WHERE message_id = ?", (message_id,)).fetchone()
+                if row is not None:
+                    known = self._transcripts[message_id] = str(row[0])
+            return known
+
+    def keep_transcript(self, message_id: int, text: str) -> str:
+        """Keep the transcript of a message's audio, for every persona and process that needs it later; returns the
+        one kept (another process's, when it kept one first). The message itself never changes."""
+        with self._transaction("transcripts") as db:
+            db.execute("INSERT INTO transcripts (message_id, text) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                       (message_id, text))
+            kept = str(db.execute("SELECT text FROM transcripts WHERE message_id = ?", (message_id,)).fetchone()[0])
+            self._transcripts[message_id] = kept
+            return kept
 
     def history(self, room_id: str) -> list[StoredMessage]:
         """Every message of the room, compacted or not, oldest first."""
