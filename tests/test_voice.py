@@ -232,6 +232,9 @@ def test_text_only_persona_reads_past_audio_as_text(servers: None, home: Path, u
     with Session(RECIPE, backend="local-audio", state_dir=home / "mixed") as hearing:
         heard = hearing.turn(persona="maya", room="mixed", speaker="alice", audio=utterances[0])
         audio_message = hearing.store.history("mixed")[-2]
+        # a caller that transcribed already (a room agent choosing who answers): the words are kept with the audio
+        hearing.turn(persona="maya", room="mixed", speaker="alice", audio=utterances[1],
+                     transcript="move the retro to thursday")
         part = audio_message.unheard_audio
         assert part is not None
         words = hearing.bridges.stt.transcribe(decode_input_audio(part["data"], part["format"]))  # the recipe's STT
@@ -245,6 +248,7 @@ def test_text_only_persona_reads_past_audio_as_text(servers: None, home: Path, u
     assert not any(p.get("type") == "input_audio" for p in parts)
     assert kept == words
     assert {"type": "text", "text": f"[voice message: {kept}]"} in parts
+    assert {"type": "text", "text": "[voice message: move the retro to thursday]"} in parts  # no STT for this one
     report = result.report
     assert report["invocations"]["stt"] == 1 and report["timings_ms"]["stt"] > 0  # STT time, not turnflow's own
     assert report["timings_ms"]["turnflow"] < report["timings_ms"]["stt"]  # counted as STT, not turnflow's own
