@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-EXTERNAL_NODES = ("speech", "transcript", "voice_fingerprint", "history_stt")
+EXTERNAL_NODES = ("speech", "transcript", "voice_fingerprint")
 """The nodes whose time is the model stream, STT and TTS (`timings_ms.turnflow` leaves them out)."""
 
 

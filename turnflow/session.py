@@ -483,15 +483,17 @@ class Session:
         if context is None:
             self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])
         history_stt = outputs["history_stt"]
+        history_stt_ms = 0.0
         if history_stt is not None and history_stt.count:  # past audio put into words: STT time, not turnflow's
-            timings["history_stt"] = history_stt.ms
+            timings["history_stt"] = history_stt_ms = history_stt.ms
             report["invocations"]["stt"] += history_stt.count
-        self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no)
+        self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no,
+                            history_stt_ms)
         return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=outputs["speech"].audio)
 
     def _finish_report(
         self, report: dict[str, Any], reply: ChatReply, speech: Any, timings: dict[str, float], started: float,
-        setup_ms: float, persona: str, room: str, turn_no: int,
+        setup_ms: float, persona: str, room: str, turn_no: int, history_stt_ms: float = 0.0,
     ) -> None:
         """Warn about tier violations, and add the turn's timings and LiveKit-named metrics to its report."""
         for violation in report["tier_violations"]:
@@ -501,14 +503,14 @@ class Session:
         kv = report["kv"]  # nor is KV paging: the server writes and reads the slot's KV files
         paged = kv["restore_ms"] is not None or kv["saved_bytes"] or kv["paged_out"]
         kv_page_ms = round(timings.get("kv", 0.0), 2) if paged else 0.0
-        external = ("speech", "transcript", "voice_fingerprint", "history_stt")
-        external_ms = sum(timings.get(name, 0.0) for name in external) + page_ms + kv_page_ms
+        external = ("speech", "transcript", "voice_fingerprint")
+        external_ms = sum(timings.get(name, 0.0) for name in external) + history_stt_ms + page_ms + kv_page_ms
         total_ms = (time.perf_counter() - started) * 1000
         report["timings_ms"] = {
             "total": round(total_ms, 2),
             "first_audio": report["speech"]["first_audio_ms"],
             "model": round(reply.total_ms, 2),
-            "stt": round(timings.get("transcript", 0.0) + timings.get("history_stt", 0.0), 2),
+            "stt": round(timings.get("transcript", 0.0) + history_stt_ms, 2),
             "adapter_page": page_ms,
             "kv_page": kv_page_ms,
             "speech": round(timings.get("speech", 0.0) + timings.get("voice_fingerprint", 0.0), 2),
