@@ -237,3 +237,26 @@ def test_fourteen_personas_take_concurrent_turns_without_cross_talk(home: Path, 
     assert len(held) == len(set(held))  # no persona's KV in two slots
     sources = [r["kv"]["source"] for rs in results.values() for r in rs]
     print("\nkv sources over 70 concurrent turns:", {s: sources.count(s) for s in set(sources)})
+
+
+def test_turns_on_many_threads_note_the_kv_they_hold_at_once(home: Path) -> None:
+    """Each turn notes the KV its server's slots hold; the turns of one process do so from several threads."""
+    server = EmbeddedServer("usage-race", BackendSpec(kind="embedded", model="generated:tiny", slots=4))
+    failures: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def note(offset: int) -> None:
+        start.wait()
+        try:
+            for step in range(40):
+                server.note_usage(1000 + 100 * (8 * step + offset))
+        except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+            failures.append(exc)
+
+    threads = [threading.Thread(target=note, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert server._peak_tokens() >= (1000 + 100 * (8 * 39 + 7)) / 1.05  # the peak is kept within 5 %

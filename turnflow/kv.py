@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from turnflow.paths import replace_text
+
 CACHE_TYPE_BYTES: dict[str, float] = {
     "f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32, "q4_1": 20 / 32,
     "q4_0": 18 / 32, "iq4_nl": 18 / 32,
@@ -181,9 +183,7 @@ class KvFiles:
         path = self.folder / key.filename
         entry = KvFile(key, tokens, path.stat().st_size, _blake2b(path), time.time())
         meta = asdict(entry)
-        tmp = self._meta(key).with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta))
-        os.replace(tmp, self._meta(key))
+        replace_text(self._meta(key), json.dumps(meta))
         self._stale_versions(key)
         self.evict()
         return entry

@@ -93,9 +93,7 @@ def remember_no_repack(binary: str, why: str) -> None:
     except (OSError, ValueError):
         quirks = {}
     quirks.setdefault("no_repack", {})[binary] = why
-    tmp = _quirks_file().with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(quirks, indent=1))
-    os.replace(tmp, _quirks_file())
+    replace_text(_quirks_file(), json.dumps(quirks, indent=1))
 
 
 def resolve_model(ref: str, *, kind: str = "text") -> Path:
@@ -398,6 +396,7 @@ class EmbeddedServer:
         """One empty file per adapter key; its mtime is when a turn last used the adapter."""
         self._slot_dir: Path | None = None
         self._known_peak: int | None = None
+        self._usage_lock = threading.Lock()  # a process's turns note their usage from several threads
         self._state_seen: tuple[tuple[int, int, int], ServerState] | None = None
         self._marked: dict[str, float] = {}
         """When this process last marked each adapter used (`time.monotonic()`)."""
@@ -475,13 +474,15 @@ class EmbeddedServer:
 
     def note_usage(self, tokens_in_slots: int) -> None:
         """Remember the most KV the slots held at once (the next start sizes the pool from it)."""
-        if self._known_peak is None:
-            self._known_peak = self._peak_tokens()
-        if tokens_in_slots > 1.05 * self._known_peak:
-            self._known_peak = tokens_in_slots
-            tmp = self.usage_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"peak_tokens": tokens_in_slots, "at": time.time()}))
-            os.replace(tmp, self.usage_file)
+        known = self._known_peak
+        if known is not None and tokens_in_slots <= 1.05 * known:
+            return  # the common case: no lock taken
+        with self._usage_lock:
+            if self._known_peak is None:
+                self._known_peak = self._peak_tokens()
+            if tokens_in_slots > 1.05 * self._known_peak:
+                self._known_peak = tokens_in_slots
+                replace_text(self.usage_file, json.dumps({"peak_tokens": tokens_in_slots, "at": time.time()}))
 
     def cache_ram_mb(self, pool_tokens: int) -> int:
         """The host prompt cache: as configured, else twice the KV pool (at most 8192 MiB, at least 64)."""
