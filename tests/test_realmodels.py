@@ -24,6 +24,11 @@ GEMMA = (
 RUN_ON = "Sure thing, see you there.<|im_end|>\n<|im_"
 
 
+def use_echo_backend(recipe: Path, url: str, settings: str = "") -> None:
+    """Give a copied recipe folder the backend `echo`: the stand-in server at `url`, with more YAML `settings`."""
+    (recipe.parent / "backends.yaml").write_text(f"backends:\n  echo:\n    kind: openai\n    url: {url}\n{settings}")
+
+
 def test_stop_sequences_come_from_the_chat_templates_turn_markers() -> None:
     assert template_stops(CHATML) == ["<|im_start|>", "<|im_end|>"]
     assert template_stops(GEMMA) == ["<start_of_turn>", "<end_of_turn>"]
@@ -69,7 +74,7 @@ def test_a_run_on_reply_never_reaches_the_history(tmp_path: Path) -> None:
     without_adapters(recipe, "maya")
     sent: list[dict[str, Any]] = []
     with echo_model(RUN_ON, chat_template=CHATML, requests=sent) as url:
-        (recipe.parent / "backends.yaml").write_text(f"backends:\n  echo:\n    kind: openai\n    url: {url}\n")
+        use_echo_backend(recipe, url)
         with Session(recipe, backend="echo", state_dir=tmp_path / "state") as session:
             result = session.turn(persona="maya", room="r", text="hi")
             stored = session.store.history("r")[-1]
@@ -83,8 +88,7 @@ def test_a_backend_without_a_template_takes_its_stops_from_request_defaults(tmp_
     recipe = copy_recipe_folder(tmp_path)
     without_adapters(recipe, "maya")
     with echo_model("Fine. END more") as url:
-        (recipe.parent / "backends.yaml").write_text(
-            f"backends:\n  echo:\n    kind: openai\n    url: {url}\n    request_defaults:\n      stop: [' END']\n")
+        use_echo_backend(recipe, url, "    request_defaults:\n      stop: [' END']\n")
         with Session(recipe, backend="echo", state_dir=tmp_path / "state") as session:
             result = session.turn(persona="maya", room="r", text="hi")
     assert result.reply == "Fine."
@@ -115,7 +119,7 @@ def test_a_reply_ends_where_the_model_starts_someone_elses_line(tmp_path: Path) 
     without_adapters(recipe, "helper")
     sent: list[dict[str, Any]] = []
     with echo_model(TRANSCRIPT, chat_template=CHATML, requests=sent) as url:
-        (recipe.parent / "backends.yaml").write_text(f"backends:\n  echo:\n    kind: openai\n    url: {url}\n")
+        use_echo_backend(recipe, url)
         spec = yaml.safe_load(recipe.read_text())
         replies = []
         for on in (False, True):

@@ -679,10 +679,10 @@ class ConversationStore:
         scopes = (f"room:{room_id}", *([f"slots:{release.backend}"] if release is not None else []))
         with self._lock:
             with self._engine.transaction(*scopes) as db:
-                turn, inserted, current, at, joined = self._commit_turn(
+                turn, inserted, current, at = self._commit_turn(
                     db, room_id, turn, speaker, user_content, user_text, persona, reply_text, release, present
                 )
-            if current is not None and not joined:  # committed: what this store keeps of the room is all of it again
+            if current is not None:  # committed: what this store keeps of the room is all of it again
                 current.messages.extend(
                     StoredMessage(id, turn, who.participant, who.kind, who.display_name, _load_content(content), text)
                     for (id, content), (who, text) in zip(inserted, ((speaker, user_text), (persona, reply_text)),
@@ -696,9 +696,10 @@ class ConversationStore:
     def _commit_turn(
         self, db: _Db, room_id: str, turn: int, speaker: Participant, user_content: Content, user_text: str,
         persona: Participant, reply_text: str, release: SlotClaim | None, present: Collection[str],
-    ) -> tuple[int, list[tuple[int, str]], _KnownRoom | None, int | None, bool]:
+    ) -> tuple[int, list[tuple[int, str]], _KnownRoom | None, int | None]:
         """`commit_turn`'s writes: the turn's number and messages (ids, stored content); what the store keeps of the
-        room and its data version when that was all of the room before the commit; whether anyone joined."""
+        room and its data version when that was all of the room before the commit and no one joined in it (the
+        turn's messages are then added to it), else None."""
         # what this store keeps of the room is all of it when no one else committed since: then the room's last
         # turn is known, and the turn's messages are added to what it keeps
         known = self._rooms.get(room_id)
@@ -720,7 +721,7 @@ class ConversationStore:
         turn = max(turn, int(last) + 1)  # the room's writers commit one at a time: no one else takes it
         said, replied = (speaker, user_content, user_text), (persona, reply_text, reply_text)
         inserted = self._insert(db, room_id, turn, said, replied)
-        return turn, inserted, current, at, joined
+        return turn, inserted, None if joined else current, at
 
     def compact(self, room_id: str, keep: int) -> int:
         """Hide all but the newest `keep` messages from prompts (one large block); returns how many were hidden."""
