@@ -79,6 +79,9 @@ class ChatClient(OpenAiHttp):
         self.url = server_root(url)
         self.base = api_base(url)
         self.model = model
+        self.llama_cpp = False
+        """Whether the server is a llama-server (it answers `/props`): it is sent every stop string, not OpenAI's
+        4, and asked for `timings` in every event, so a reply cut short (barge-in) still reports its prompt."""
 
     def _error(self, message: str) -> Exception:
         return BackendError(message)
@@ -138,8 +141,8 @@ class ChatClient(OpenAiHttp):
         """A reply stream; the request starts when iteration does.
 
         `stop` (the chat template's end markers) is sent to the server and also enforced here: the reply is
-        cut where one first appears, so nothing after it is stored or spoken, whatever the server does (the
-        server is sent the first 4, OpenAI's limit). `labels` (speaker labels such as `Maya:`) are dropped from
+        cut where one first appears, so nothing after it is stored or spoken, whatever the server does (a
+        llama-server is sent all, other servers the first 4, OpenAI's limit). `labels` (speaker labels such as `Maya:`) are dropped from
         the start of the reply.
 
         `audio_out` (e.g. `{"voice": "alloy", "format": "pcm16"}`) asks a model that speaks for audio too.
@@ -171,10 +174,13 @@ class ChatClient(OpenAiHttp):
             body["tools"] = tools
             if tool_choice is not None:
                 body["tool_choice"] = tool_choice
+        if self.llama_cpp:  # prompt counts in every event: a reply left early (barge-in, a stop cut here) keeps them
+            body["timings_per_token"] = True
         body.update(extra or {})
         stops = [s for s in (stop or []) if s]
         if stops:
-            body["stop"] = list(dict.fromkeys([*stops, *(body.get("stop") or [])]))[:4]  # OpenAI's limit is 4
+            stops = list(dict.fromkeys([*stops, *(body.get("stop") or [])]))
+            body["stop"] = stops if self.llama_cpp else stops[:4]  # OpenAI's limit is 4; llama-server has none
         headers: dict[str, str] = {}
         if affinity is not None:
             if affinity.user_field:
@@ -397,6 +403,7 @@ class ReplyStream:
             reply.server_timings = timings
             reply.prompt_tokens_processed = timings.get("prompt_n")
             reply.prompt_tokens_cached = timings.get("cache_n")
+            reply.completion_tokens = timings.get("predicted_n", reply.completion_tokens)
             if reply.prompt_tokens_processed is not None and reply.prompt_tokens_cached is not None:
                 reply.prompt_tokens = reply.prompt_tokens_processed + reply.prompt_tokens_cached
         usage = chunk.get("usage")

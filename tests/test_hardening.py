@@ -483,6 +483,7 @@ def test_cancel_stops_the_model_stream_and_the_speech(home: Path, tmp_path: Path
           f"{report['speech']['sentences']} sentence(s) spoken; uncut: {whole.report['llm']['completion_tokens']} "
           f"tokens, {whole.report['speech']['sentences']} sentences")
     assert report["llm"]["finish_reason"] == "cancelled"
+    assert report["llm"]["prompt_tokens_processed"] > 0 and report["llm"]["completion_tokens"] > 0  # counted still
     assert report["speech"]["sentences"] == 1 and len(chunks) == 1  # nothing more was spoken
     assert len(result.reply) < len(whole.reply) / 2  # the model stopped writing
     assert stored.text == result.reply  # what was written before the cut is what the history keeps

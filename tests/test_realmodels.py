@@ -118,23 +118,29 @@ def test_a_reply_ends_where_the_model_starts_someone_elses_line(tmp_path: Path) 
     recipe = copy_recipe_folder(tmp_path)
     without_adapters(recipe, "helper")
     sent: list[dict[str, Any]] = []
-    with echo_model(TRANSCRIPT, chat_template=CHATML, requests=sent) as url:
-        use_echo_backend(recipe, url)
-        spec = yaml.safe_load(recipe.read_text())
-        replies = []
-        for on in (False, True):
+    spec = yaml.safe_load(recipe.read_text())
+    replies = []
+    # a llama-server (it answers /props with its template), then a plain OpenAI-compatible server
+    for template, on in ((CHATML, False), (CHATML, True), (None, True)):
+        with echo_model(TRANSCRIPT, chat_template=template, requests=sent) as url:
+            use_echo_backend(recipe, url)
             spec["generation"]["stop_at_speakers"] = on
             recipe.write_text(yaml.safe_dump(spec))
-            with Session(recipe, backend="echo", state_dir=tmp_path / f"state-{on}") as session:
+            with Session(recipe, backend="echo", state_dir=tmp_path / f"state-{len(replies)}") as session:
                 session.join("r", "maya", kind="persona", display_name="Maya")
                 replies.append(session.turn(persona="helper", room="r", text="twenty miles in km?", speaker="sam"))
                 stored = session.store.history("r")[-1].text
-    off, on_ = replies
+                assert stored == replies[-1].reply
+    off, on_, openai = replies
     assert off.reply == TRANSCRIPT  # the default: only the template's markers end a reply
-    assert on_.reply == stored == "It is 32 kilometres."
+    assert on_.reply == openai.reply == "It is 32 kilometres."
     chats = [body for body in sent if "messages" in body]  # the others are the control-token checks (/tokenize)
     assert chats[0]["stop"] == ["<|im_start|>", "<|im_end|>"]
-    assert chats[1]["stop"] == ["<|im_start|>", "<|im_end|>", "\nHelper:", "\nhelper:"]  # OpenAI's 4; the rest here
+    speakers = ["\nHelper:", "\nhelper:", "\nsam:", "\nmaya:", "\nMaya:"]
+    assert sorted(chats[1]["stop"]) == sorted(["<|im_start|>", "<|im_end|>", *speakers])  # llama-server takes all
+    assert chats[0]["timings_per_token"] is chats[1]["timings_per_token"] is True  # counts survive an early end
+    assert len(chats[2]["stop"]) == 4 and set(chats[2]["stop"]) < set(speakers)  # OpenAI's 4; the rest cut here
+    assert "timings_per_token" not in chats[2]
 
 
 # ------------------------------------------------------------------ on the real Gemma 3 270M

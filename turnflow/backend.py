@@ -101,6 +101,7 @@ class Backend:
         self._api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         self.client = self._client(url)
         self.capabilities = probe(self.client, spec.capabilities)
+        self.client.llama_cpp = self.capabilities.server == "llama.cpp"
         self._base_model: BaseModelRef | None | bool = False
         self._loaded_adapters: list[dict[str, Any]] | None = None
         self._bytes_per_token: float | None = None  # prompt bytes per server token, learned from each turn
@@ -237,6 +238,7 @@ class Backend:
                     self._retired.append(self.client)
                     self.url = lease.url
                     self.client = self._client(lease.url)
+                    self.client.llama_cpp = self.capabilities.server == "llama.cpp"
             names = {entry["key"]: entry["id"] for entry in lease.resident}
             return AdapterLease(
                 lora_field(lease.lora_ids(), scales), [names[k] for k in lease.lora_ids()], lease.paged_in,
