@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/turn_overhead.py [--history 100] [--prompt-tokens 14000] [--turns 60]
                                                  [--max-tokens 24] [--json FILE] [--profile FILE]
+                                                 [--instant-model]
 
 Runs a conversation on an embedded llama-server with the generated `tiny` model (started in a throw-away
 TURNFLOW_HOME and stopped afterwards) with the bench's recipe: the voice-chat example padded to
@@ -13,6 +14,11 @@ DAG lookup before it) and of each node. Target: p50 <= 1 ms.
 Also prints how much colder this machine's caches are at the start of a turn than in a loop: a fixed piece of
 work (a dict walk, a JSON encoding, a SHA-256) timed back to back and timed after 0.3 s of waiting. On a shared
 virtual machine the host empties the caches within ~0.1 s, so per-turn work costs several times what a loop shows.
+
+`--instant-model` is a diagnostic: the model's stream is replaced by a short reply made in-process at once (the
+server still starts, holds the slots and the KV), so nothing evicts the caches between a turn's work before and
+after its stream. The difference from a normal run is what the model's computation costs turnflow's own work in
+cache refills on this machine; the target is measured by a normal run.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +91,8 @@ def main() -> None:
                         help="reply length: the model's time between a turn's work before and after its stream")
     parser.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     parser.add_argument("--profile", type=Path, help="write a cProfile of the timed turns to this file")
+    parser.add_argument("--instant-model", action="store_true",
+                        help="diagnostic: an in-process reply made at once instead of the model's stream")
     parser.add_argument("--own-core", action="store_true",
                         help="pin the model server to CPU 0 and turnflow to the other cores (needs 2 or more)")
     args = parser.parse_args()
@@ -114,11 +124,35 @@ def main() -> None:
                     session.join(room, "Dana")
                     session.join(room, persona, kind="persona", display_name=find_persona(recipe, persona).name)
                     seed_history(session, room, persona, find_persona(recipe, persona).name, args.history)
-                results = run_turns(session, personas, args.turns, args.profile)
+                with instant_model() if args.instant_model else nullcontext():
+                    results = run_turns(session, personas, args.turns, args.profile)
         finally:
             server.down()
     results["coldness"] = cache_coldness()
     report(results, args)
+
+
+@contextmanager
+def instant_model() -> Iterator[None]:
+    """Replace every model stream with a three-piece reply made at once, with counts as a warm slot reports them."""
+    from turnflow.nodes import llm
+
+    def run(self: llm.ReplyStream) -> Iterator[llm.Delta]:
+        reply, self.started_at = self.reply, time.perf_counter()
+        reply.ttft_ms = 0.0
+        for piece in ("Look at ", "the rollback plan ", "first."):
+            self.streamed_chars += len(piece)
+            yield llm.Delta(piece, "")
+        reply.text, reply.finish_reason = "Look at the rollback plan first.", "stop"
+        reply.completion_tokens = 8  # the prompt was not sent: its counts stay unknown
+        reply.total_ms = (time.perf_counter() - self.started_at) * 1000
+
+    real = llm.ReplyStream._run
+    llm.ReplyStream._run = run  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        llm.ReplyStream._run = real  # type: ignore[method-assign]
 
 
 def run_turns(session: Any, personas: list[str], turns: int, profile: Path | None) -> dict[str, Any]:
@@ -159,7 +193,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     summary = {
         "turns": len(overheads),
         "history_messages": [min(results["history"]), max(results["history"])],
-        "prompt_tokens_p50": statistics.median(results["prompt_tokens"]),
+        "prompt_tokens_p50": None if args.instant_model else statistics.median(results["prompt_tokens"]),
         "turnflow_ms": {"p50": round(statistics.median(overheads), 3), "p95": round(percentile(overheads, 95), 3),
                         "max": round(max(overheads), 3)},
         "nodes_ms": {name: {"p50": round(statistics.median(v), 3), "p95": round(percentile(v, 95), 3)}
@@ -168,9 +202,11 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "cpu": os.cpu_count(),
     }
+    if args.instant_model:
+        print("with --instant-model: the model's stream replaced by a reply made at once (a diagnostic)")
+    prompt = "" if args.instant_model else f"prompt p50 {summary['prompt_tokens_p50']:.0f} tokens, "
     print(f"turnflow's own work per turn over {summary['turns']} turns (model, STT and TTS excluded); "
-          f"prompt p50 {summary['prompt_tokens_p50']:.0f} tokens, history {summary['history_messages'][0]}-"
-          f"{summary['history_messages'][1]} messages:")
+          f"{prompt}history {summary['history_messages'][0]}-{summary['history_messages'][1]} messages:")
     t = summary["turnflow_ms"]
     print(f"  p50 {t['p50']:.3f} ms   p95 {t['p95']:.3f} ms   max {t['max']:.3f} ms   (target p50 <= 1 ms)")
     print("per node (p50 / p95 ms), the nodes the model stream, STT and TTS run in left out:")
@@ -183,7 +219,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"load average {summary['load_average']}", file=sys.stderr)
     if args.json:
         options = {"history": args.history, "prompt_tokens": args.prompt_tokens, "turns": args.turns,
-                   "max_tokens": args.max_tokens}
+                   "max_tokens": args.max_tokens, "instant_model": args.instant_model}
         args.json.write_text(json.dumps({"options": options, **summary}, indent=2) + "\n")
 
 

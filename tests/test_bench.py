@@ -232,3 +232,27 @@ def test_the_script_is_the_same_for_both_modes_and_addresses_personas_by_name() 
     assert BenchOptions.preset().rooms == BenchOptions.preset(quick=True).rooms == "per-persona"
     with pytest.raises(ValueError, match="--turns"):
         BenchOptions.preset(turns=0)
+
+
+@pytest.mark.parametrize("instant", [False, True], ids=["model", "instant-model"])
+def test_the_overhead_benchmark_times_each_node_of_turnflows_own_work(tmp_path: Path, instant: bool) -> None:
+    """`make overhead` in a short form: a few turns on a short history; its JSON has the per-node table."""
+    llama_server_or_skip()
+    out = tmp_path / "overhead.json"
+    command = [sys.executable, "benchmarks/turn_overhead.py", "--history", "4", "--prompt-tokens", "600",
+               "--turns", "3", "--json", str(out), *(["--instant-model"] if instant else [])]
+    env = {k: v for k, v in os.environ.items() if k != "TURNFLOW_HOME"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
+                              cwd=Path(__file__).resolve().parent.parent)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    print(f"\n{'instant' if instant else 'model'}: turnflow p50 {summary['turnflow_ms']['p50']} ms")
+    assert summary["turns"] == 3 and summary["options"]["instant_model"] is instant
+    assert summary["history_messages"][0] >= 4
+    assert {"prompt", "conversation_history", "slot_claim", "turn_report"} <= set(summary["nodes_ms"])
+    assert "speech" not in summary["nodes_ms"]  # the model stream's node is not turnflow's own work
+    assert 0 < summary["turnflow_ms"]["p50"] <= summary["turnflow_ms"]["max"]
+    if instant:  # nothing was sent to the model: no prompt counts
+        assert summary["prompt_tokens_p50"] is None
+    else:
+        assert summary["prompt_tokens_p50"] > 600
