@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from turnflow.nodes.text import CanonicalMessages, canonical_json, sha256_text, text_digest
+from turnflow.nodes.text import CanonicalMessages, canonical_json, sha256_text, text_digest, with_preface
 
 TIER_ORDER = ("invariant", "semi_stable", "volatile")
 
@@ -71,6 +71,9 @@ class Prompt:
     semi_stable_bytes: int
     volatile_bytes: int
     order: list[str] = field(default_factory=list)
+    preface: str = ""
+    """The volatile text sections in front of what the speaker said in `user_message`: the history shows them to
+    the persona that answered only (the baselines leave it empty: everyone sees the message as it was sent)."""
 
 
 def _prompt(
@@ -129,7 +132,9 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         # turn's user message already; the prompt ends with the results.
         user_message = middle[-1]
         tier_text["volatile"] = [""]
+        preface = ""
     else:
+        preface = "\n".join(volatile_text)
         user_message = _final_user_message(volatile_text, volatile_messages)
         tier_text["volatile"] = [canonical_text([user_message])]
         messages.extend(volatile_messages[:-1] if volatile_messages else [])
@@ -148,6 +153,7 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         semi_stable_bytes=sum(size for _, size in sections) + max(0, len(sections) - 1),
         volatile_bytes=len(tier_text["volatile"][0].encode()),
         order=order,
+        preface=preface,
     )
 
 
@@ -239,8 +245,4 @@ def _final_user_message(context: list[str], messages: list[dict[str, Any]]) -> d
     last = messages[-1] if messages else {"role": "user", "content": ""}
     if not context:
         return last
-    preface = "\n".join(context)
-    content = last.get("content", "")
-    if isinstance(content, str):
-        return {**last, "content": f"{preface}\n\n{content}" if content else preface}
-    return {**last, "content": [{"type": "text", "text": preface + "\n\n"}, *content]}
+    return {**last, "content": with_preface(last.get("content", ""), "\n".join(context))}

@@ -93,8 +93,10 @@ def conversation_history(
     if known is not None and known.extended_by(room_messages):
         start, seen, canonical = known.count, list(known.seen), known.canonical
     lines: list[str] = [canonical]
-    for stored in room_messages[start:]:
-        message, line = stored.seen_line(persona_id, hears=hears, transcript=history_stt)
+    for at in range(start, len(room_messages)):
+        stored = room_messages[at]
+        answered = bool(stored.preface) and _answered_by(room_messages, at) == persona_id
+        message, line = stored.seen_line(persona_id, hears=hears, transcript=history_stt, answered=answered)
         seen.append(message)
         lines.append(line)
         for joined in joins.get(stored.id, ()):
@@ -112,6 +114,16 @@ def conversation_history(
         while len(_HISTORIES) > 1024:
             _HISTORIES.popitem(last=False)
     return CanonicalMessages(seen, rendered.canonical)
+
+
+def _answered_by(messages: list[StoredMessage], at: int) -> str | None:
+    """The persona whose reply follows the person's message at `at` in the same turn (a turn commits the two
+    together), or None."""
+    said = messages[at]
+    following = messages[at + 1] if at + 1 < len(messages) else None
+    if following is None or following.turn != said.turn or following.speaker_kind != "persona":
+        return None
+    return following.speaker
 
 
 @dataclass(frozen=True)

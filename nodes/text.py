@@ -92,6 +92,30 @@ def canonical_json(value: Any) -> str:
     return _CANONICAL.encode(value)  # one encoder: `json.dumps` with options builds a new one on every call
 
 
+def with_preface(content: Any, preface: str) -> Any:
+    """A user message's content with the turn's volatile text sections (`preface`) in front of it, as the persona
+    that answers the message sees it."""
+    if not preface:
+        return content
+    if isinstance(content, str):
+        return f"{preface}\n\n{content}" if content else preface
+    return [{"type": "text", "text": preface + "\n\n"}, *content]
+
+
+def without_preface(content: Any, preface: str) -> Any:
+    """The content `with_preface` made, without the preface (what was said, as everyone else sees it); content it
+    did not make is given back as it is."""
+    if not preface:
+        return content
+    if isinstance(content, str):
+        if content == preface:
+            return ""
+        return content[len(preface) + 2:] if content.startswith(preface + "\n\n") else content
+    if isinstance(content, list) and content and content[0] == {"type": "text", "text": preface + "\n\n"}:
+        return content[1:]
+    return content
+
+
 def message_text(message: dict[str, Any]) -> str:
     """The text of a chat message, whether its content is a string or a list of parts."""
     content = message.get("content")

@@ -69,6 +69,54 @@ def test_a_turn_commits_both_messages_together(store: ConversationStore) -> None
     assert room.history_tail_msg_ids == ",".join(str(m.id) for m in history[-2:])
 
 
+def test_a_messages_preface_is_for_the_persona_that_answered_it(store: ConversationStore, location: str) -> None:
+    from turnflow.nodes.sources import conversation_history
+
+    helper = Participant("helper", "persona", "Helper")
+    store.commit_turn("r", 1, ANN, "Current time: 09:00.\n\nann: morning", "morning", MAYA, "Morning Ann.",
+                      preface="Current time: 09:00.")
+    audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+    heard = [{"type": "text", "text": "Notes: 42.\n\n"}, {"type": "text", "text": "ann: "}, audio]
+    store.commit_turn("r", 2, ANN, heard, "", helper, "Noted.", preface="Notes: 42.")
+    store.add_message("r", 3, ANN, "ann: bye", "bye")
+    store.close()
+    reopened = ConversationStore(location)  # another process: what the database holds
+    try:
+        messages = reopened.room("r").messages
+        participants = list(reopened.room("r").participants)
+    finally:
+        reopened.close()
+    assert [m.preface for m in messages] == ["Current time: 09:00.", "", "Notes: 42.", "", ""]
+
+    def seen(persona: str, hears: bool = True) -> list[object]:
+        return [m["content"] for m in conversation_history(messages, persona, hears, participants, 0)]
+
+    assert seen("maya") == ["Current time: 09:00.\n\nann: morning", "Morning Ann.", heard[1:], "Helper: Noted.",
+                            "ann: bye"]
+    assert seen("helper") == ["ann: morning", "Maya: Morning Ann.", heard, "Noted.", "ann: bye"]
+    assert seen("teacher", hears=False) == [
+        "ann: morning", "Maya: Morning Ann.", [heard[1], {"type": "text", "text": "[voice message]"}],
+        "Helper: Noted.", "ann: bye"]
+
+
+def test_a_sqlite_store_made_before_prefaces_opens_with_its_history_as_it_was(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "rooms.sqlite3"
+    with closing(ConversationStore(str(path))) as old:
+        old.commit_turn("r", 1, ANN, "Current time: 09:00.\n\nann: hi", "hi", MAYA, "Hello.")
+    with closing(sqlite3.connect(path)) as db:  # the table as it was before the column
+        db.execute("ALTER TABLE messages DROP COLUMN preface")
+        db.commit()
+    with closing(ConversationStore(str(path))) as store:
+        store.commit_turn("r", 2, ANN, "Current time: 09:01.\n\nann: again", "again", MAYA, "Yes.",
+                          preface="Current time: 09:01.")
+        history = store.history("r")
+    assert [m.preface for m in history] == ["", "", "Current time: 09:01.", ""]
+    assert history[0].as_seen_by("helper")["content"] == "Current time: 09:00.\n\nann: hi"  # as it always was
+    assert history[2].as_seen_by("helper")["content"] == "ann: again"
+
+
 def test_a_failed_turn_leaves_nothing(store: ConversationStore) -> None:
     store.commit_turn("standup", 1, ANN, "ann: hi", "hi", MAYA, "Hello.")
     before = store.room("standup")

@@ -253,6 +253,12 @@ def test_text_only_persona_reads_past_audio_as_text(servers: None, home: Path, u
     assert report["invocations"]["stt"] == 1 and report["timings_ms"]["stt"] > 0  # STT time, not turnflow's own
     assert report["timings_ms"]["turnflow"] < report["timings_ms"]["stt"]  # counted as STT, not turnflow's own
     assert report["tier_violations"] == []
+    # alice's messages keep the time Maya was shown in front of them, for Maya; Helper sees only its own turn's
+    assert audio_message.preface.startswith("Current time:")
+    assert audio_message.content[0] == {"type": "text", "text": audio_message.preface + "\n\n"}
+    texts = [m["content"] if isinstance(m["content"], str) else "".join(p.get("text", "") for p in m["content"])
+             for m in result.prompt.messages]
+    assert sum(text.count("Current time:") for text in texts) == 1 and texts[-1].startswith("Current time:")
 
     class Deaf:
         def transcribe(self, audio: Audio) -> str:

@@ -479,6 +479,7 @@ class Session:
                 report["turn"] = self.store.commit_turn(  # the slot is let go in the same transaction
                     room, turn_no, speaker_who, prompt.user_message["content"], said, persona_who, replied,
                     release=outputs["slot_claim"], present=[p.participant for p in inputs["room_state"].participants],
+                    preface=prompt.preface,
                 )
         if context is None:
             self._compact_if_over_budget(room, prompt, report["llm"]["prompt_tokens"])

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from turnflow.nodes.text import canonical_json
+from turnflow.nodes.text import canonical_json, without_preface
 
 Content = str | list[dict[str, Any]]
 
@@ -61,7 +61,8 @@ CREATE TABLE IF NOT EXISTS messages (
     display_name TEXT NOT NULL,
     content TEXT NOT NULL,
     text TEXT NOT NULL,
-    created_at {real} NOT NULL
+    created_at {real} NOT NULL,
+    preface TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS messages_by_room ON messages (room_id, id);
 CREATE INDEX IF NOT EXISTS messages_by_turn ON messages (room_id, turn);
@@ -172,6 +173,8 @@ class _SqliteEngine(_Engine):
         columns = {row[1] for row in db.execute("PRAGMA table_info(participants)")}
         if "joined_after" not in columns:  # a store made before joins became history events
             db.execute("ALTER TABLE participants ADD COLUMN joined_after INTEGER NOT NULL DEFAULT 0")
+        if "preface" not in {row[1] for row in db.execute("PRAGMA table_info(messages)")}:  # made before prefaces
+            db.execute("ALTER TABLE messages ADD COLUMN preface TEXT NOT NULL DEFAULT ''")
         self._sqlite = db
         self.db = typing.cast(_Db, db)
 
@@ -238,6 +241,11 @@ class _PostgresEngine(_Engine):
                                             real="DOUBLE PRECISION").split(";"):
                 if statement.strip():
                     db.execute(statement)
+            if not db.execute(  # a database made before prefaces (ALTER locks the table: only when needed)
+                "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                "AND table_name = 'messages' AND column_name = 'preface'"
+            ).fetchone():
+                db.execute("ALTER TABLE messages ADD COLUMN preface TEXT NOT NULL DEFAULT ''")
 
     @contextmanager
     def transaction(self, *scopes: str) -> Iterator[_Db]:
@@ -343,6 +351,9 @@ class StoredMessage:
     display_name: str
     content: Content
     text: str
+    preface: str = ""
+    """The volatile text sections (the time, say) the persona that answered this person's message saw in front of
+    it; they are part of `content`. Everyone else sees the message without them."""
     _lines: dict[tuple[str, bool], tuple[dict[str, Any], str]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -357,21 +368,27 @@ class StoredMessage:
 
     def seen_line(
         self, persona_id: str, *, hears: bool = True, transcript: Callable[[StoredMessage], str] | None = None,
+        answered: bool = False,
     ) -> tuple[dict[str, Any], str]:
         """`as_seen_by` and that message's canonical JSON line, made once per persona (a message never changes).
 
         `transcript` gives the words of audio no model wrote down (see `unheard_audio`), for a model that does
-        not hear; it is asked once, when the persona first sees the message."""
+        not hear; it is asked once, when the persona first sees the message. `answered`: whether `persona_id`
+        answered this message (the reply of the same turn is its)."""
         found = self._lines.get((persona_id, hears))
         if found is None:
             words = transcript(self) if transcript is not None and not hears and self.unheard_audio else None
-            message = self.as_seen_by(persona_id, hears=hears, transcript=words)
+            message = self.as_seen_by(persona_id, hears=hears, transcript=words, answered=answered)
             found = self._lines[(persona_id, hears)] = (message, canonical_json(message) + "\n")
         return dict(found[0]), found[1]
 
-    def as_seen_by(self, persona_id: str, *, hears: bool = True, transcript: str | None = None) -> dict[str, Any]:
+    def as_seen_by(
+        self, persona_id: str, *, hears: bool = True, transcript: str | None = None, answered: bool = False,
+    ) -> dict[str, Any]:
         """This message as a chat message for `persona_id`: its own words as assistant, others' as user.
 
+        A person's message keeps its `preface` (that turn's volatile sections) for the persona that `answered` it,
+        exactly as it was sent, so that persona's history only appends; every other persona sees what was said.
         For a model that does not hear, past audio parts become text: the words said (the STT bridge's transcript,
         or `transcript`: of audio another persona's model heard itself), else `[voice message]`.
         """
@@ -379,12 +396,13 @@ class StoredMessage:
             return {"role": "assistant", "content": self.content}
         if self.speaker_kind == "persona":
             return {"role": "user", "content": f"{self.display_name}: {self.text}"}
-        if hears or not isinstance(self.content, list):
-            return {"role": "user", "content": self.content}
+        content = self.content if answered else without_preface(self.content, self.preface)
+        if hears or not isinstance(content, list):
+            return {"role": "user", "content": content}
         words = self.text or transcript
         spoken = f"[voice message: {words}]" if words else "[voice message]"
         parts = [
-            {"type": "text", "text": spoken} if part.get("type") == "input_audio" else part for part in self.content
+            {"type": "text", "text": spoken} if part.get("type") == "input_audio" else part for part in content
         ]
         return {"role": "user", "content": parts}
 
@@ -534,14 +552,14 @@ class ConversationStore:
             known = _KnownRoom(floor)
         known.current_at = None  # until this read is done
         rows = db.execute(
-            "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
+            "SELECT id, turn, speaker, speaker_kind, display_name, content, text, preface FROM messages "
             "WHERE room_id = ? AND id >= ? ORDER BY id",
             (room_id, max(floor, known.last_id + 1)),
         ).fetchall()
         if len(known.messages) + len(rows) != count:  # not an append: read the whole room again
             known = _KnownRoom(floor)
             rows = db.execute(
-                "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
+                "SELECT id, turn, speaker, speaker_kind, display_name, content, text, preface FROM messages "
                 "WHERE room_id = ? AND id >= ? ORDER BY id",
                 (room_id, floor),
             ).fetchall()
@@ -554,8 +572,8 @@ class ConversationStore:
             known.participants = tuple(Participant(p, k, n, after) for p, k, n, after in people)
             known.participants_version = version
         known.messages.extend(  # under the store's lock: another thread may read the same room
-            StoredMessage(id, turn, speaker, kind, name, _load_content(content), text)
-            for id, turn, speaker, kind, name, content, text in rows
+            StoredMessage(id, turn, speaker, kind, name, _load_content(content), text, preface)
+            for id, turn, speaker, kind, name, content, text, preface in rows
         )
         known.epoch = epoch
         # a turn's number is above every earlier one, so with anything visible the visible messages hold the
@@ -590,11 +608,11 @@ class ConversationStore:
         """Every message of the room, compacted or not, oldest first."""
         with self._snapshot() as db:
             rows = db.execute(
-                "SELECT id, turn, speaker, speaker_kind, display_name, content, text FROM messages "
+                "SELECT id, turn, speaker, speaker_kind, display_name, content, text, preface FROM messages "
                 "WHERE room_id = ? ORDER BY id",
                 (room_id,),
             ).fetchall()
-        return [StoredMessage(i, t, s, k, n, _load_content(c), x) for i, t, s, k, n, c, x in rows]
+        return [StoredMessage(i, t, s, k, n, _load_content(c), x, p) for i, t, s, k, n, c, x, p in rows]
 
     def _join(self, db: _Db, room_id: str, who: Participant) -> bool:
         if db.execute(  # the common case, someone already in the room: one key lookup
@@ -637,21 +655,21 @@ class ConversationStore:
         with self._transaction(f"room:{room_id}") as db:
             self._stale(room_id)
             self._join(db, room_id, speaker)
-            return self._insert(db, room_id, turn, (speaker, content, text))[-1][0]
+            return self._insert(db, room_id, turn, (speaker, content, text, ""))[-1][0]
 
     def _insert(
-        self, db: _Db, room_id: str, turn: int, *messages: tuple[Participant, Content, str]
+        self, db: _Db, room_id: str, turn: int, *messages: tuple[Participant, Content, str, str]
     ) -> list[tuple[int, str]]:
-        """Messages of one turn (who, content, text), in this order, in one statement; their ids (in that order:
-        ids only grow) and their content as stored."""
+        """Messages of one turn (who, content, text, preface), in this order, in one statement; their ids (in that
+        order: ids only grow) and their content as stored."""
         now = time.time()
         values: list[Any] = []
-        stored = [json.dumps(content) for _, content, _ in messages]
-        for (who, _, text), content in zip(messages, stored, strict=True):
-            values += [room_id, turn, who.participant, who.kind, who.display_name, content, text, now]
+        stored = [json.dumps(content) for _, content, _, _ in messages]
+        for (who, _, text, preface), content in zip(messages, stored, strict=True):
+            values += [room_id, turn, who.participant, who.kind, who.display_name, content, text, now, preface]
         rows = db.execute(
-            "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at) "
-            "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * len(messages)) + " RETURNING id",
+            "INSERT INTO messages (room_id, turn, speaker, speaker_kind, display_name, content, text, created_at, "
+            "preface) VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(messages)) + " RETURNING id",
             values,
         ).fetchall()
         return list(zip(sorted(int(row[0]) for row in rows), stored, strict=True))
@@ -668,25 +686,29 @@ class ConversationStore:
         *,
         release: SlotClaim | None = None,
         present: Collection[str] = (),
+        preface: str = "",
     ) -> int:
         """Commit the speaker's message and the persona's reply together; returns the turn's number.
 
         The number is `turn` unless another turn in the room (another thread or process) committed it
         first: then it is the next free one (a room's commits are serialised, so numbers are unique per room).
         `release`: the turn's slot claim, let go in the same transaction (see `release_slot`). `present`: who the
-        caller saw in the room already (no one leaves a room): their join is not checked again.
+        caller saw in the room already (no one leaves a room): their join is not checked again. `preface`: the
+        turn's volatile text sections in front of what was said in `user_content` (see `StoredMessage.as_seen_by`).
         """
         scopes = (f"room:{room_id}", *([f"slots:{release.backend}"] if release is not None else []))
         with self._lock:
             with self._engine.transaction(*scopes) as db:
                 turn, inserted, current, at = self._commit_turn(
-                    db, room_id, turn, speaker, user_content, user_text, persona, reply_text, release, present
+                    db, room_id, turn, speaker, user_content, user_text, persona, reply_text, release, present, preface
                 )
             if current is not None:  # committed: what this store keeps of the room is all of it again
                 current.messages.extend(
-                    StoredMessage(id, turn, who.participant, who.kind, who.display_name, _load_content(content), text)
-                    for (id, content), (who, text) in zip(inserted, ((speaker, user_text), (persona, reply_text)),
-                                                          strict=True)
+                    StoredMessage(id, turn, who.participant, who.kind, who.display_name, _load_content(content), text,
+                                  said_preface)
+                    for (id, content), (who, text, said_preface) in zip(
+                        inserted, ((speaker, user_text, preface), (persona, reply_text, "")), strict=True
+                    )
                 )
                 current.last_turn, current.current_at = turn, at
         if release is not None:
@@ -695,7 +717,7 @@ class ConversationStore:
 
     def _commit_turn(
         self, db: _Db, room_id: str, turn: int, speaker: Participant, user_content: Content, user_text: str,
-        persona: Participant, reply_text: str, release: SlotClaim | None, present: Collection[str],
+        persona: Participant, reply_text: str, release: SlotClaim | None, present: Collection[str], preface: str,
     ) -> tuple[int, list[tuple[int, str]], _KnownRoom | None, int | None]:
         """`commit_turn`'s writes: the turn's number and messages (ids, stored content); what the store keeps of the
         room and its data version when that was all of the room before the commit and no one joined in it (the
@@ -719,7 +741,7 @@ class ConversationStore:
                 "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
             ).fetchone()[0]
         turn = max(turn, int(last) + 1)  # the room's writers commit one at a time: no one else takes it
-        said, replied = (speaker, user_content, user_text), (persona, reply_text, reply_text)
+        said, replied = (speaker, user_content, user_text, preface), (persona, reply_text, reply_text, "")
         inserted = self._insert(db, room_id, turn, said, replied)
         return turn, inserted, None if joined else current, at
 
