@@ -154,6 +154,24 @@ def test_the_pool_is_sized_from_what_the_slots_use(home: Path, tmp_path: Path) -
     assert [r["kv"]["source"] for r in reports[3:]] == ["disk"] * 3  # growing the pool lost no one's KV
 
 
+def test_the_pool_grows_before_a_turn_could_fill_it(home: Path) -> None:
+    """A turn's KV need is an estimate, and llama-server purges an idle slot's whole KV when a request finds the
+    pool full: so the pool grows while a margin past the need is still free, not once the need exceeds it."""
+    spec = BackendSpec.model_validate(yaml.safe_load(_spec(2, cache_ram_mb=0).replace("    ", "")))
+    server = EmbeddedServer("edge", spec)
+    server.up()
+    try:
+        first = server.lease([], slot=0, pool_needed=100)
+        first.release()
+        near = server.lease([], slot=0, pool_needed=first.pool_tokens - 64)  # fits, but by less than the margin
+        near.release()
+    finally:
+        server.down()
+    print(f"\npool {first.pool_tokens} -> {near.pool_tokens} for a need of {first.pool_tokens - 64} tokens")
+    assert first.pool_tokens == 4096  # one slot's worth to start with
+    assert near.pool_tokens > first.pool_tokens and near.resized
+
+
 def _files(folder: Path, persona: str) -> list[Path]:
     return sorted(p for p in folder.glob(f"kv-*-{persona}-*.bin"))
 

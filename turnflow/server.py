@@ -46,6 +46,12 @@ POOL_HEADROOM = 1.15
 """An unbudgeted KV pool is sized to this much of what its slots need (rounded up to 256 tokens): it grows by a
 restart only after the slots' history has grown by ~15%, and stays within 1.25 x what the slots use at peak."""
 
+POOL_ESTIMATE_MARGIN = (1.02, 256)
+"""A turn's KV need is an estimate (its prompt's bytes over the bytes per token of the last turn, a few tenths of a
+per cent off between personas): the pool grows while 2 % and 256 tokens past it are still free. llama-server
+purges an idle slot's whole KV when a request finds the pool full (measured: `try_clear_id: purging slot 1`), and
+a later growth then has nothing of that slot to keep."""
+
 POOL_FLOOR_TOKENS = 4096
 """The least KV an unbudgeted pool starts with (one slot's worth, when ctx_per_slot is smaller)."""
 
@@ -666,7 +672,8 @@ class EmbeddedServer:
 
         `slot_set` is the (key, scale) set the turn runs with on `slot`, remembered so the slot's KV can be
         primed and restored after a later page-in. `pool_needed` is the KV the slots will hold once this
-        turn is done: an unbudgeted pool smaller than that grows first (a restart that keeps every slot's KV).
+        turn is done: an unbudgeted pool smaller than that (and `POOL_ESTIMATE_MARGIN`) grows first (a restart that
+        keeps every slot's KV).
         Release the lease when the turn has finished talking to the server.
         """
         keys = [lora.key for lora in needed]
@@ -679,7 +686,10 @@ class EmbeddedServer:
         paged: list[str] = []
         page_ms = 0.0
         resized = False
-        grow_to = min(self.max_pool_tokens(), pool_needed) if not self.budgeted and self.spec.kv_unified else 0
+        grow_to = 0
+        if not self.budgeted and self.spec.kv_unified and pool_needed:
+            ratio, extra = POOL_ESTIMATE_MARGIN
+            grow_to = min(self.max_pool_tokens(), int(pool_needed * ratio) + extra)
         for _ in range(8):
             hold = _use_hold(self.use_file)
             hold.acquire()
