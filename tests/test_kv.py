@@ -278,3 +278,25 @@ def test_turns_on_many_threads_note_the_kv_they_hold_at_once(home: Path) -> None
         thread.join()
     assert failures == []
     assert server._peak_tokens() >= (1000 + 100 * (8 * 39 + 7)) / 1.05  # the peak is kept within 5 %
+
+
+def test_a_budgeted_pool_pages_out_before_a_turn_could_fill_it(tmp_path: Path) -> None:
+    """The budgeted pool's choice: an idle slot is paged out when this turn's estimated need and what the other
+    slots hold fit the pool by less than the margin (llama-server would otherwise purge an idle slot unsaved)."""
+    from turnflow.kv import KvFiles, page_out_idle
+    from turnflow.store import SlotClaim, SlotOwner
+
+    class Store:  # what page_out_idle asks of the store: which idle slot it may take (here: none, so no I/O)
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+
+        def take_idle_slot(self, backend: str, total_slots: int, slot: int) -> None:
+            self.asked.append(slot)
+
+    idle = SlotOwner(1, "maya", "set", "prefix", tokens=3000, last_used=1.0, busy=False)
+    claim = SlotClaim("b", 2, 0, "token", None, own=True, others=[idle])
+    files = KvFiles(tmp_path)
+    roomy, tight = Store(), Store()
+    page_out_idle("http://127.0.0.1:9", roomy, claim, 700, 4096, files, model="m")  # 3700 and the margin fit
+    page_out_idle("http://127.0.0.1:9", tight, claim, 1000, 4096, files, model="m")  # 4000 fits, not with margin
+    assert roomy.asked == [] and tight.asked == [1]

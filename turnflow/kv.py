@@ -305,16 +305,17 @@ def kv_source(prepared: KvPrepared, prompt_tokens: int | None, cached: int | Non
 def page_out_idle(
     url: str, store: Any, claim: Any, need: int, pool: int, files: KvFiles, *, model: str,
 ) -> tuple[list[str], int]:
-    """Make room in a budgeted pool: save idle slots' KV to disk and erase them, least recently used first.
+    """Make room in a budgeted pool: save idle slots' KV to disk and erase them, least recently used first, until
+    the slots' KV and this turn's `need` (an estimate, with its margin) fit.
 
     Returns the personas paged out and the bytes written.
     """
-    from turnflow.server import ServerError, slot_action
+    from turnflow.server import ServerError, slot_action, with_estimate_margin
 
     held = sum(o.tokens for o in claim.others)
     paged, written = [], 0
     for owner in sorted(claim.others, key=lambda o: o.last_used):
-        if held + need <= pool:
+        if with_estimate_margin(held + need) <= pool:  # llama-server would purge an idle slot it could not fit
             break
         if owner.busy or not owner.tokens or owner.persona_id is None:
             continue

@@ -50,7 +50,14 @@ POOL_ESTIMATE_MARGIN = (1.02, 256)
 """A turn's KV need is an estimate (its prompt's bytes over the bytes per token of the last turn, a few tenths of a
 per cent off between personas): the pool grows while 2 % and 256 tokens past it are still free. llama-server
 purges an idle slot's whole KV when a request finds the pool full (measured: `try_clear_id: purging slot 1`), and
-a later growth then has nothing of that slot to keep."""
+a later growth then has nothing of that slot to keep (a budgeted pool pages idle slots out with the same margin)."""
+
+
+def with_estimate_margin(tokens: int) -> int:
+    """KV tokens the slots will hold, an estimate, with `POOL_ESTIMATE_MARGIN` added."""
+    ratio, extra = POOL_ESTIMATE_MARGIN
+    return int(tokens * ratio) + extra
+
 
 POOL_FLOOR_TOKENS = 4096
 """The least KV an unbudgeted pool starts with (one slot's worth, when ctx_per_slot is smaller)."""
@@ -688,8 +695,7 @@ class EmbeddedServer:
         resized = False
         grow_to = 0
         if not self.budgeted and self.spec.kv_unified and pool_needed:
-            ratio, extra = POOL_ESTIMATE_MARGIN
-            grow_to = min(self.max_pool_tokens(), int(pool_needed * ratio) + extra)
+            grow_to = min(self.max_pool_tokens(), with_estimate_margin(pool_needed))
         for _ in range(8):
             hold = _use_hold(self.use_file)
             hold.acquire()
