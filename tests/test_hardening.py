@@ -280,6 +280,29 @@ def test_a_new_process_estimates_its_first_prompt_without_tokenizing_it(
     assert all(len(text) < 100 for text in counted)  # nothing the size of a prompt was counted
 
 
+def test_each_persona_s_prompt_is_estimated_from_its_own_bytes_per_token(home: Path, tmp_path: Path) -> None:
+    """Two personas' prompts differ in bytes per token (here 1.77 against 1.80): estimated from the last prompt of
+    either, one persona's was ~80 tokens short of its 14k and the other's ~180 over, and a short estimate can let
+    the KV pool run full. From the persona's own last prompt, each is within a few tenths of a per cent."""
+    recipe = copy_recipe_folder(tmp_path)
+    errors: dict[str, list[int]] = {"maya": [], "helper": []}
+    sizes: list[int] = []
+    with Session(recipe, state_dir=tmp_path / "state") as session:
+        session.join("room", "alice", display_name="Alice")
+        for i in range(4):
+            for persona in errors:
+                text = f"Point {i} for you."
+                estimate = session.backend.estimate_tokens(
+                    session.preview(persona=persona, room="room", text=text, speaker="alice"))
+                actual = session.turn(persona=persona, room="room", speaker="alice", text=text).report["llm"]
+                if i:  # from the second round on, each persona's own ratio is known
+                    errors[persona].append(estimate - actual["prompt_tokens"])
+                    sizes.append(actual["prompt_tokens"])
+    print(f"\nestimate - actual, tokens: {errors}, of {min(sizes)}-{max(sizes)}")
+    for persona, misses in errors.items():
+        assert all(abs(miss) < 0.01 * min(sizes) for miss in misses), (persona, misses)
+
+
 @pytest.mark.server
 def test_no_special_token_of_a_real_vocabulary_gets_through(home: Path, tmp_path: Path) -> None:
     """Gemma 3's tokenizer (262k tokens, 6k of them special) through the same check, on its own server."""

@@ -105,6 +105,7 @@ class Backend:
         self._base_model: BaseModelRef | None | bool = False
         self._loaded_adapters: list[dict[str, Any]] | None = None
         self._bytes_per_token: float | None = None  # prompt bytes per server token, learned from each turn
+        self._bytes_per_token_of: dict[str, float] = {}  # the same, per invariant prefix
         self._kv_files: KvFiles | None = None
         self._swap = threading.Lock()
         self._control_tokens: ControlTokens | None = None
@@ -180,10 +181,14 @@ class Backend:
         return self.server.bytes_per_token() if self.server is not None else None
 
     def estimate_tokens(self, prompt: Prompt) -> int:
-        """About how many tokens a prompt is: its bytes over the bytes per token seen so far (the first time,
-        the server counts the prompt's text with `/tokenize`; an embedded server's model keeps that count on
-        disk for the next process)."""
+        """About how many tokens a prompt is: its bytes over the bytes per token of the last prompt with the same
+        invariant prefix (the same persona and adapter set; their ratios differ by a few per cent), else of the
+        last prompt (the first time, the server counts the prompt's text with `/tokenize`; an embedded server's
+        model keeps that count on disk for the next process)."""
         size = prompt.invariant_bytes + prompt.semi_stable_bytes + prompt.volatile_bytes
+        own = self._bytes_per_token_of.get(prompt.invariant_sha256)
+        if own is not None:
+            return int(size / own) + 16
         if self._bytes_per_token is None:
             noted = recorded(self.server.model_path, "bytes_per_token") if self.server is not None else None
             if noted:
@@ -200,7 +205,10 @@ class Backend:
         """Refine the bytes-per-token estimate from a turn the server counted."""
         size = prompt.invariant_bytes + prompt.semi_stable_bytes + prompt.volatile_bytes
         if prompt_tokens and size:
-            self._bytes_per_token = max(0.5, size / prompt_tokens)
+            self._bytes_per_token = ratio = max(0.5, size / prompt_tokens)
+            if len(self._bytes_per_token_of) >= 4096:  # prefixes of personas and adapter sets long gone
+                self._bytes_per_token_of.clear()
+            self._bytes_per_token_of[prompt.invariant_sha256] = ratio
 
     def note_kv_usage(self, tokens_in_slots: int) -> None:
         """Tell an embedded server how much KV its slots hold (its next start sizes the pool from the peak)."""
