@@ -142,8 +142,8 @@ class ChatClient(OpenAiHttp):
 
         `stop` (the chat template's end markers) is sent to the server and also enforced here: the reply is
         cut where one first appears, so nothing after it is stored or spoken, whatever the server does (a
-        llama-server is sent all, other servers the first 4, OpenAI's limit). `labels` (speaker labels such as `Maya:`) are dropped from
-        the start of the reply.
+        llama-server is sent all, other servers the first 4, OpenAI's limit). `labels` (speaker labels such as
+        `Maya:`) are dropped from the start of the reply.
 
         `audio_out` (e.g. `{"voice": "alloy", "format": "pcm16"}`) asks a model that speaks for audio too.
         `tools` (OpenAI function definitions) and `tool_choice` go into the request as given; the calls the

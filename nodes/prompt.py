@@ -135,7 +135,7 @@ def assemble(outputs: dict[str, SourceOutput], salt: str = "") -> Prompt:
         preface = ""
     else:
         preface = "\n".join(volatile_text)
-        user_message = _final_user_message(volatile_text, volatile_messages)
+        user_message = _final_user_message(preface, volatile_messages)
         tier_text["volatile"] = [canonical_text([user_message])]
         messages.extend(volatile_messages[:-1] if volatile_messages else [])
         messages.append(user_message)
@@ -199,7 +199,7 @@ def assemble_naive(
     middle, volatile_text, volatile_messages = _baseline_layout(
         shuffled, system_sections, lambda o: o.tier == "volatile"
     )
-    user_message = _final_user_message(volatile_text, volatile_messages)
+    user_message = _final_user_message("\n".join(volatile_text), volatile_messages)
     system = "\n\n".join(s for s in system_sections if s)
     return _prompt(system, middle, volatile_messages, user_message, [o.name for o in shuffled])
 
@@ -217,7 +217,7 @@ def assemble_append_only(outputs: dict[str, SourceOutput], salt: str = "") -> Pr
         [o for o in ordered if not (isinstance(o.value, str) and not o.value)], system_sections,
         lambda o: o.tier != "invariant",
     )
-    user_message = _final_user_message(context, volatile_messages)
+    user_message = _final_user_message("\n".join(context), volatile_messages)
     system = "\n\n".join(system_sections)
     return _prompt(system, middle, volatile_messages, user_message, [o.name for o in ordered])
 
@@ -240,9 +240,7 @@ def _baseline_layout(
     return middle, context, volatile_messages
 
 
-def _final_user_message(context: list[str], messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """The last user message, with the volatile text sections in front of what the speaker said."""
+def _final_user_message(preface: str, messages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last user message, with the volatile text sections (`preface`) in front of what the speaker said."""
     last = messages[-1] if messages else {"role": "user", "content": ""}
-    if not context:
-        return last
-    return {**last, "content": with_preface(last.get("content", ""), "\n".join(context))}
+    return {**last, "content": with_preface(last.get("content", ""), preface)} if preface else last

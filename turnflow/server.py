@@ -47,8 +47,8 @@ POOL_HEADROOM = 1.15
 restart only after the slots' history has grown by ~15%, and stays within 1.25 x what the slots use at peak."""
 
 POOL_ESTIMATE_MARGIN = (1.02, 256)
-"""A turn's KV need is an estimate (its prompt's bytes over the bytes per token of the last turn, a few tenths of a
-per cent off between personas): the pool grows while 2 % and 256 tokens past it are still free. llama-server
+"""A turn's KV need is an estimate (its prompt's bytes over the bytes per token of the persona's last prompt, off by
+up to ~1 %): the pool grows while 2 % and 256 tokens past it are still free. llama-server
 purges an idle slot's whole KV when a request finds the pool full (measured: `try_clear_id: purging slot 1`), and
 a later growth then has nothing of that slot to keep (a budgeted pool pages idle slots out with the same margin)."""
 
