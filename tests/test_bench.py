@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import llama_server_or_skip
@@ -256,3 +257,37 @@ def test_the_overhead_benchmark_times_each_node_of_turnflows_own_work(tmp_path: 
         assert summary["prompt_tokens_p50"] is None
     else:
         assert summary["prompt_tokens_p50"] > 600
+
+
+def _record(seq: int, persona_turn: int, processed: int | None, *, prompt: int = 1000) -> Any:
+    from turnflow.bench.summary import STEADY_FROM_TURN, TurnRecord
+
+    return TurnRecord(
+        mode="turnflow", seq=seq, persona="maya", persona_turn=persona_turn, room="r", speaker="Dana", kind="text",
+        steady=persona_turn >= STEADY_FROM_TURN, slot=0, prompt_tokens=0 if processed is None else prompt,
+        prompt_tokens_processed=processed or 0, prompt_tokens_cached=0 if processed is None else prompt - processed,
+        usage_reported=processed is not None, completion_tokens=10, invariant_sha256="a", route_audio_in="none",
+        route_audio_out="none", stt_invocations=0, tts_invocations=0, llm_invocations=1, ttft_ms=50.0,
+        first_audio_ms=None, e2e_ms=100.0, model_ms=90.0, turnflow_ms=1.0, node_ms={}, composition_cache_hits=0,
+        composition_cache_misses=0, tier_violations=0, server_rss_mb=None, turnflow_rss_mb=1.0, reply_chars=5,
+    )
+
+
+def test_a_turn_whose_counts_the_server_did_not_report_is_left_out_not_counted_as_zero() -> None:
+    """A server other than llama-server reports no usage for a reply turnflow cut itself: such a turn counts apart
+    (as 0 processed it would flatter the mode's cache)."""
+    from turnflow.bench.summary import baseline_row, summarise_mode
+
+    reported = [_record(1, 1, 1000), _record(2, 2, 100, prompt=1100), _record(3, 3, 120, prompt=1200),
+                _record(5, 5, 110, prompt=1400)]
+    unreported = _record(4, 4, None)
+    mode = summarise_mode([*reported, unreported], wall_s=1.0)
+    assert mode.turns == 5 and mode.steady_turns == 3 and mode.turns_without_usage == 1
+    assert mode.prompt_tokens_processed == 120 + 110 and mode.prompt_tokens == 1200 + 1400
+    assert mode.cache_hit_ratio == round((1080 + 1290) / 2600, 4)
+    assert mode.processed_per_turn_p50 == 115
+    assert mode.prompt_tokens_processed_all == 1000 + 100 + 120 + 110
+    # the turn after the unreported one has no known previous length: only turn 3 is compared with its predecessor
+    assert mode.new_tokens == 1200 - 1110 and mode.reprocessed_tokens == 120 - 90
+    assert baseline_row(mode, mode)["turns_without_usage"] == 1
+    assert summarise_mode(reported, wall_s=1.0).turns_without_usage == 0

@@ -99,17 +99,19 @@ def _placement_run(
         for turn in script:
             reports.append(session.turn(persona=turn.persona, room=turn.room, speaker=turn.speaker,
                                         text=turn.text).report)
-    steady = [r for r in reports if r["turn"] > 1]
+    counted = [r for r in reports if r["llm"]["prompt_tokens_processed"] is not None]  # the server reported them
+    steady = [r for r in counted if r["turn"] > 1]
     total = sum(r["llm"]["prompt_tokens"] or 0 for r in steady)
     cached = sum(r["llm"]["prompt_tokens_cached"] or 0 for r in steady)
     members_used = {r["persona"]: sorted({x["llm"]["backend"] for x in reports if x["persona"] == r["persona"]})
                     for r in reports}
     return {
         "cache_hit_ratio": _ratio(cached, total),
-        "prompt_tokens_processed": sum(r["llm"]["prompt_tokens_processed"] or 0 for r in steady),
-        "prompt_tokens_processed_all_turns": sum(r["llm"]["prompt_tokens_processed"] or 0 for r in reports),
+        "prompt_tokens_processed": sum(r["llm"]["prompt_tokens_processed"] for r in steady),
+        "prompt_tokens_processed_all_turns": sum(r["llm"]["prompt_tokens_processed"] for r in counted),
         "prompt_tokens": total,
         "turns": len(reports),
+        "turns_without_usage": len(reports) - len(counted),
         "members_per_persona": round(sum(len(v) for v in members_used.values()) / max(1, len(members_used)), 2),
     }, reports
 
@@ -164,10 +166,12 @@ def _failover_run(
     for r in reports:
         if r["route"]["placement"] == "fallback" and r["persona"] not in first_fallback:
             first_fallback[r["persona"]] = r
-    steady_processed = [r["llm"]["prompt_tokens_processed"] or 0 for r in reports
-                        if r["_round"] > 1 and r["route"]["placement"] == "home" and r["persona"] not in victims]
+    steady_processed = [r["llm"]["prompt_tokens_processed"] for r in reports
+                        if r["_round"] > 1 and r["route"]["placement"] == "home" and r["persona"] not in victims
+                        and r["llm"]["prompt_tokens_processed"] is not None]
     typical = sorted(steady_processed)[len(steady_processed) // 2] if steady_processed else 0
-    extra = sum(max(0, (r["llm"]["prompt_tokens_processed"] or 0) - typical) for r in first_fallback.values())
+    extra = sum(max(0, r["llm"]["prompt_tokens_processed"] - typical) for r in first_fallback.values()
+                if r["llm"]["prompt_tokens_processed"] is not None)
     back = sorted({r["persona"] for r in reports if r["_round"] > restart_before and r["persona"] in victims
                    and r["route"]["placement"] == "home" and r["llm"]["backend"] == victim})
     return {

@@ -137,6 +137,7 @@ def _record(mode: Mode, turn: ScriptedTurn, report: dict[str, Any], e2e_ms: floa
         prompt_tokens=int(llm.get("prompt_tokens") or processed + cached),
         prompt_tokens_processed=processed,
         prompt_tokens_cached=cached,
+        usage_reported=llm.get("prompt_tokens_processed") is not None,
         completion_tokens=llm.get("completion_tokens"),
         invariant_sha256=(report.get("prefix") or {}).get("invariant_sha256", ""),
         route_audio_in=str(route.get("audio_in", "none")),
@@ -326,6 +327,11 @@ def run_bench(options: BenchOptions) -> BenchSummary:
         "prompt cache and saved KV files cleared), so no mode inherits another's cache; latencies include whatever "
         "else the machine was doing (see load_average)"
     )
+    unreported = {mode: sum(not r.usage_reported for r in run.records if r.mode == mode) for mode in modes}
+    if any(unreported.values()):
+        notes.insert(0, "turns whose prompt counts the server did not report (left out of token totals and ratios): "
+                        + ", ".join(f"{mode} {n}" for mode, n in unreported.items() if n)
+                        + "; the modes' token totals cover different turns")
     notes.extend(run.warnings[:20])
     if stopped:
         notes.insert(0, stopped)

@@ -38,6 +38,10 @@ class TurnRecord(BaseModel):
     prompt_tokens: int
     prompt_tokens_processed: int
     prompt_tokens_cached: int
+    usage_reported: bool = Field(
+        True, description="the server reported the turn's prompt counts (else the three counts above are 0 and the "
+        "turn is left out of every token total and ratio)"
+    )
     completion_tokens: int | None
     invariant_sha256: str
     route_audio_in: str
@@ -118,6 +122,10 @@ class ModeSummary(BaseModel):
     join_turns: int = 0
     join_processed_p50: float | None = Field(None, description="tokens processed on the turns right after a join")
     kv_sources: dict[str, int] = Field(default_factory=dict, description="turns by kv.source")
+    turns_without_usage: int = Field(
+        0, description="turns whose prompt counts the server did not report (a reply cut by turnflow at a stop the "
+        "server was not sent, on a server other than llama-server): left out of the token totals and ratios"
+    )
 
 
 class BenchSummary(BaseModel):
@@ -178,8 +186,10 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
-    """One mode's totals and distributions."""
-    steady = [r for r in records if r.steady]
+    """One mode's totals and distributions; token counts are over the turns whose counts the server reported."""
+    counted = [r for r in records if r.usage_reported]
+    steady_all = [r for r in records if r.steady]
+    steady = [r for r in counted if r.steady]
     nodes = sorted({name for r in records for name in r.node_ms})
     node_p50 = {n: _percentile([r.node_ms.get(n) for r in records], 50) or 0.0 for n in nodes}
     hashes: dict[str, set[str]] = {}
@@ -194,25 +204,25 @@ def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
 
     return ModeSummary(
         turns=len(records),
-        steady_turns=len(steady),
+        steady_turns=len(steady_all),
         audio_turns=sum(r.kind == "audio" for r in records),
         prompt_tokens=total(steady, "prompt_tokens"),
         prompt_tokens_processed=total(steady, "prompt_tokens_processed"),
         prompt_tokens_cached=total(steady, "prompt_tokens_cached"),
         cache_hit_ratio=_ratio(total(steady, "prompt_tokens_cached"), total(steady, "prompt_tokens")),
-        prompt_tokens_all=total(records, "prompt_tokens"),
-        prompt_tokens_processed_all=total(records, "prompt_tokens_processed"),
-        prompt_tokens_cached_all=total(records, "prompt_tokens_cached"),
-        cache_hit_ratio_all=_ratio(total(records, "prompt_tokens_cached"), total(records, "prompt_tokens")),
+        prompt_tokens_all=total(counted, "prompt_tokens"),
+        prompt_tokens_processed_all=total(counted, "prompt_tokens_processed"),
+        prompt_tokens_cached_all=total(counted, "prompt_tokens_cached"),
+        cache_hit_ratio_all=_ratio(total(counted, "prompt_tokens_cached"), total(counted, "prompt_tokens")),
         processed_per_turn_p50=_percentile([r.prompt_tokens_processed for r in steady], 50),
-        e2e_ms_p50=_percentile([r.e2e_ms for r in steady], 50),
-        e2e_ms_p90=_percentile([r.e2e_ms for r in steady], 90),
+        e2e_ms_p50=_percentile([r.e2e_ms for r in steady_all], 50),
+        e2e_ms_p90=_percentile([r.e2e_ms for r in steady_all], 90),
         e2e_ms_p50_all=_percentile([r.e2e_ms for r in records], 50),
-        ttft_ms_p50=_percentile([r.ttft_ms for r in steady], 50),
-        first_audio_ms_p50=_percentile([r.first_audio_ms for r in steady], 50),
-        model_ms_p50=_percentile([r.model_ms for r in steady], 50),
-        server_decode_ms_per_token_p50=_percentile([r.server_decode_ms_per_token for r in steady], 50),
-        turnflow_overhead_ms_p50=_percentile([r.turnflow_ms for r in steady], 50),
+        ttft_ms_p50=_percentile([r.ttft_ms for r in steady_all], 50),
+        first_audio_ms_p50=_percentile([r.first_audio_ms for r in steady_all], 50),
+        model_ms_p50=_percentile([r.model_ms for r in steady_all], 50),
+        server_decode_ms_per_token_p50=_percentile([r.server_decode_ms_per_token for r in steady_all], 50),
+        turnflow_overhead_ms_p50=_percentile([r.turnflow_ms for r in steady_all], 50),
         node_ms_p50=dict(sorted(node_p50.items(), key=lambda item: -item[1])),
         new_tokens=sum(new for new, _ in new_and_again),
         reprocessed_tokens=sum(again for _, again in new_and_again),
@@ -228,8 +238,9 @@ def summarise_mode(records: Sequence[TurnRecord], wall_s: float) -> ModeSummary:
         prefix_stable=bool(hashes) and all(len(h) == 1 for h in hashes.values()),
         wall_s=wall_s,
         join_turns=sum(r.joined for r in records),
-        join_processed_p50=_percentile([r.prompt_tokens_processed for r in records if r.joined], 50),
+        join_processed_p50=_percentile([r.prompt_tokens_processed for r in counted if r.joined], 50),
         kv_sources={src: sum(r.kv_source == src for r in records) for src in KV_SOURCES},
+        turns_without_usage=len(records) - len(counted),
     )
 
 
@@ -246,6 +257,7 @@ def baseline_row(mode: ModeSummary, turnflow: ModeSummary) -> dict[str, Any]:
         "join_processed_p50": mode.join_processed_p50,
         "ratio_processed": _ratio(mode.prompt_tokens_processed, turnflow.prompt_tokens_processed),
         "turns": mode.turns,
+        "turns_without_usage": mode.turns_without_usage,
     }
 
 
@@ -254,7 +266,7 @@ def tokens_in_slots(records: Sequence[TurnRecord]) -> list[int]:
     held: dict[int, int] = {}
     totals = []
     for r in sorted(records, key=lambda r: r.seq):
-        if r.slot is not None:
+        if r.slot is not None and r.usage_reported:  # else what the slot holds is not known: as before
             held[r.slot] = r.prompt_tokens + (r.completion_tokens or 0)
         totals.append(sum(held.values()))
     return totals
@@ -309,6 +321,9 @@ def _new_and_reprocessed(records: Sequence[TurnRecord]) -> list[tuple[int, int]]
     seen: dict[str, int] = {}
     counts: list[tuple[int, int]] = []
     for r in sorted(records, key=lambda r: r.seq):
+        if not r.usage_reported:  # its length is unknown: the persona's next turn is not counted either
+            seen.pop(r.persona, None)
+            continue
         before = seen.get(r.persona)
         if before is not None and r.steady:
             new = max(0, r.prompt_tokens - before)
