@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/turn_overhead.py [--history 100] [--prompt-tokens 14000] [--turns 60]
                                                  [--max-tokens 24] [--json FILE] [--profile FILE]
-                                                 [--instant-model]
+                                                 [--instant-model [--idle-ms MS [--spin]]]
 
 Runs a conversation on an embedded llama-server with the generated `tiny` model (started in a throw-away
 TURNFLOW_HOME and stopped afterwards) with the bench's recipe: the voice-chat example padded to
@@ -18,7 +18,9 @@ virtual machine the host empties the caches within ~0.1 s, so per-turn work cost
 `--instant-model` is a diagnostic: the model's stream is replaced by a short reply made in-process at once (the
 server still starts, holds the slots and the KV), so nothing evicts the caches between a turn's work before and
 after its stream. The difference from a normal run is what the model's computation costs turnflow's own work in
-cache refills on this machine; the target is measured by a normal run.
+cache refills on this machine; the target is measured by a normal run. With `--idle-ms`, the instant reply comes
+after that many milliseconds of waiting (blocked, as a turn waits for its model, but with no computation anywhere),
+or of spinning on the CPU with `--spin`: what the wait alone costs, apart from what the model's computation does.
 """
 
 from __future__ import annotations
@@ -93,9 +95,17 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="write a cProfile of the timed turns to this file")
     parser.add_argument("--instant-model", action="store_true",
                         help="diagnostic: an in-process reply made at once instead of the model's stream")
+    parser.add_argument("--idle-ms", type=float, default=0.0,
+                        help="with --instant-model: the reply comes after this long (no computation meanwhile)")
+    parser.add_argument("--spin", action="store_true",
+                        help="with --idle-ms: spin on the CPU for that long instead of waiting blocked")
     parser.add_argument("--own-core", action="store_true",
                         help="pin the model server to CPU 0 and turnflow to the other cores (needs 2 or more)")
     args = parser.parse_args()
+    if (args.idle_ms or args.spin) and not args.instant_model:
+        parser.error("--idle-ms and --spin go with --instant-model")
+    if args.spin and not args.idle_ms:
+        parser.error("--spin needs --idle-ms")
     with tempfile.TemporaryDirectory(prefix="turnflow-overhead-") as home:
         os.environ["TURNFLOW_HOME"] = home
         from turnflow.bench.fixture import BenchOptions, backend_spec, context_per_slot, write_recipe_folder
@@ -124,7 +134,7 @@ def main() -> None:
                     session.join(room, "Dana")
                     session.join(room, persona, kind="persona", display_name=find_persona(recipe, persona).name)
                     seed_history(session, room, persona, find_persona(recipe, persona).name, args.history)
-                with instant_model() if args.instant_model else nullcontext():
+                with instant_model(args.idle_ms, spin=args.spin) if args.instant_model else nullcontext():
                     results = run_turns(session, personas, args.turns, args.profile)
         finally:
             server.down()
@@ -133,12 +143,19 @@ def main() -> None:
 
 
 @contextmanager
-def instant_model() -> Iterator[None]:
-    """Replace every model stream with a three-piece reply made at once, with counts as a warm slot reports them."""
+def instant_model(idle_ms: float = 0.0, *, spin: bool = False) -> Iterator[None]:
+    """Replace every model stream with a three-piece reply made in-process, at once or after `idle_ms` of waiting
+    (blocked, or spinning with `spin`)."""
     from turnflow.nodes import llm
 
     def run(self: llm.ReplyStream) -> Iterator[llm.Delta]:
         reply, self.started_at = self.reply, time.perf_counter()
+        if spin:
+            until = self.started_at + idle_ms / 1000
+            while time.perf_counter() < until:
+                pass
+        elif idle_ms:
+            time.sleep(idle_ms / 1000)
         reply.ttft_ms = 0.0
         for piece in ("Look at ", "the rollback plan ", "first."):
             self.streamed_chars += len(piece)
@@ -162,6 +179,7 @@ def run_turns(session: Any, personas: list[str], turns: int, profile: Path | Non
     overheads: list[float] = []
     nodes: dict[str, list[float]] = {}
     prompt_tokens: list[int] = []
+    model_ms: list[float] = []
     history: list[int] = []
     profiler = cProfile.Profile() if profile else None
     for i in range(turns + 4):
@@ -180,10 +198,12 @@ def run_turns(session: Any, personas: list[str], turns: int, profile: Path | Non
         for name, ms in timings["nodes"].items():
             nodes.setdefault(name, []).append(ms)
         prompt_tokens.append(result.report["llm"]["prompt_tokens"] or 0)
+        model_ms.append(timings["model"])
         history.append(len(session.store.room(room).messages))
     if profiler and profile:
         profiler.dump_stats(str(profile))
-    return {"overheads": overheads, "nodes": nodes, "prompt_tokens": prompt_tokens, "history": history}
+    return {"overheads": overheads, "nodes": nodes, "prompt_tokens": prompt_tokens, "model_ms": model_ms,
+            "history": history}
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
@@ -194,6 +214,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         "turns": len(overheads),
         "history_messages": [min(results["history"]), max(results["history"])],
         "prompt_tokens_p50": None if args.instant_model else statistics.median(results["prompt_tokens"]),
+        "model_ms_p50": round(statistics.median(results["model_ms"]), 1),
         "turnflow_ms": {"p50": round(statistics.median(overheads), 3), "p95": round(percentile(overheads, 95), 3),
                         "max": round(max(overheads), 3)},
         "nodes_ms": {name: {"p50": round(statistics.median(v), 3), "p95": round(percentile(v, 95), 3)}
@@ -203,7 +224,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         "cpu": os.cpu_count(),
     }
     if args.instant_model:
-        print("with --instant-model: the model's stream replaced by a reply made at once (a diagnostic)")
+        wait = (f" after {args.idle_ms:g} ms of {'spinning' if args.spin else 'waiting'}" if args.idle_ms
+                else " at once")
+        print(f"with --instant-model: the model's stream replaced by a reply made{wait} (a diagnostic)")
     prompt = "" if args.instant_model else f"prompt p50 {summary['prompt_tokens_p50']:.0f} tokens, "
     print(f"turnflow's own work per turn over {summary['turns']} turns (model, STT and TTS excluded); "
           f"{prompt}history {summary['history_messages'][0]}-{summary['history_messages'][1]} messages:")
@@ -219,7 +242,8 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"load average {summary['load_average']}", file=sys.stderr)
     if args.json:
         options = {"history": args.history, "prompt_tokens": args.prompt_tokens, "turns": args.turns,
-                   "max_tokens": args.max_tokens, "instant_model": args.instant_model}
+                   "max_tokens": args.max_tokens, "instant_model": args.instant_model, "idle_ms": args.idle_ms,
+                   "spin": args.spin}
         args.json.write_text(json.dumps({"options": options, **summary}, indent=2) + "\n")
 
 

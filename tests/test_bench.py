@@ -235,13 +235,16 @@ def test_the_script_is_the_same_for_both_modes_and_addresses_personas_by_name() 
         BenchOptions.preset(turns=0)
 
 
-@pytest.mark.parametrize("instant", [False, True], ids=["model", "instant-model"])
-def test_the_overhead_benchmark_times_each_node_of_turnflows_own_work(tmp_path: Path, instant: bool) -> None:
+@pytest.mark.parametrize(("instant", "idle"), [(False, []), (True, []), (True, ["--idle-ms", "60"])],
+                         ids=["model", "instant-model", "instant-model-after-a-wait"])
+def test_the_overhead_benchmark_times_each_node_of_turnflows_own_work(
+    tmp_path: Path, instant: bool, idle: list[str]
+) -> None:
     """`make overhead` in a short form: a few turns on a short history; its JSON has the per-node table."""
     llama_server_or_skip()
     out = tmp_path / "overhead.json"
     command = [sys.executable, "benchmarks/turn_overhead.py", "--history", "4", "--prompt-tokens", "600",
-               "--turns", "3", "--json", str(out), *(["--instant-model"] if instant else [])]
+               "--turns", "3", "--json", str(out), *(["--instant-model"] if instant else []), *idle]
     env = {k: v for k, v in os.environ.items() if k != "TURNFLOW_HOME"}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
                               cwd=Path(__file__).resolve().parent.parent)
@@ -253,6 +256,10 @@ def test_the_overhead_benchmark_times_each_node_of_turnflows_own_work(tmp_path: 
     assert {"prompt", "conversation_history", "slot_claim", "turn_report"} <= set(summary["nodes_ms"])
     assert "speech" not in summary["nodes_ms"]  # the model stream's node is not turnflow's own work
     assert 0 < summary["turnflow_ms"]["p50"] <= summary["turnflow_ms"]["max"]
+    if idle:  # the instant reply came after the wait, which counts as the model's time, not turnflow's
+        assert summary["options"]["idle_ms"] == 60 and summary["model_ms_p50"] >= 60
+    elif instant:
+        assert summary["model_ms_p50"] < 60
     if instant:  # nothing was sent to the model: no prompt counts
         assert summary["prompt_tokens_p50"] is None
     else:
