@@ -329,15 +329,17 @@ class ReplyStream:
                         f"the model server at {client.url} refused the request "
                         f"(HTTP {response.status_code}): {response.text[:500]}"
                     )
+                ended = False
                 for line in response.iter_lines():
+                    if ended or not line.startswith("data:"):  # after [DONE]: read to the end (as OpenAI's own
+                        continue  # client does), so the connection goes back to the pool instead of being closed
                     if self.cancel is not None and self.cancel.is_set():
                         reply.finish_reason = "cancelled"  # leaving the block closes the connection
                         break
-                    if not line.startswith("data:"):
-                        continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        break
+                        ended = True
+                        continue
                     chunk = json.loads(data)
                     if "error" in chunk:
                         raise BackendError(f"the model server at {client.url} failed mid-reply: {chunk['error']}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -198,3 +199,40 @@ def recording_model(reply: str = "Noted.", port: int = 0) -> Iterator[tuple[str,
 
     with _serving(Handler, port) as url:
         yield url, records
+
+
+@contextmanager
+def keep_alive_model(reply: str, connections: list[int]) -> Iterator[str]:
+    """An OpenAI-compatible chat server that keeps its connections open between requests (HTTP/1.1, the stream sent
+    chunked as vLLM and OpenAI send it), ending each stream's body a moment after `[DONE]`. Each new connection
+    appends to `connections`. Yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+        def setup(self) -> None:
+            super().setup()
+            connections.append(len(connections) + 1)
+
+        def do_POST(self) -> None:  # noqa: N802
+            self.rfile.read(int(self.headers["Content-Length"]))
+            chunks = [{"choices": [{"delta": {"content": reply}}]},
+                      {"choices": [{"delta": {}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": 10, "completion_tokens": 3}}]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for event in [*(f"data: {json.dumps(c)}\n\n" for c in chunks), "data: [DONE]\n\n"]:
+                data = event.encode()
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+                self.wfile.flush()
+            time.sleep(0.05)  # the body's end comes after [DONE], as over a network
+            self.wfile.write(b"0\r\n\r\n")
+            self.wfile.flush()
+
+    with _serving(Handler) as url:
+        yield url

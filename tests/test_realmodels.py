@@ -249,3 +249,22 @@ def test_a_gemma_slot_saved_and_restored_is_reused(home: Path) -> None:
         server.down()
     print(f"\ncold {cold} tokens processed; after another persona and a restore: {back}")
     assert cold > 1000 and back <= 10
+
+
+def test_a_server_that_keeps_connections_open_gets_one_connection_for_many_replies() -> None:
+    """After `[DONE]` the stream is read to its end, so the connection goes back to the pool: a remote server is
+    not connected to again (a TCP and TLS handshake) for every reply. (llama-server closes the connection after
+    every streamed reply itself.)"""
+    from stubs import keep_alive_model
+
+    connections: list[int] = []
+    with keep_alive_model("Fine, thanks.", connections) as url:
+        client = ChatClient(url)
+        try:
+            replies = [client.stream([{"role": "user", "content": f"hi {i}"}], max_tokens=8, temperature=0).drain()
+                       for i in range(3)]
+        finally:
+            client.close()
+    assert [r.text for r in replies] == ["Fine, thanks."] * 3 and all(r.finish_reason == "stop" for r in replies)
+    assert replies[0].prompt_tokens == 10
+    assert connections == [1]
