@@ -256,6 +256,18 @@ class MessageJson:
         return content
 
 
+def _read_to_the_end(lines: Iterator[str]) -> None:
+    """The rest of a stream after its `[DONE]`, read (as OpenAI's own client does) so that the connection goes back
+    to the pool instead of being closed; a server closing it before the body's end is no error: the reply was
+    complete. Not for llama-server: it answers `keep-alive` but closes the connection after every stream, so a
+    connection put back in the pool would be found closed by the next request."""
+    try:
+        for _ in lines:
+            pass
+    except httpx.HTTPError:
+        pass
+
+
 def _same_text(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two messages are a role and a text each, the same ones."""
     return (len(a) == 2 and len(b) == 2 and type(a.get("content")) is str and a.get("content") == b.get("content")
@@ -329,17 +341,18 @@ class ReplyStream:
                         f"the model server at {client.url} refused the request "
                         f"(HTTP {response.status_code}): {response.text[:500]}"
                     )
-                ended = False
-                for line in response.iter_lines():
-                    if ended or not line.startswith("data:"):  # after [DONE]: read to the end (as OpenAI's own
-                        continue  # client does), so the connection goes back to the pool instead of being closed
+                lines = response.iter_lines()
+                for line in lines:
                     if self.cancel is not None and self.cancel.is_set():
                         reply.finish_reason = "cancelled"  # leaving the block closes the connection
                         break
+                    if not line.startswith("data:"):
+                        continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        ended = True
-                        continue
+                        if not client.llama_cpp:  # it closes the connection after every stream (said keep-alive)
+                            _read_to_the_end(lines)
+                        break
                     chunk = json.loads(data)
                     if "error" in chunk:
                         raise BackendError(f"the model server at {client.url} failed mid-reply: {chunk['error']}")

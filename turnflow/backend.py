@@ -100,8 +100,7 @@ class Backend:
         self.server = server
         self._api_key = os.environ.get(spec.api_key_env) if spec.api_key_env else None
         self.client = self._client(url)
-        self.capabilities = probe(self.client, spec.capabilities)
-        self.client.llama_cpp = self.capabilities.server == "llama.cpp"
+        self.capabilities = self._probe()
         self._base_model: BaseModelRef | None | bool = False
         self._loaded_adapters: list[dict[str, Any]] | None = None
         self._bytes_per_token: float | None = None  # prompt bytes per server token, learned from each turn
@@ -245,8 +244,9 @@ class Backend:
                 if lease.url != self.url:  # the restart moved to another port; other turns may still hold the old
                     self._retired.append(self.client)
                     self.url = lease.url
-                    self.client = self._client(lease.url)
-                    self.client.llama_cpp = self.capabilities.server == "llama.cpp"
+                    client = self._client(lease.url)
+                    client.llama_cpp = self.client.llama_cpp  # the same server, restarted on another port
+                    self.client = client
             names = {entry["key"]: entry["id"] for entry in lease.resident}
             return AdapterLease(
                 lora_field(lease.lora_ids(), scales), [names[k] for k in lease.lora_ids()], lease.paged_in,
@@ -295,8 +295,15 @@ class Backend:
 
     def refresh(self) -> Capabilities:
         """Ask the server again (after it changed)."""
-        self.capabilities = probe(self.client, self.spec.capabilities)
+        self.capabilities = self._probe()
         return self.capabilities
+
+    def _probe(self) -> Capabilities:
+        """What the server can do; its client is told whether it is a llama-server (every stop string is sent to
+        one, and its timings asked for in every event)."""
+        capabilities = probe(self.client, self.spec.capabilities)
+        self.client.llama_cpp = capabilities.server == "llama.cpp"
+        return capabilities
 
     def close(self) -> None:
         """Close the client."""
