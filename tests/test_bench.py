@@ -298,3 +298,20 @@ def test_a_turn_whose_counts_the_server_did_not_report_is_left_out_not_counted_a
     assert mode.new_tokens == 1200 - 1110 and mode.reprocessed_tokens == 120 - 90
     assert baseline_row(mode, mode)["turns_without_usage"] == 1
     assert summarise_mode(reported, wall_s=1.0).turns_without_usage == 0
+
+
+def test_a_rebuild_counts_kv_paging_apart_in_turns_recorded_before_it_was() -> None:
+    """Turns recorded before `kv_page_ms` existed counted the server's KV restore as turnflow's own time; a rebuild
+    takes the kv node's time out of it on the turns that restored or saved KV, as today's turns report it."""
+    from turnflow.bench.runner import _paging_apart
+
+    old = _record(3, 3, 100).model_copy(update={"kv_restore_ms": 120.0, "node_ms": {"kv": 128.0, "prompt": 0.1},
+                                                "turnflow_ms": 130.0})
+    saved = _record(4, 4, 100).model_copy(update={"kv_saved_bytes": 4096, "node_ms": {"kv": 40.0},
+                                                  "turnflow_ms": 41.5})
+    untouched = _record(5, 5, 100).model_copy(update={"node_ms": {"kv": 0.02}, "turnflow_ms": 1.5})
+    counted = _record(6, 6, 100).model_copy(update={"kv_restore_ms": 90.0, "kv_page_ms": 95.0,
+                                                    "node_ms": {"kv": 95.0}, "turnflow_ms": 1.4})
+    records, upgraded = _paging_apart([old, saved, untouched, counted])
+    assert upgraded == 2
+    assert [(r.turnflow_ms, r.kv_page_ms) for r in records] == [(2.0, 128.0), (1.5, 40.0), (1.5, 0.0), (1.4, 95.0)]
