@@ -176,8 +176,8 @@ def test_entries_of_keys_that_change_every_message_stay_in_the_process(tmp_path:
 
 
 def test_adapter_use_is_marked_without_rewriting_the_state_file(tmp_path: Path, monkeypatch: Any) -> None:
-    """A turn notes its adapters' use in their markers' mtimes; the state file (and its lock) is left alone unless
-    the slot's adapter set changes. The least recently used adapter is the one a page-in evicts first."""
+    """A turn notes its adapters' use in their markers' mtimes and its slot's adapter set in the slot's file; the
+    state file is left alone. The least recently used adapter is the one a page-in evicts first."""
     import os
     import time
 
@@ -198,14 +198,46 @@ def test_adapter_use_is_marked_without_rewriting_the_state_file(tmp_path: Path, 
     assert used["a"] == 100.0 and used["b"] > 100.0
     assert used["old"] == 5.0 and used["never"] == 0.0  # a state file from before the markers still counts
     assert min(used, key=used.__getitem__) == "never"
-    server._remember_use(state, ["a"], 0, [("b", 1.0)])  # the slot's set changed: that is written
-    assert server.state_file.stat().st_ino != before
-    assert server._read_state().slot_sets["0"] == [["b", 1.0]]
+    slot_file = server.slot_sets_dir / "0"
+    written = slot_file.stat()
+    server._remember_use(state, ["a"], 0, [("b", 1.0)])  # the slot's set changed: its file is rewritten in place
+    assert server.state_file.stat().st_ino == before
+    assert slot_file.stat().st_ino == written.st_ino and slot_file.stat().st_mtime_ns > written.st_mtime_ns
+    assert server._slot_sets(server._read_state())["0"] == [["b", 1.0]]
     assert server.adapter_last_used(["a"])["a"] == 100.0  # marked once a second at most: not within the same one
     server._marked = {key: at - 1.0 for key, at in server._marked.items()}  # a second later
     server._remember_use(state, ["a"], 0, [("b", 1.0)])
     again = server.adapter_last_used(["a", "b"])
     assert again["a"] >= again["b"] > 100.0  # `a` is the most recently used again
+
+
+def test_a_slots_adapter_set_written_by_another_process_is_seen_however_soon(tmp_path: Path, monkeypatch: Any) -> None:
+    """Two processes take turns on one slot with different adapter sets, faster than the clock ticks: each sees the
+    other's write by the file's stamp (every write moves its mtime past the last one), so the file always holds the
+    set of the slot's last turn; a torn file reads as no set; an older state file's sets still count."""
+    import os
+    import time
+
+    from turnflow.recipe import BackendSpec
+    from turnflow.server import EmbeddedServer, ServerState
+
+    monkeypatch.setenv("TURNFLOW_HOME", str(tmp_path))
+    spec = BackendSpec(kind="embedded", model="generated:tiny")
+    one, two = EmbeddedServer("sets", spec), EmbeddedServer("sets", spec)  # two processes' views of one server
+    state = ServerState("sets", os.getpid(), 1, "http://127.0.0.1:1", "d", time.time(), "log",
+                        slot_sets={"1": [["old", 0.5]]})
+    for _ in range(20):
+        one._remember_use(state, [], 0, [("a", 1.0)])
+        assert one._slot_sets(None)["0"] == [["a", 1.0]]
+        two._remember_use(state, [], 0, [("b", 0.5)])
+        assert one._slot_sets(None)["0"] == [["b", 0.5]]
+    stamps = set()
+    for pairs in ([("a", 1.0)], [("b", 0.5)]) * 3:  # back to back: every write leaves a stamp of its own
+        one._remember_use(state, [], 0, pairs)
+        stamps.add(os.stat(one.slot_sets_dir / "0").st_mtime_ns)
+    assert len(stamps) == 6
+    (one.slot_sets_dir / "2").write_bytes(b'[["a", 1.')  # torn by a crash
+    assert one._slot_sets(state) == {"0": [["b", 0.5]], "1": [["old", 0.5]]}
 
 
 def test_another_process_event_is_seen_and_quiet_turns_read_no_epochs(tmp_path: Path) -> None:
