@@ -184,7 +184,8 @@ class ServerState:
     resident: list[dict[str, str]] = field(default_factory=list)
     """The adapters loaded at start-up, in llama-server's id order: `{"key", "id", "path"}` each."""
     slot_sets: dict[str, list[list[Any]]] = field(default_factory=dict)
-    """Slot -> the `[key, scale]` pairs its KV was last computed under (to prime it after a restart)."""
+    """Slot -> the `[key, scale]` pairs its KV was last computed under, as state files written before the slot-set
+    files kept them (read only: see `EmbeddedServer._slot_sets`)."""
     adapter_used: dict[str, float] = field(default_factory=dict)
     """Adapter key -> when a turn last used it, as state files written before the use markers kept it (read only:
     see `EmbeddedServer.adapter_last_used`)."""
