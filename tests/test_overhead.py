@@ -190,9 +190,9 @@ def test_adapter_use_is_marked_without_rewriting_the_state_file(tmp_path: Path, 
                         slot_sets={"0": [["a", 1.0]]}, adapter_used={"old": 5.0})
     server._write_state(state)
     before = server.state_file.stat().st_ino
-    server._remember_use(state, ["a"], 0, [("a", 1.0)])
+    server._remember_use(["a"], 0, [("a", 1.0)])
     os.utime(server.used_dir / "a", (100.0, 100.0))  # `a` was used long ago
-    server._remember_use(state, ["b"], None, [])
+    server._remember_use(["b"], None, [])
     assert server.state_file.stat().st_ino == before  # nothing rewritten: the same set on slot 0, no slot for `b`
     used = server.adapter_last_used(["a", "b", "old", "never"], state)
     assert used["a"] == 100.0 and used["b"] > 100.0
@@ -200,13 +200,13 @@ def test_adapter_use_is_marked_without_rewriting_the_state_file(tmp_path: Path, 
     assert min(used, key=used.__getitem__) == "never"
     slot_file = server.slot_sets_dir / "0"
     written = slot_file.stat()
-    server._remember_use(state, ["a"], 0, [("b", 1.0)])  # the slot's set changed: its file is rewritten in place
+    server._remember_use(["a"], 0, [("b", 1.0)])  # the slot's set changed: its file is rewritten in place
     assert server.state_file.stat().st_ino == before
     assert slot_file.stat().st_ino == written.st_ino and slot_file.stat().st_mtime_ns > written.st_mtime_ns
     assert server._slot_sets(server._read_state())["0"] == [["b", 1.0]]
     assert server.adapter_last_used(["a"])["a"] == 100.0  # marked once a second at most: not within the same one
     server._marked = {key: at - 1.0 for key, at in server._marked.items()}  # a second later
-    server._remember_use(state, ["a"], 0, [("b", 1.0)])
+    server._remember_use(["a"], 0, [("b", 1.0)])
     again = server.adapter_last_used(["a", "b"])
     assert again["a"] >= again["b"] > 100.0  # `a` is the most recently used again
 
@@ -227,13 +227,13 @@ def test_a_slots_adapter_set_written_by_another_process_is_seen_however_soon(tmp
     state = ServerState("sets", os.getpid(), 1, "http://127.0.0.1:1", "d", time.time(), "log",
                         slot_sets={"1": [["old", 0.5]]})
     for _ in range(20):
-        one._remember_use(state, [], 0, [("a", 1.0)])
+        one._remember_use([], 0, [("a", 1.0)])
         assert one._slot_sets(None)["0"] == [["a", 1.0]]
-        two._remember_use(state, [], 0, [("b", 0.5)])
+        two._remember_use([], 0, [("b", 0.5)])
         assert one._slot_sets(None)["0"] == [["b", 0.5]]
     stamps = set()
     for pairs in ([("a", 1.0)], [("b", 0.5)]) * 3:  # back to back: every write leaves a stamp of its own
-        one._remember_use(state, [], 0, pairs)
+        one._remember_use([], 0, pairs)
         stamps.add(os.stat(one.slot_sets_dir / "0").st_mtime_ns)
     assert len(stamps) == 6
     (one.slot_sets_dir / "2").write_bytes(b'[["a", 1.')  # torn by a crash

@@ -24,7 +24,11 @@ def replace_text(path: Path, text: str) -> None:
 
 def replaced_stamp(path: Path) -> tuple[int, int, int]:
     """A file's inode, size and modification time (ns): changes whenever `replace_text` wrote it again."""
-    stat = path.stat()
+    return stamp_of(path.stat())
+
+
+def stamp_of(stat: os.stat_result) -> tuple[int, int, int]:
+    """`replaced_stamp` of a file already `stat`ed."""
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from turnflow.paths import models_dir, replace_text, replaced_stamp, servers_dir
+from turnflow.paths import models_dir, replace_text, replaced_stamp, servers_dir, stamp_of
 from turnflow.recipe import BackendSpec
 
 
@@ -706,7 +706,7 @@ class EmbeddedServer:
             state = self._read_state(shared=True)  # the state file is written anew (a new inode) on every change
             if (state and self._alive(state.pid) and set(keys) <= set(state.resident_keys)
                     and (state.pool_tokens or 0) >= grow_to):
-                self._remember_use(state, keys, slot, slot_set)
+                self._remember_use(keys, slot, slot_set)
                 return Lease(state.url, list(state.resident), paged, round(page_ms, 2), state.pool_tokens,
                              resized, hold)
             hold.release()
@@ -728,9 +728,7 @@ class EmbeddedServer:
         self._alive_seen = (pid, now) if alive else None
         return alive
 
-    def _remember_use(
-        self, state: ServerState, keys: list[str], slot: int | None, slot_set: Sequence[tuple[str, float]]
-    ) -> None:
+    def _remember_use(self, keys: list[str], slot: int | None, slot_set: Sequence[tuple[str, float]]) -> None:
         """Note that the adapters were used now, and which set the slot holds (its slot-set file is written only
         when that set changes)."""
         now = time.monotonic()
@@ -781,20 +779,19 @@ class EmbeddedServer:
             after = os.fstat(fd)
         finally:
             os.close(fd)
-        self._slot_sets_seen[slot] = ((after.st_ino, after.st_size, after.st_mtime_ns), pairs)
+        self._slot_sets_seen[slot] = (stamp_of(after), pairs)
 
     def _slot_sets(self, state: ServerState | None) -> dict[str, list[list[Any]]]:
         """Slot -> the adapter set its KV was last computed under (a state file written by an older turnflow kept
         them itself)."""
         sets = dict(state.slot_sets) if state is not None else {}
-        for path in self.slot_sets_dir.glob("*") if self.slot_sets_dir.is_dir() else ():
-            if path.name.isdigit():
-                try:
-                    pairs = _pairs(path.read_bytes())
-                except OSError:
-                    continue
-                if pairs is not None:
-                    sets[path.name] = pairs
+        for path in self.slot_sets_dir.glob("[0-9]*"):
+            try:
+                pairs = _pairs(path.read_bytes())
+            except OSError:
+                continue
+            if pairs is not None:
+                sets[path.name] = pairs
         return sets
 
     def adapter_last_used(self, keys: Iterable[str], state: ServerState | None = None) -> dict[str, float]:
@@ -843,7 +840,7 @@ class EmbeddedServer:
             grown = self.pool_tokens(pool_needed) if pool < pool_needed or not pool else pool
             fresh = self._start(resident, previous=state, port=port, pool_tokens=grown)
             kept = self._restore_slots(fresh, saved, self._slot_sets(state))
-            for path in self.slot_sets_dir.glob("*") if self.slot_sets_dir.is_dir() else ():
+            for path in self.slot_sets_dir.glob("*"):
                 path.unlink(missing_ok=True)  # a restarted server's slots hold only what was restored
             self._slot_sets_seen.clear()
             for slot, pairs in kept.items():

@@ -551,18 +551,10 @@ class ConversationStore:
         if known is None or known.floor != floor:
             known = _KnownRoom(floor)
         known.current_at = None  # until this read is done
-        rows = db.execute(
-            "SELECT id, turn, speaker, speaker_kind, display_name, content, text, preface FROM messages "
-            "WHERE room_id = ? AND id >= ? ORDER BY id",
-            (room_id, max(floor, known.last_id + 1)),
-        ).fetchall()
-        if len(known.messages) + len(rows) != count:  # not an append: read the whole room again
+        messages = _messages_from(db, room_id, max(floor, known.last_id + 1))
+        if len(known.messages) + len(messages) != count:  # not an append: read the whole room again
             known = _KnownRoom(floor)
-            rows = db.execute(
-                "SELECT id, turn, speaker, speaker_kind, display_name, content, text, preface FROM messages "
-                "WHERE room_id = ? AND id >= ? ORDER BY id",
-                (room_id, floor),
-            ).fetchall()
+            messages = _messages_from(db, room_id, floor)
         if known.participants_version != version or known.participants is None:
             people = db.execute(
                 "SELECT participant, kind, display_name, joined_after FROM participants WHERE room_id = ? "
@@ -571,14 +563,11 @@ class ConversationStore:
             ).fetchall()
             known.participants = tuple(Participant(p, k, n, after) for p, k, n, after in people)
             known.participants_version = version
-        known.messages.extend(  # under the store's lock: another thread may read the same room
-            StoredMessage(id, turn, speaker, kind, name, _load_content(content), text, preface)
-            for id, turn, speaker, kind, name, content, text, preface in rows
-        )
+        known.messages.extend(messages)  # under the store's lock: another thread may read the same room
         known.epoch = epoch
         # a turn's number is above every earlier one, so with anything visible the visible messages hold the
         # room's last turn; with nothing visible, ask the table
-        known.last_turn = max([known.last_turn, *(row[1] for row in rows)]) if known.messages else db.execute(
+        known.last_turn = max([known.last_turn, *(m.turn for m in messages)]) if known.messages else db.execute(
             "SELECT COALESCE(MAX(turn), 0) FROM messages WHERE room_id = ?", (room_id,)
         ).fetchone()[0]
         self._rooms[room_id] = known
@@ -607,12 +596,7 @@ class ConversationStore:
     def history(self, room_id: str) -> list[StoredMessage]:
         """Every message of the room, compacted or not, oldest first."""
         with self._snapshot() as db:
-            rows = db.execute(
-                "SELECT id, turn, speaker, speaker_kind, display_name, content, text, preface FROM messages "
-                "WHERE room_id = ? ORDER BY id",
-                (room_id,),
-            ).fetchall()
-        return [StoredMessage(i, t, s, k, n, _load_content(c), x, p) for i, t, s, k, n, c, x, p in rows]
+            return _messages_from(db, room_id, 0)
 
     def _join(self, db: _Db, room_id: str, who: Participant) -> bool:
         if db.execute(  # the common case, someone already in the room: one key lookup
@@ -907,6 +891,16 @@ def _stable_hash(text: str) -> int:
     import hashlib
 
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
+
+
+def _messages_from(db: _Db, room_id: str, first_id: int) -> list[StoredMessage]:
+    """The room's messages from id `first_id` on, oldest first."""
+    rows = db.execute(
+        "SELECT id, turn, speaker, speaker_kind, display_name, content, text, preface FROM messages "
+        "WHERE room_id = ? AND id >= ? ORDER BY id",
+        (room_id, first_id),
+    ).fetchall()
+    return [StoredMessage(i, t, s, k, n, _load_content(c), x, p) for i, t, s, k, n, c, x, p in rows]
 
 
 def _load_content(raw: str) -> Content:
