@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import copy_recipe_folder
 from test_prompt import NOW, seed_room
 
@@ -293,3 +294,30 @@ def test_the_slot_claim_counts_the_turn_and_the_commit_lets_it_go(tmp_path: Path
     store.release_slot(claim)  # already let go with the commit: the new claim on the slot keeps its hold
     assert again.slot == claim.slot and {o.slot: o for o in store.slot_owners("local", 2)}[again.slot].busy
     store.close()
+
+
+def test_the_turn_plan_leaves_an_optional_input_to_its_default_and_names_a_missing_one() -> None:
+    from hamilton import ad_hoc_utils, driver
+
+    from turnflow.driver import TurnDriver, collect_node_timings, stop_collecting
+
+    def scaled(x: int, factor: int = 2) -> int:
+        return x * factor
+
+    def total(scaled: int, x: int, mode: str) -> str:
+        return f"{mode}:{scaled + x}"
+
+    module = ad_hoc_utils.create_temporary_module(scaled, total, module_name="plan_inputs")
+    dr = TurnDriver(driver.Builder().with_modules(module).with_config({"mode": "cfg"}).build())
+    for inputs in ({"x": 3}, {"x": 3, "factor": 10}):
+        timings, token = collect_node_timings()
+        try:
+            by_plan = dr.execute(["total"], inputs=dict(inputs))
+        finally:
+            stop_collecting(token)
+        assert by_plan == dr.execute(["total"], inputs=dict(inputs), via_hamilton=True)
+        assert set(timings) == {"scaled", "total"}
+    assert dr.execute(["total"], inputs={"x": 3})["total"] == "cfg:9"
+    assert dr.execute(["total"], inputs={"x": 3, "factor": 10})["total"] == "cfg:33"
+    with pytest.raises(ValueError, match="needs the input 'x'"):
+        dr.execute(["total"], inputs={"factor": 10})

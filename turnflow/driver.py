@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
-import operator
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -233,7 +232,7 @@ class TurnDriver:
         self._nodes = {n.name: n for n in hamilton.graph.get_nodes()}
         self._config = dict(hamilton.graph.config)
         """The profile the graph was built for: nodes may take its values as inputs, as with Hamilton."""
-        self._plans: dict[tuple[str, ...], list[_Step]] = {}
+        self._plans: dict[tuple[str, ...], Callable[[dict[str, Any], dict[str, float]], dict[str, Any]]] = {}
 
     def list_available_variables(self) -> list[Any]:
         """The graph's nodes and inputs (Hamilton's `HamiltonNode`s)."""
@@ -243,30 +242,11 @@ class TurnDriver:
         """The requested outputs of one turn run on `inputs`; node times go where `collect_node_timings` says."""
         if via_hamilton:
             return self.hamilton.execute(final_vars, inputs=inputs)  # type: ignore[no-any-return]
-        plan = self._plans.get(tuple(final_vars))
-        if plan is None:
-            plan = self._plans[tuple(final_vars)] = self._plan(final_vars)
+        run = self._plans.get(tuple(final_vars))
+        if run is None:
+            run = self._plans[tuple(final_vars)] = _compile(self._plan(final_vars), final_vars, self._config)
         timings = _node_timings.get()
-        computed: dict[str, Any] = {}
-        for step in plan:
-            name = step.name
-            if step.fn is None:  # an input: an optional one may be left out (the node's default applies)
-                if name in inputs:
-                    computed[name] = inputs[name]
-                elif name in self._config:
-                    computed[name] = self._config[name]
-                elif step.required:
-                    raise ValueError(f"the turn DAG needs the input {name!r}, which was not given")
-                continue
-            try:
-                kwargs = step.arguments(computed)
-            except KeyError:  # an optional input left out: the node's default applies
-                kwargs = {dep: computed[dep] for dep in step.dependencies if dep in computed}
-            started = time.perf_counter()
-            computed[name] = step.fn(**kwargs)
-            if timings is not None:
-                timings[name] = (time.perf_counter() - started) * 1000
-        return {name: computed[name] for name in final_vars}
+        return run(inputs, {} if timings is None else timings)
 
     def _plan(self, final_vars: list[str]) -> list[_Step]:
         """The nodes the outputs need, each after its dependencies (a depth-first walk, as Hamilton's)."""
@@ -287,8 +267,7 @@ class TurnDriver:
                     required.add(dependency.name)
                 visit(dependency.name)
             dependencies = tuple(d.name for d in node.dependencies)
-            order.append(_Step(name, None if node.user_defined else node.callable, dependencies,
-                               arguments=_arguments(dependencies)))
+            order.append(_Step(name, None if node.user_defined else node.callable, dependencies))
 
         for name in final_vars:
             visit(name)
@@ -304,19 +283,62 @@ class _Step(NamedTuple):
     dependencies: tuple[str, ...]
     required: bool = False
     """For an input: a node needs it (an optional one may be missing)."""
-    arguments: Callable[[dict[str, Any]], dict[str, Any]] = lambda computed: {}
-    """The node's keyword arguments from the values computed so far (KeyError when one is missing)."""
 
 
-def _arguments(names: tuple[str, ...]) -> Callable[[dict[str, Any]], dict[str, Any]]:
-    """A function taking `names` out of the computed values as keyword arguments (looked up in C, not a loop)."""
-    if not names:
-        return lambda computed: {}
-    if len(names) == 1:
-        name = names[0]
-        return lambda computed: {name: computed[name]}
-    values = operator.itemgetter(*names)
-    return lambda computed: dict(zip(names, values(computed), strict=True))
+_MISSING = object()
+"""An optional input the turn was not given (the node's default applies)."""
+
+
+def _compile(
+    plan: list[_Step], final_vars: list[str], config: dict[str, Any]
+) -> Callable[[dict[str, Any], dict[str, float]], dict[str, Any]]:
+    """The plan as one function of (inputs, timings): each input looked up once, each node called with its
+    dependencies as keyword arguments held in local variables, timed from the end of the node before it.
+
+    A plain loop over the steps builds a dict of arguments per node and looks each value up by name; in one
+    straight-line function a turn runs far less of the interpreter, which matters because a turn starts with
+    cold caches (it follows a wait for the model or a person).
+    """
+    local = {step.name: f"v{i}" for i, step in enumerate(plan)}
+    names: dict[str, Any] = {"MISSING": _MISSING, "config": config, "ValueError": ValueError}
+    body = ["def run(inputs, timings):", "    get = inputs.get"]
+    maybe_missing: set[str] = set()
+    for i, step in enumerate(plan):
+        if step.fn is not None:
+            continue
+        var = local[step.name]
+        if step.name in config:
+            names[f"c{i}"] = config[step.name]
+            body.append(f"    {var} = get({step.name!r}, c{i})")
+        elif step.required:
+            body += [f"    {var} = get({step.name!r}, MISSING)", f"    if {var} is MISSING:",
+                     f"        raise ValueError('the turn DAG needs the input ' + {repr(repr(step.name))} "
+                     "+ ', which was not given')"]
+        else:
+            body.append(f"    {var} = get({step.name!r}, MISSING)")
+            maybe_missing.add(step.name)
+    body.append("    t0 = pc()")
+    for i, step in enumerate(plan):
+        if step.fn is None:
+            continue
+        names[f"f{i}"] = step.fn
+        fixed = ", ".join(f"{d}={local[d]}" for d in step.dependencies if d not in maybe_missing)
+        optional = [d for d in step.dependencies if d in maybe_missing]
+        if optional:  # an optional input left out: the node's default applies
+            body.append("    kw = {}")
+            for d in optional:
+                body.append(f"    if {local[d]} is not MISSING: kw[{d!r}] = {local[d]}")
+            fixed = f"{fixed}, **kw" if fixed else "**kw"
+        body += [f"    {local[step.name]} = f{i}({fixed})",
+                 "    t1 = pc()", f"    timings[{step.name!r}] = (t1 - t0) * 1000", "    t0 = t1"]
+    body.append("    return {" + ", ".join(f"{n!r}: {local[n]}" for n in final_vars) + "}")
+    names["pc"] = time.perf_counter
+    source = "\n".join(body) + "\n"
+    factory = "def make(" + ", ".join(names) + "):\n" + "\n".join("    " + line for line in source.splitlines())
+    factory += "\n    return run\n"
+    scope: dict[str, Any] = {}
+    exec(compile(factory, f"<turn plan: {', '.join(final_vars)}>", "exec"), scope)  # noqa: S102
+    return scope["make"](**names)  # type: ignore[no-any-return]
 
 
 _DRIVERS: dict[tuple[str, str, tuple[tuple[str, str], ...], str], TurnDriver] = {}
