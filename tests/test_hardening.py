@@ -510,3 +510,28 @@ def test_cancel_stops_the_model_stream_and_the_speech(home: Path, tmp_path: Path
     assert report["speech"]["sentences"] == 1 and len(chunks) == 1  # nothing more was spoken
     assert len(result.reply) < len(whole.reply) / 2  # the model stopped writing
     assert stored.text == result.reply  # what was written before the cut is what the history keeps
+
+
+def test_clients_share_one_tls_context_that_still_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
+    import http.server
+    import ssl
+
+    from turnflow.nodes.llm import BackendError, ChatClient
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        plain, secure = ChatClient("http://127.0.0.1:9"), ChatClient(f"https://127.0.0.1:{server.server_port}")
+        shared = plain._http._transport._pool._ssl_context  # type: ignore[attr-defined]
+        assert shared is secure._http._transport._pool._ssl_context  # type: ignore[attr-defined]
+        assert shared.verify_mode == ssl.CERT_REQUIRED and shared.check_hostname
+        with pytest.raises(BackendError, match="CERTIFICATE_VERIFY_FAILED"):
+            secure.get_json("/props", root=True)
+    finally:
+        server.shutdown()
