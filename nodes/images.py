@@ -100,7 +100,7 @@ class HttpDescriber(OpenAiHttp):
     prompt = "Describe this image for someone who cannot see it, in two plain sentences."
 
     def __init__(self, url: str, model: str, api_key: str | None = None, timeout: float = 60.0) -> None:
-        super().__init__(api_key=api_key, timeout=timeout)
+        super().__init__(url, api_key=api_key, timeout=timeout)
         self.url = api_base(url) + "/chat/completions"
         self.model = model
 

@@ -75,7 +75,7 @@ class ChatClient(OpenAiHttp):
     """One OpenAI-compatible model server."""
 
     def __init__(self, url: str, *, model: str | None = None, api_key: str | None = None, timeout_s: float = 120.0):
-        super().__init__(api_key=api_key, timeout=timeout_s, connect_timeout=5.0)
+        super().__init__(url, api_key=api_key, timeout=timeout_s, connect_timeout=5.0)
         self.url = server_root(url)
         self.base = api_base(url)
         self.model = model

@@ -191,7 +191,7 @@ class _OpenAiHttpEngine(OpenAiHttp):
     endpoint_path = ""
 
     def __init__(self, url: str, model: str, api_key: str | None, timeout: float) -> None:
-        super().__init__(api_key=api_key, timeout=timeout)
+        super().__init__(url, api_key=api_key, timeout=timeout)
         self.url = endpoint_url(url, self.endpoint_path)
         self.model = model
 

@@ -512,7 +512,7 @@ def test_cancel_stops_the_model_stream_and_the_speech(home: Path, tmp_path: Path
     assert stored.text == result.reply  # what was written before the cut is what the history keeps
 
 
-def test_clients_share_one_tls_context_that_still_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
+def test_https_clients_share_one_tls_context_that_still_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
     import http.server
     import ssl
 
@@ -526,12 +526,30 @@ def test_clients_share_one_tls_context_that_still_refuses_an_untrusted_certifica
     context.load_cert_chain(cert, key)
     server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_port}"
     try:
-        plain, secure = ChatClient("http://127.0.0.1:9"), ChatClient(f"https://127.0.0.1:{server.server_port}")
-        shared = plain._http._transport._pool._ssl_context  # type: ignore[attr-defined]
-        assert shared is secure._http._transport._pool._ssl_context  # type: ignore[attr-defined]
-        assert shared.verify_mode == ssl.CERT_REQUIRED and shared.check_hostname
-        with pytest.raises(BackendError, match="CERTIFICATE_VERIFY_FAILED"):
+        secure, again, plain = ChatClient(url), ChatClient(url), ChatClient("http://127.0.0.1:9")
+        shared = secure._http._transport._pool._ssl_context  # type: ignore[attr-defined]
+        assert shared is again._http._transport._pool._ssl_context  # type: ignore[attr-defined]
+        assert shared.verify_mode == ssl.CERT_REQUIRED and shared.check_hostname and shared.get_ca_certs()
+        with pytest.raises(BackendError, match="TLS failed .*CERTIFICATE_VERIFY_FAILED"):
             secure.get_json("/props", root=True)
+        # a plain http client trusts no CA at all: TLS through it fails closed
+        bare = plain._http._transport._pool._ssl_context  # type: ignore[attr-defined]
+        assert bare.verify_mode == ssl.CERT_REQUIRED and not bare.get_ca_certs()
+        with httpx.Client(verify=bare) as client, pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+            client.get(url)
     finally:
         server.shutdown()
+
+
+def test_the_embedded_servers_client_is_made_once_per_process() -> None:
+    from turnflow.server import local_http
+
+    client = local_http()
+    assert local_http() is client
+    child = os.fork()
+    if child == 0:  # a forked process must not share the parent's connections
+        os._exit(0 if local_http() is not client else 1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 
+from turnflow.nodes.openai_http import plain_only_context
 from turnflow.paths import models_dir, replace_text, replaced_stamp, servers_dir, stamp_of
 from turnflow.recipe import BackendSpec
 
@@ -313,9 +314,25 @@ def _is_our_server(state: ServerState) -> bool:
     return bool(words) and Path(words[0]).name == binary and str(state.port) in words
 
 
+_HTTP: tuple[int, httpx.Client] | None = None
+
+
+def local_http() -> httpx.Client:
+    """The client for an embedded server's own endpoints (health, slots, priming; plain `http://` on loopback):
+    one per process, so a call costs a loopback connection, not a new client (~20 ms each: httpx makes a TLS
+    context for every client).
+    Connections are not kept: llama-server closes one after a streamed reply, and a closed one must never be
+    picked up again; a forked process makes its own."""
+    global _HTTP
+    if _HTTP is None or _HTTP[0] != os.getpid():
+        no_reuse = httpx.Limits(max_keepalive_connections=0)
+        _HTTP = (os.getpid(), httpx.Client(verify=plain_only_context(), limits=no_reuse))
+    return _HTTP[1]
+
+
 def _healthy(url: str) -> bool:
     try:
-        return httpx.get(url + "/health", timeout=2.0).status_code == 200
+        return local_http().get(url + "/health", timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -856,13 +873,13 @@ class EmbeddedServer:
         restart, and those would be lost by the next one."""
         saved: dict[int, Path] = {}
         try:
-            slots = httpx.get(state.url + "/slots", timeout=10).json()
+            slots = local_http().get(state.url + "/slots", timeout=10).json()
         except (httpx.HTTPError, ValueError):
             return saved
         for slot in slots if isinstance(slots, list) else []:
             name = f"page-{self.stem}-{slot['id']}.bin"
             try:
-                answer = httpx.post(
+                answer = local_http().post(
                     f"{state.url}/slots/{slot['id']}?action=save", json={"filename": name}, timeout=60
                 )
                 kept = answer.status_code == 200 and int(answer.json().get("n_saved") or 0) > 1
@@ -891,7 +908,7 @@ class EmbeddedServer:
                 if all(key in ids for key, _ in pairs):
                     lora = lora_field(ids, {key: float(scale) for key, scale in pairs})
                     prime(state.url, slot, lora)
-                    answer = httpx.post(
+                    answer = local_http().post(
                         f"{state.url}/slots/{slot}?action=restore", json={"filename": path.name}, timeout=60
                     )
                     if answer.status_code == 200:
@@ -945,7 +962,7 @@ def slot_action(url: str, slot: int, action: str, filename: str | None = None) -
     """`POST /slots/N?action=save|restore|erase`; the server's answer, or a ServerError saying why not."""
     body = {"filename": filename} if filename else {}
     try:
-        answer = httpx.post(f"{url}/slots/{slot}?action={action}", json=body, timeout=120)
+        answer = local_http().post(f"{url}/slots/{slot}?action={action}", json=body, timeout=120)
     except httpx.HTTPError as exc:
         raise ServerError(f"slot {slot} {action} failed: {type(exc).__name__}: {exc}") from None
     if answer.status_code != 200:
@@ -971,7 +988,7 @@ def prime(url: str, slot: int, lora: list[dict[str, Any]] | None) -> None:
     if not lora:
         return
     body = {"prompt": " ", "n_predict": 0, "id_slot": slot, "cache_prompt": True, "lora": lora}
-    httpx.post(url + "/completion", json=body, timeout=60).raise_for_status()
+    local_http().post(url + "/completion", json=body, timeout=60).raise_for_status()
 
 
 def kill_group(pid: int) -> None:

@@ -364,9 +364,10 @@ def _with_bench_adapters(documents: list[dict[str, Any]], spec: BackendSpec) -> 
 def count_tokens(url: str, text: str) -> int | None:
     """Tokens of `text` in the server's tokenizer (llama-server's `/tokenize`), or None when it has none."""
     from turnflow.nodes.llm import server_root
+    from turnflow.nodes.openai_http import tls_for
 
     try:
-        response = httpx.post(server_root(url) + "/tokenize", json={"content": text}, timeout=60.0)
+        response = httpx.post(server_root(url) + "/tokenize", json={"content": text}, timeout=60.0, verify=tls_for(url))
         tokens = response.json().get("tokens") if response.status_code == 200 else None
     except (httpx.HTTPError, ValueError, AttributeError):
         return None
@@ -376,17 +377,17 @@ def count_tokens(url: str, text: str) -> int | None:
 def bytes_per_token(url: str, sample: str) -> float:
     """UTF-8 bytes per token of `sample` in the server's tokenizer (`/tokenize`, else a 1-token completion)."""
     from turnflow.nodes.llm import api_base
+    from turnflow.nodes.openai_http import tls_for
 
     counted = count_tokens(url, sample)
     if counted:
         return len(sample.encode()) / counted
-    with httpx.Client(timeout=600.0) as http:
-        response = http.post(
-            api_base(url) + "/chat/completions",
-            json={"messages": [{"role": "user", "content": sample}], "max_tokens": 1},
-        )
-        response.raise_for_status()
-        return len(sample.encode()) / int(response.json()["usage"]["prompt_tokens"])
+    response = httpx.post(
+        api_base(url) + "/chat/completions",
+        json={"messages": [{"role": "user", "content": sample}], "max_tokens": 1}, timeout=600.0, verify=tls_for(url),
+    )
+    response.raise_for_status()
+    return len(sample.encode()) / int(response.json()["usage"]["prompt_tokens"])
 
 
 def _calibration_sample() -> str:
