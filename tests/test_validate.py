@@ -269,3 +269,13 @@ def test_every_command_line_option_says_what_it_is() -> None:
 
     visit(build_parser())
     assert unexplained == []
+
+
+def test_the_names_the_dataflows_declare_cover_every_node_of_every_route() -> None:
+    from turnflow.driver import declared_names, is_reserved, reserved_node_names
+
+    reserved = reserved_node_names()
+    assert reserved <= declared_names()  # else `is_reserved` would let a source take a node's name
+    assert {"media", "speech", "transcript", "slot_pinning", "composition_cache"} <= reserved
+    assert all(is_reserved(name) for name in reserved)
+    assert not is_reserved("participants") and not is_reserved("stt")  # declared (a parameter, a route) but no node

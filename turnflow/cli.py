@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
-from turnflow.nodes.images import ImageError
-from turnflow.nodes.media import AudioError
-from turnflow.recipe import RecipeError, backends_for, load_recipe, validate_paths
+# Hamilton loads its data-loader extensions (pandas, matplotlib, ...) when first imported, ~0.5 s of every command
+# here; a turn DAG uses none of them (a source is called by the node turnflow makes for it, never decorated for
+# Hamilton). Set HAMILTON_AUTOLOAD_EXTENSIONS=1 to load them anyway.
+os.environ.setdefault("HAMILTON_AUTOLOAD_EXTENSIONS", "0")
+
+from turnflow.nodes.images import ImageError  # noqa: E402  (after the setting above)
+from turnflow.nodes.media import AudioError  # noqa: E402
+from turnflow.recipe import RecipeError, backends_for, load_recipe, validate_paths  # noqa: E402
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:

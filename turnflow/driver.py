@@ -8,8 +8,11 @@ Drivers are built once per (recipe content, capability profile) and cached in-pr
 
 from __future__ import annotations
 
+import ast
 import contextvars
+import functools
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -195,24 +198,56 @@ _RESERVED: frozenset[str] | None = None
 ASSEMBLIES = ("stable_first", "naive", "unordered", "append_only")
 """How a turn's prompt is put together: turnflow's stable-first order, or one of the benchmark's baselines."""
 
+_ROUTES = {"route_audio_in": ("native", "stt"), "route_audio_out": ("native", "tts"),
+           "route_images_in": ("native", "describe"), "assembly": ASSEMBLIES, "slot_pinning": ("on", "off")}
+"""The profile's keys and values: every combination is a route the turn DAG may be built for."""
+
+_GENERATED_INPUTS = ("composition_cache", "agent_history")
+"""Inputs only the generated source nodes take."""
+
 
 def reserved_node_names() -> frozenset[str]:
-    """The names the turn DAG's own nodes and inputs take (every route), which a recipe's source may not take."""
+    """The names the turn DAG's own nodes and inputs take (every route), which a recipe's source may not take.
+
+    Exact: the DAG is built for every route (64 of them, ~0.4 s); `is_reserved` asks this only for a name the
+    dataflows' code declares at all."""
     global _RESERVED
     if _RESERVED is None:
         names: set[str] = set()
-        for audio_in in ("native", "stt"):
-            for audio_out in ("native", "tts"):
-                for images_in in ("native", "describe"):
-                    for assembly in ASSEMBLIES:
-                        for pinning in ("on", "off"):
-                            config = {"route_audio_in": audio_in, "route_audio_out": audio_out,
-                                      "route_images_in": images_in, "assembly": assembly, "slot_pinning": pinning}
-                            built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
-                            names.update(v.name for v in built.build().list_available_variables())
-        names.update(("composition_cache", "agent_history"))  # inputs only the generated source nodes take
+        for values in itertools.product(*_ROUTES.values()):
+            config = dict(zip(_ROUTES, values, strict=True))
+            built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
+            names.update(v.name for v in built.build().list_available_variables())
+        names.update(_GENERATED_INPUTS)
         _RESERVED = frozenset(names)
     return _RESERVED
+
+
+@functools.cache
+def declared_names() -> frozenset[str]:
+    """Every name the dataflows' code could give a node or an input, read from their source without building the
+    DAG: the public functions' names (and the node name before a `__` variant suffix), their parameters, and the
+    strings and keywords in their decorators, with the profile's keys and the generated nodes' inputs. A superset
+    of `reserved_node_names()` (a test checks it)."""
+    names: set[str] = {*_ROUTES, *_GENERATED_INPUTS}
+    for module in (turn_dataflow, voice_dataflow):
+        for node in ast.parse(inspect.getsource(module)).body:
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            names.update((node.name, node.name.split("__")[0]))
+            names.update(a.arg for a in (*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs))
+            for decorator in node.decorator_list:
+                for part in ast.walk(decorator):
+                    if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                        names.add(part.value)
+                    elif isinstance(part, ast.keyword) and part.arg:
+                        names.add(part.arg)
+    return frozenset(names)
+
+
+def is_reserved(name: str) -> bool:
+    """Whether a recipe's source may not take `name` (a node or input of the turn DAG on some route)."""
+    return name in declared_names() and name in reserved_node_names()
 
 
 class TurnDriver:

@@ -37,9 +37,9 @@ def _check_recipe(
             )
             continue
         seen[spec.name] = i
-        from turnflow.driver import reserved_node_names
+        from turnflow.driver import is_reserved
 
-        if spec.name in reserved_node_names():
+        if is_reserved(spec.name):
             problems.append(
                 Problem(
                     file,
