@@ -553,3 +553,26 @@ def test_the_embedded_servers_client_is_made_once_per_process() -> None:
         os._exit(0 if local_http() is not client else 1)
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_stopped_server_whose_parent_does_not_reap_it_counts_as_gone() -> None:
+    # a zombie that is not this process's child: pid 1 (or whoever its parent is) may take seconds to reap it, or
+    # never; waiting for that made every adapter page-in and `server down` ~1.7 s slower here
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\npid = os.fork()\nif pid == 0:\n    os._exit(0)\n"
+                               "print(pid, flush=True)\ntime.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        zombie = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{zombie}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        os.kill(zombie, 0)  # the signal alone still finds it
+        assert not _alive(zombie)
+        assert _alive(parent.pid)
+    finally:
+        parent.kill()
+        parent.wait()
