@@ -83,7 +83,13 @@ class OpenAiHttp:
     ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Timeout(timeout, connect=connect_timeout) if connect_timeout is not None else timeout
-        self._http = httpx.Client(headers=headers, timeout=limits, verify=tls_for(url))
+        self._settings: dict[str, Any] = {"headers": headers, "timeout": limits, "verify": tls_for(url)}
+        self._http = httpx.Client(**self._settings)
+
+    def _keep_no_connections(self) -> None:
+        """From now on, close every connection after its response (before any request is in flight)."""
+        self._http.close()
+        self._http = httpx.Client(**self._settings, limits=httpx.Limits(max_keepalive_connections=0))
 
     def close(self) -> None:
         """Close the HTTP connections."""

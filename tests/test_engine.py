@@ -243,3 +243,16 @@ def test_history_is_compacted_in_one_block(local_url: str, tmp_path: Path) -> No
     assert all(r["llm"]["prompt_tokens"] <= 16500 for r in reports)
     after = [r["llm"]["prompt_tokens_processed"] for r in reports[drop + 1:]]
     assert after and max(after) <= 0.02 * tokens[-1]  # warm again right after the compaction
+
+
+def test_no_connection_to_a_llama_server_is_kept_open(local_url: str) -> None:
+    # it closes one after every streamed reply anyway, and an idle one held open delays its exit (a page-in)
+    from turnflow.backend import open_backend
+
+    backend = open_backend("local", load_backends(default_backends_path())["local"])
+    try:
+        assert backend.client.llama_cpp
+        assert backend.client.get_json("/props", root=True) is not None
+        assert backend.client._http._transport._pool.connections == []  # type: ignore[attr-defined]
+    finally:
+        backend.close()
