@@ -271,8 +271,7 @@ class MessageJson:
 def _read_to_the_end(lines: Iterator[str]) -> None:
     """The rest of a stream after its `[DONE]`, read (as OpenAI's own client does) so that the connection goes back
     to the pool instead of being closed; a server closing it before the body's end is no error: the reply was
-    complete. Not for llama-server: it answers `keep-alive` but closes the connection after every stream, so a
-    connection put back in the pool would be found closed by the next request."""
+    complete. (A client of a llama-server pools no connection: see `ChatClient.llama_cpp`.)"""
     try:
         for _ in lines:
             pass
@@ -362,8 +361,7 @@ class ReplyStream:
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        if not client.llama_cpp:  # it closes the connection after every stream (said keep-alive)
-                            _read_to_the_end(lines)
+                        _read_to_the_end(lines)
                         break
                     chunk = json.loads(data)
                     if "error" in chunk:

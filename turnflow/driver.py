@@ -193,8 +193,6 @@ def _sections_node(names: list[str]) -> Callable[..., dict[str, SourceOutput]]:
     return sections
 
 
-_RESERVED: frozenset[str] | None = None
-
 ASSEMBLIES = ("stable_first", "naive", "unordered", "append_only")
 """How a turn's prompt is put together: turnflow's stable-first order, or one of the benchmark's baselines."""
 
@@ -206,21 +204,18 @@ _GENERATED_INPUTS = ("composition_cache", "agent_history")
 """Inputs only the generated source nodes take."""
 
 
+@functools.cache
 def reserved_node_names() -> frozenset[str]:
     """The names the turn DAG's own nodes and inputs take (every route), which a recipe's source may not take.
 
     Exact: the DAG is built for every route (64 of them, ~0.4 s); `is_reserved` asks this only for a name the
     dataflows' code declares at all."""
-    global _RESERVED
-    if _RESERVED is None:
-        names: set[str] = set()
-        for values in itertools.product(*_ROUTES.values()):
-            config = dict(zip(_ROUTES, values, strict=True))
-            built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
-            names.update(v.name for v in built.build().list_available_variables())
-        names.update(_GENERATED_INPUTS)
-        _RESERVED = frozenset(names)
-    return _RESERVED
+    names: set[str] = set(_GENERATED_INPUTS)
+    for values in itertools.product(*_ROUTES.values()):
+        config = dict(zip(_ROUTES, values, strict=True))
+        built = driver.Builder().with_modules(turn_dataflow, voice_dataflow).with_config(config)
+        names.update(v.name for v in built.build().list_available_variables())
+    return frozenset(names)
 
 
 @functools.cache
