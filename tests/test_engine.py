@@ -97,6 +97,19 @@ def test_report_has_the_contract_fields(ten_turns: dict[str, list[dict]]) -> Non
     assert set(report["timings_ms"]) >= {"total", "nodes"} and "prompt" in report["timings_ms"]["nodes"]
 
 
+def test_turnflow_before_model_is_the_part_before_the_request(ten_turns: dict[str, list[dict]]) -> None:
+    for report in ten_turns["stable_first"]:
+        timings = report["timings_ms"]
+        names = list(timings["nodes"])
+        before_nodes = sum(timings["nodes"][n] for n in names[: names.index("speech")] if n != "transcript")
+        before_nodes -= timings["adapter_page"] + timings["kv_page"]  # inside `adapters` and `kv`: not turnflow's own
+        after_nodes = sum(timings["nodes"][n] for n in names[names.index("speech") + 1:] if n != "voice_fingerprint")
+        before = timings["turnflow_before_model"]
+        # the nodes before `speech` (which sends the request), and reading the room before them; none after it
+        assert before_nodes - 0.01 <= before <= timings["turnflow"] - after_nodes + 0.01, timings
+        assert before < timings["model"]
+
+
 def _count_token(url: str, prompt: str, token: str) -> int:
     token_id = httpx.post(url + "/tokenize", json={"content": token}).json()["tokens"]
     assert len(token_id) == 1, "the control token must be a single special token"

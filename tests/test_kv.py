@@ -92,6 +92,7 @@ def test_eight_personas_on_two_slots_page_their_kv_to_disk(home: Path, tmp_path:
         assert (timings["kv_page"] > 0) == (r["kv"]["source"] == "disk" or r["kv"]["saved_bytes"] > 0), r["kv"]
         assert timings["kv_page"] == 0.0 or abs(timings["kv_page"] - timings["nodes"]["kv"]) <= 0.01  # both rounded
         assert timings["turnflow"] < timings["total"] - timings["model"] - timings["kv_page"] + 0.05
+        assert 0 < timings["turnflow_before_model"] <= timings["turnflow"]  # the paging (before the request) left out
     print(f"restores: {len(restores)}, median {sorted(restores)[len(restores) // 2]:.1f} ms; "
           f"pool {reports[-1]['kv']['pool_tokens']} tokens x {reports[-1]['kv']['bytes_per_token']} B")
     assert reports[-1]["kv"]["bytes_per_token"] == 256.0

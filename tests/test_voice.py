@@ -252,6 +252,7 @@ def test_text_only_persona_reads_past_audio_as_text(servers: None, home: Path, u
     report = result.report
     assert report["invocations"]["stt"] == 1 and report["timings_ms"]["stt"] > 0  # STT time, not turnflow's own
     assert report["timings_ms"]["turnflow"] < report["timings_ms"]["stt"]  # counted as STT, not turnflow's own
+    assert 0 < report["timings_ms"]["turnflow_before_model"] <= report["timings_ms"]["turnflow"]  # nor before the model
     assert report["tier_violations"] == []
     # alice's messages keep the time Maya was shown in front of them, for Maya; Helper sees only its own turn's
     assert audio_message.preface.startswith("Current time:")

@@ -448,6 +448,7 @@ class Session:
         }
         turn_no = inputs["turn"]
         timings, token = collect_node_timings()
+        inputs_ms = (time.perf_counter() - started) * 1000  # reading the room: before the plan's first node
         with resources:  # the slot and the adapter lease: let go once the turn is committed, or as a failure ends it
             try:
                 with control_tokens_for(backend.control_tokens):
@@ -489,12 +490,12 @@ class Session:
             timings["history_stt"] = history_stt_ms = history_stt.ms
             report["invocations"]["stt"] += history_stt.count
         self._finish_report(report, reply, outputs["speech"], timings, started, setup_ms, persona, room, turn_no,
-                            history_stt_ms)
+                            history_stt_ms, inputs_ms)
         return TurnResult(reply=reply.text, report=report, prompt=prompt, llm=reply, audio=outputs["speech"].audio)
 
     def _finish_report(
         self, report: dict[str, Any], reply: ChatReply, speech: Any, timings: dict[str, float], started: float,
-        setup_ms: float, persona: str, room: str, turn_no: int, history_stt_ms: float = 0.0,
+        setup_ms: float, persona: str, room: str, turn_no: int, history_stt_ms: float = 0.0, inputs_ms: float = 0.0,
     ) -> None:
         """Warn about tier violations, and add the turn's timings and LiveKit-named metrics to its report."""
         for violation in report["tier_violations"]:
@@ -507,6 +508,15 @@ class Session:
         external = ("speech", "transcript", "voice_fingerprint")
         external_ms = sum(timings.get(name, 0.0) for name in external) + history_stt_ms + page_ms + kv_page_ms
         total_ms = (time.perf_counter() - started) * 1000
+        # the part of it before the model request (sent by `speech`): reading the room and the nodes before `speech`,
+        # less what they spent on page-ins, KV paging and history STT (inside `conversation_history`; the
+        # `history_stt` entry then holds that STT time, not the node's)
+        before_model_ms = inputs_ms - page_ms - kv_page_ms - history_stt_ms
+        for name, ms in timings.items():
+            if name == "speech":
+                break
+            if name not in external and not (name == "history_stt" and history_stt_ms):
+                before_model_ms += ms
         report["timings_ms"] = {
             "total": round(total_ms, 2),
             "first_audio": report["speech"]["first_audio_ms"],
@@ -516,6 +526,7 @@ class Session:
             "kv_page": kv_page_ms,
             "speech": round(timings.get("speech", 0.0) + timings.get("voice_fingerprint", 0.0), 2),
             "turnflow": round(total_ms - external_ms, 2),
+            "turnflow_before_model": round(max(0.0, before_model_ms), 3),
             "setup": round(setup_ms, 2),
             "nodes": dict(zip(timings, map(round, timings.values(), repeat(3)), strict=True)),
         }
