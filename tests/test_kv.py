@@ -45,6 +45,35 @@ def _spec(slots: int, **extra: Any) -> str:
     return "".join(f"    {k}: {v}\n" for k, v in lines.items())
 
 
+def test_a_models_kv_shape_is_read_once_and_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from turnflow import model_facts
+
+    model = tmp_path / "copy.gguf"  # a file of its own: no record of it exists yet
+    shutil.copy(ensure_text_model("tiny"), model)  # under the size whose header facts are recorded anyway
+    monkeypatch.setenv("TURNFLOW_MODELS", str(tmp_path / "models"))  # its record goes there, not to the shared cache
+    read = KvShape.recorded(model)
+    assert read == KvShape.of(model) and read.n_head_kv == (2, 2)
+    assert model_facts.recorded(model, "kv_shape") is not None
+    from turnflow.adapters import base_model_ref
+
+    assert model_facts.recorded(model, "gguf_facts") is None
+    assert base_model_ref(model).architecture == "llama"
+    assert model_facts.recorded(model, "gguf_facts") is not None  # a base model's is recorded, whatever its size
+    model_facts._MEMORY.clear()  # as a new process: the record on disk, not this process's memory
+
+    def no_header(path: Path) -> KvShape:
+        raise AssertionError("the header was read again")
+
+    monkeypatch.setattr(KvShape, "of", classmethod(lambda cls, path: no_header(path)))
+    assert KvShape.recorded(model) == read
+    with model.open("ab") as handle:  # a changed file is read again
+        handle.write(b"\0")
+    with pytest.raises(AssertionError, match="read again"):
+        KvShape.recorded(model)
+
+
 def test_kv_bytes_per_token_come_from_the_model_file(home: Path, tmp_path: Path) -> None:
     tiny, bench = KvShape.of(ensure_text_model("tiny")), KvShape.of(ensure_text_model("bench"))
     assert tiny.bytes_per_token("f16") == 2 * 2 * 2 * 16 * 2  # layers x KV heads x (K + V) x head dim x 2 bytes

@@ -177,14 +177,15 @@ class GgufFacts:
 _FACTS: dict[tuple[str, int, int], GgufFacts] = {}
 
 
-def gguf_facts(path: str | Path) -> GgufFacts:
-    """Read a GGUF file's header: type, architecture and tensor shapes (no weights are loaded)."""
+def gguf_facts(path: str | Path, *, model: bool = False) -> GgufFacts:
+    """Read a GGUF file's header: type, architecture and tensor shapes (no weights are loaded). A `model` file's
+    (or any large one's) are recorded for later processes."""
     path = Path(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key in _FACTS:
         return _FACTS[key]
-    if stat.st_size >= LARGE:  # a model: its header walk (0.2 s for a 262k-token vocabulary) is recorded
+    if model or stat.st_size >= LARGE:  # its header walk (0.2 s for a 262k-token vocabulary) is recorded
         fields = remembered(path, "gguf_facts", lambda p: dataclasses.asdict(_read_gguf_facts(p)))
         facts = GgufFacts(**{**fields, "tensors": {k: tuple(v) for k, v in fields["tensors"].items()}})
     else:
@@ -244,7 +245,7 @@ def check_hub_id(value: str) -> str:
 def base_model_ref(path: str | Path, *, hub_id: str | None = None) -> BaseModelRef:
     """The identity of a base model GGUF: architecture, sha256, name, and its Hub id when known (`hub_id` as
     given, else a model turnflow ships, known by its sha256, else the GGUF's own `general.source.repo_url`)."""
-    facts = gguf_facts(path)
+    facts = gguf_facts(path, model=True)
     if facts.type not in ("model", ""):
         raise AdapterError(f"{path} is a GGUF {facts.type}, not a base model")
     digest = file_sha256(path)
@@ -287,7 +288,7 @@ def check_lora_fits(lora: Path, base_path: Path, base: BaseModelRef) -> None:
             f"{lora.name} is a LoRA for the {facts.architecture!r} architecture, but the base model "
             f"{base.short} is {base.architecture!r}; use an adapter made for {base.architecture!r}"
         )
-    base_tensors = gguf_facts(base_path).tensors
+    base_tensors = gguf_facts(base_path, model=True).tensors
     for name, shape in facts.tensors.items():
         target, _, part = name.rpartition(".")
         if part not in ("lora_a", "lora_b"):

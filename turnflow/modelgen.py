@@ -33,12 +33,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, is_dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import gguf
 import numpy as np
 
 from turnflow.paths import models_dir
+
+if TYPE_CHECKING:
+    import gguf
 
 GENERATOR_VERSION = 1
 """Version of this generator; part of every file name, bump it when the output changes."""
@@ -318,6 +320,8 @@ def _zeros(*shape: int) -> np.ndarray:
 
 def _write_text_model(spec: TextModelSpec, kind: str, out: Path) -> None:
     """Write a llama-architecture GGUF with random weights and the generated tokenizer to `out`."""
+    import gguf  # here, not at import: finding a model already made does not load it
+
     rng = np.random.default_rng(spec.seed)
     n_vocab = len(VOCAB)
     head_dim = spec.n_embd // spec.n_head
@@ -389,6 +393,8 @@ def ensure_text_model(kind: str = "tiny", directory: Path | None = None) -> Path
 
 def _write_audio_projector(spec: AudioProjectorSpec, n_embd_text: int, kind: str, out: Path) -> None:
     """Write an mmproj GGUF with an audio encoder projecting to `n_embd_text` to `out`."""
+    import gguf  # here, not at import: finding a model already made does not load it
+
     rng = np.random.default_rng(spec.seed)
     writer = gguf.GGUFWriter(out, "clip")
     writer.add_type(gguf.GGUFType.MMPROJ)
@@ -487,6 +493,8 @@ LORA_TARGETS: tuple[str, ...] = ("attn_q", "attn_v")
 
 def _write_lora(spec: TextModelSpec, kind: str, name: str, rank: int, out: Path) -> None:
     """Write a LoRA adapter GGUF for the `kind` text model to `out` (weights seeded by `name`)."""
+    import gguf  # here, not at import: finding a model already made does not load it
+
     rng = np.random.default_rng(_seed("lora", kind, name, rank, GENERATOR_VERSION))
     head_dim = spec.n_embd // spec.n_head
     out_dims = {"attn_q": spec.n_embd, "attn_v": head_dim * spec.n_head_kv}
@@ -607,6 +615,8 @@ def _write_real_lora(
 ) -> None:
     """Write an untrained example LoRA for a real base to `out`: A random as at initialisation, B random but
     small, so the update B·A (alpha == rank: scale 1) has std `REAL_LORA_RELATIVE_STD * base.weight_std`."""
+    import gguf  # here, not at import: finding a model already made does not load it
+
     rng = np.random.default_rng(_seed("lora", kind, name, rank, GENERATOR_VERSION))
     writer = gguf.GGUFWriter(out, architecture)
     writer.add_type(gguf.GGUFType.ADAPTER)

@@ -963,7 +963,7 @@ def _kv_shape(path: Path) -> Any:
 
     key = str(path)
     if key not in _SHAPES:
-        _SHAPES[key] = KvShape.of(path)
+        _SHAPES[key] = KvShape.recorded(path)
     return _SHAPES[key]
 
 
