@@ -116,10 +116,14 @@ def _read_yaml(path: Path) -> _Document:
         raise RecipeError([Problem(label, line, f"not UTF-8 text: byte {raw[exc.start]:#04x} cannot be decoded; "
                                                 f"{hint}save the file as UTF-8")]) from None
     try:
-        node = yaml.compose(text, Loader=_LOADER)
-        if "*" in text and _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise _alias_bomb(label, text)
-        data = yaml.load(text, Loader=_LOADER)
+        loader = _LOADER(text)  # parsed once: the nodes give the lines, the same nodes the values
+        try:
+            node = loader.get_single_node()
+            if "*" in text and _expanded_size(node, {}) > MAX_YAML_VALUES:
+                raise _alias_bomb(label, text)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
