@@ -363,9 +363,8 @@ def _compile(
                  "    t1 = pc()", f"    timings[{step.name!r}] = (t1 - t0) * 1000", "    t0 = t1"]
     body.append("    return {" + ", ".join(f"{n!r}: {local[n]}" for n in final_vars) + "}")
     names["pc"] = time.perf_counter
-    source = "\n".join(body) + "\n"
-    factory = "def make(" + ", ".join(names) + "):\n" + "\n".join("    " + line for line in source.splitlines())
-    factory += "\n    return run\n"
+    lines = ["def make(" + ", ".join(names) + "):", *("    " + line for line in body), "    return run"]
+    factory = "\n".join(lines) + "\n"
     scope: dict[str, Any] = {}
     exec(compile(factory, f"<turn plan: {', '.join(final_vars)}>", "exec"), scope)  # noqa: S102
     return scope["make"](**names)  # type: ignore[no-any-return]
